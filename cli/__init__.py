@@ -1,0 +1,1 @@
+"""qkit.cli: the `qkit` command, a thin click shell over the library."""

