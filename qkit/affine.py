@@ -97,6 +97,10 @@ def n_blocks(shape: Sequence[int], block_size: Sequence[int]) -> tuple[int, ...]
 
 def block_reduce(ufunc: np.ufunc, x: np.ndarray, block_size: Sequence[int]) -> np.ndarray:
     """Reduce every block of x with ufunc (np.minimum, np.maximum, np.add); ragged last blocks included."""
+    if all(n % b == 0 for n, b in zip(x.shape, block_size)) and x.size:
+        # blocks tile x exactly: one reshape, one reduction over the in-block axes
+        split = [v for n, b in zip(x.shape, block_size) for v in (n // b, b)]
+        return ufunc.reduce(x.reshape(split), axis=tuple(range(1, 2 * x.ndim, 2)))
     out = x
     for ax, b in enumerate(block_size):
         n = x.shape[ax]
@@ -108,6 +112,11 @@ def block_reduce(ufunc: np.ufunc, x: np.ndarray, block_size: Sequence[int]) -> n
 
 def block_expand(p: np.ndarray, shape: Sequence[int], block_size: Sequence[int]) -> np.ndarray:
     """Broadcast per-block parameters back to the elements they cover."""
+    shape = tuple(shape)
+    if all(n % b == 0 for n, b in zip(shape, block_size)):
+        split = [v for n, b in zip(shape, block_size) for v in (n // b, b)]
+        view = np.asarray(p).reshape([v for n, b in zip(shape, block_size) for v in (n // b, 1)])
+        return np.broadcast_to(view, split).reshape(shape)
     out = p
     for ax, (n, b) in enumerate(zip(shape, block_size)):
         if b == 1:
@@ -185,7 +194,7 @@ def choose_qparams(x, bits: int, block_size, *, symmetric: bool = False, zero_do
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
         s1, z1 = qparams_from_range(p * xmin, p * xmax, bits, symmetric=symmetric, zero_domain=zero_domain)
-        err = np.abs(fake_quantize(x, s1, z1, bits, bs) - x) ** norm
+        err = np.abs(_grid_roundtrip(x, s1, z1, bits, bs) - x) ** norm
         err = block_reduce(np.add, err, bs)
         better = err < best
         best = np.where(better, err, best)
@@ -195,14 +204,25 @@ def choose_qparams(x, bits: int, block_size, *, symmetric: bool = False, zero_do
 
 
 # ------------------------------------------------------------------ grid maps
+def _codes(x: np.ndarray, scale, zero, bits: int, bs) -> np.ndarray:
+    s = block_expand(np.asarray(scale), x.shape, bs)
+    z = block_expand(np.asarray(zero), x.shape, bs)
+    return np.clip(np.round(x / s + z), 0, 2**bits - 1)
+
+
+def _grid_roundtrip(x: np.ndarray, scale, zero, bits: int, bs) -> np.ndarray:
+    """Checked-once inner step of the clip search: x -> codes -> values, in x's float type."""
+    s = block_expand(np.asarray(scale), x.shape, bs)
+    z = block_expand(np.asarray(zero, dtype=np.float32), x.shape, bs)
+    return s * (np.clip(np.round(x / s + z), 0, 2**bits - 1) - z)
+
+
 def quantize(x, scale: np.ndarray, zero: np.ndarray, bits: int, block_size) -> np.ndarray:
     """q = clamp(round(x / scale + zero), 0, 2^bits - 1) as uint8 (round half to even, as torch.round)."""
     bits = _check_bits(bits)
     x = _as_float(x)
     bs = normalize_block_size(x.shape, block_size)
-    s = block_expand(np.asarray(scale), x.shape, bs)
-    z = block_expand(np.asarray(zero), x.shape, bs)
-    return np.clip(np.round(x / s + z), 0, 2**bits - 1).astype(np.uint8)
+    return _codes(x, scale, zero, bits, bs).astype(np.uint8)
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, block_size, dtype=np.float32) -> np.ndarray:
