@@ -11,6 +11,15 @@ Kernels on int8/uint8 operands, int32 results:
   dot_many(X, Y) / l2sq_many(X, Y)  queries (m, d) against rows (n, d) -> (m, n)
 Sums are exact: d may not exceed max_dim(op, q.dtype, X.dtype), the length at
 which d * max|term| would pass 2^31 - 1 (e.g. 131,071 for int8 x int8 dot).
+
+Low-bit kernels (layouts in qkit.packing):
+  int4_dot(q, codes, d) / int4_l2sq(q, codes, d)   packed int4 rows (n, ceil(d/2)), low nibble = even
+                                                    index, signed (two's complement) or unsigned codes,
+                                                    against an int8 query (exact int32) or a float32
+                                                    query (float32, summation order differs by backend)
+  hamming(q, codes)                                 packed 1-bit rows (n, nbytes): popcount(q ^ row)
+  and_popcount(planes, codes)                       sum_j 2^j popcount(row & planes[j]), B = 1..16 planes
+  fastscan(lut, codes, n)                           4-bit LUT scan over FastScan blocks of 32 vectors
 """
 from __future__ import annotations
 
@@ -96,11 +105,12 @@ def _isa_code(isa: str | None) -> int:
     return _native.ISA_AVX2 if isa == "avx2" else _native.ISA_SCALAR
 
 
-def _check(name: str, a, ndim: int) -> np.ndarray:
+def _check(name: str, a, ndim: int, dtypes=_INT8) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise InputError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype not in _INT8:
-        raise InputError(f"{name}: expected dtype int8 or uint8, got {a.dtype}")
+    if a.dtype not in dtypes:
+        want = " or ".join(np.dtype(t).name for t in dtypes)
+        raise InputError(f"{name}: expected dtype {want}, got {a.dtype}")
     if a.ndim != ndim:
         raise InputError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
     if not a.flags.c_contiguous:
@@ -170,7 +180,139 @@ def l2sq_many(Q: np.ndarray, X: np.ndarray, *, backend: str | None = None, isa: 
     return _scan_many("l2", Q, X, backend, isa)
 
 
+# ---------------------------------------------------------------- low-bit
+_U8 = (np.dtype(np.uint8),)
+INT4_MAX_DIM = (2**31 - 1) // (143 * 143)  # |q - s| <= 128 + 15: the largest int4 L2 term
+AND_POPCOUNT_MAX_BITS = (2**31 - 1) // (2**16 - 1)
+
+
+def _int4(op: str, q, codes, d, signed, backend, isa) -> np.ndarray:
+    q = _check("query", q, 1, (np.dtype(np.int8), np.dtype(np.float32)))
+    codes = _check("codes", codes, 2, _U8)
+    d = q.shape[0] if d is None else int(d)
+    if q.shape[0] != d or codes.shape[1] != (d + 1) // 2:
+        raise InputError(f"int4 rows of {d} codes need {(d + 1) // 2} bytes and a query of {d} values; "
+                         f"got rows of {codes.shape[1]} bytes and a query of {q.shape[0]}")
+    if q.dtype == np.int8 and d > INT4_MAX_DIM:
+        raise InputError(f"int4 x int8 is exact in int32 only up to d={INT4_MAX_DIM}, got d={d}")
+    b = _resolve(backend)
+    if b == "native":
+        return _native.int4_scan(op, q, codes, d, bool(signed), _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        if q.dtype == np.int8:
+            out = np.empty(codes.shape[0], dtype=np.int32)
+            _numba.int4_i8(op == "l2", q, codes, d, bool(signed), out)
+        else:
+            out = np.empty(codes.shape[0], dtype=np.float32)
+            _numba.int4_f32(op == "l2", q, codes, d, bool(signed), out)
+        return out
+    ref = (reference.int4_dot if op == "dot" else reference.int4_l2sq)(q, codes, d, bool(signed))
+    return ref.astype(np.int32 if q.dtype == np.int8 else np.float32)
+
+
+def int4_dot(q: np.ndarray, codes: np.ndarray, d: int | None = None, *, signed: bool = False,
+             backend: str | None = None, isa: str | None = None) -> np.ndarray:
+    """<q, row> for packed int4 rows (n, ceil(d/2)); d defaults to len(q). int8 q -> int32, float32 q -> float32."""
+    return _int4("dot", q, codes, d, signed, backend, isa)
+
+
+def int4_l2sq(q: np.ndarray, codes: np.ndarray, d: int | None = None, *, signed: bool = False,
+              backend: str | None = None, isa: str | None = None) -> np.ndarray:
+    """||q - row||^2 for packed int4 rows (n, ceil(d/2)). int8 q -> int32, float32 q -> float32."""
+    return _int4("l2", q, codes, d, signed, backend, isa)
+
+
+def _words(a: np.ndarray) -> np.ndarray | None:
+    """View rows of bytes as little-endian uint64 words when they tile exactly (for the Numba twins)."""
+    if a.shape[-1] % 8 == 0 and a.shape[-1] > 0:
+        return a.view("<u8")
+    return None
+
+
+def hamming(q: np.ndarray, codes: np.ndarray, *, backend: str | None = None, isa: str | None = None) -> np.ndarray:
+    """Hamming distance between a packed 1-bit query (nbytes,) and packed rows (n, nbytes): int32 (n,)."""
+    q = _check("query", q, 1, _U8)
+    codes = _check("codes", codes, 2, _U8)
+    if q.shape[0] != codes.shape[1]:
+        raise InputError(f"query has {q.shape[0]} bytes but codes have {codes.shape[1]}")
+    b = _resolve(backend)
+    if b == "native":
+        return _native.hamming(q, codes, _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        out = np.empty(codes.shape[0], dtype=np.int32)
+        qw, cw = _words(q), _words(codes)
+        if qw is not None:
+            _numba.hamming_words(qw, cw, out)
+        else:
+            _numba.hamming_bytes(q, codes, out)
+        return out
+    return reference.hamming(q, codes).astype(np.int32)
+
+
+def and_popcount(planes: np.ndarray, codes: np.ndarray, *, backend: str | None = None,
+                 isa: str | None = None) -> np.ndarray:
+    """sum_j 2^j popcount(row & planes[j]) for B query bit planes (B, nbytes) and packed rows (n, nbytes).
+
+    With planes from qkit.packing.pack_bit_planes(q_codes, B) this is <bits(row), q_codes>, the
+    inner product at the core of RaBitQ's estimator.
+    """
+    planes = _check("query planes", planes, 2, _U8)
+    codes = _check("codes", codes, 2, _U8)
+    if planes.shape[1] != codes.shape[1]:
+        raise InputError(f"query planes have {planes.shape[1]} bytes but codes have {codes.shape[1]}")
+    if not 1 <= planes.shape[0] <= 16:
+        raise InputError(f"expected 1..16 query bit planes, got {planes.shape[0]}")
+    if codes.shape[1] * 8 > AND_POPCOUNT_MAX_BITS:
+        raise InputError(f"and_popcount is exact in int32 only up to {AND_POPCOUNT_MAX_BITS} bits per row")
+    b = _resolve(backend)
+    if b == "native":
+        return _native.and_popcount(planes, codes, _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        out = np.empty(codes.shape[0], dtype=np.int32)
+        pw, cw = _words(planes), _words(codes)
+        if pw is not None:
+            _numba.and_popcount_words(pw, cw, out)
+        else:
+            _numba.and_popcount_bytes(planes, codes, out)
+        return out
+    return reference.and_popcount(planes, codes).astype(np.int32)
+
+
+def fastscan(lut: np.ndarray, codes: np.ndarray, n: int, *, backend: str | None = None,
+             isa: str | None = None) -> np.ndarray:
+    """sum_m lut[m, code(v, m)] for the first n vectors of FastScan blocks (nblocks, M, 16): int32 (n,).
+
+    lut is (M, 16) uint8, one 16-entry table per 4-bit sub-space; see qkit.packing.pack_fastscan.
+    """
+    lut = _check("lut", lut, 2, _U8)
+    codes = _check("codes", codes, 3, _U8)
+    if lut.shape[1] != 16:
+        raise InputError(f"lut: expected 16 entries per sub-space, got shape {lut.shape}")
+    if codes.shape[1:] != (lut.shape[0], 16):
+        raise InputError(f"codes: expected blocks of shape ({lut.shape[0]}, 16), got {codes.shape[1:]}")
+    n = int(n)
+    if not 0 <= n <= 32 * codes.shape[0]:
+        raise InputError(f"{codes.shape[0]} blocks hold at most {32 * codes.shape[0]} vectors, asked for {n}")
+    b = _resolve(backend)
+    if b == "native":
+        return _native.fastscan(lut, codes, n, _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        out = np.empty(n, dtype=np.int32)
+        _numba.fastscan(lut, codes, n, out)
+        return out
+    return reference.fastscan(lut, codes, n).astype(np.int32)
+
+
 __all__ = [
     "BACKENDS", "ISAS", "dot", "l2sq", "dot_many", "l2sq_many", "max_dim",
+    "int4_dot", "int4_l2sq", "hamming", "and_popcount", "fastscan",
     "default_backend", "native_available", "cpu_flags", "best_isa", "reference",
 ]

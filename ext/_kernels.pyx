@@ -7,7 +7,7 @@ segfault), so they are cheap and repeated on purpose.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 
 cnp.import_array()
 
@@ -20,6 +20,12 @@ cdef extern from "qk_kernels.h":
     int qk_l2_1xn(int tq, int tr, const void *q, const void *X, int64_t n, int64_t d, int32_t *out, int isa) nogil
     int qk_dot_mxn(int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d, int32_t *out, int isa) nogil
     int qk_l2_mxn(int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d, int32_t *out, int isa) nogil
+    int QK_OP_DOT, QK_OP_L2, QK_ENOMEM
+    int qk_int4_i8(int op, const int8_t *q, const uint8_t *codes, int64_t n, int64_t d, int is_signed, int32_t *out, int isa) nogil
+    int qk_int4_f32(int op, const float *q, const uint8_t *codes, int64_t n, int64_t d, int is_signed, float *out, int isa) nogil
+    int qk_hamming(const uint8_t *q, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
+    int qk_and_popcount(const uint8_t *planes, int64_t B, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
+    int qk_fastscan(const uint8_t *lut, int64_t M, const uint8_t *codes, int64_t n, int32_t *out, int isa) nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
@@ -47,6 +53,8 @@ cdef int _need_c(cnp.ndarray a, int ndim, str what) except -1:
 
 
 cdef _check_rc(int rc):
+    if rc == QK_ENOMEM:
+        raise MemoryError("kernel could not allocate its query buffer")
     if rc != QK_OK:
         raise ValueError("kernel refused its arguments (unknown dtype pair or ISA not available on this CPU)")
 
@@ -97,5 +105,112 @@ def scan_many(str op, cnp.ndarray X, cnp.ndarray Y, int isa):
             rc = qk_dot_mxn(tq, tr, xp, nx, yp, ny, d, op_, isa)
         else:
             rc = qk_l2_mxn(tq, tr, xp, nx, yp, ny, d, op_, isa)
+    _check_rc(rc)
+    return out
+
+
+cdef int _need(cnp.ndarray a, int ndim, object dtype, str what) except -1:
+    _need_c(a, ndim, what)
+    if a.dtype != dtype:
+        raise ValueError(f"{what}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    return 0
+
+
+def int4_scan(str op, cnp.ndarray q, cnp.ndarray codes, int64_t d, bint is_signed, int isa):
+    """op(q, row) for packed int4 rows (n, ceil(d/2)); int8 query -> int32, float32 query -> float32."""
+    _need_c(q, 1, "query")
+    _need(codes, 2, np.uint8, "codes")
+    if d < 0 or q.shape[0] != d or codes.shape[1] != (d + 1) // 2:
+        raise ValueError(f"int4 rows of {d} codes need {(d + 1) // 2} bytes and a query of {d}, "
+                         f"got rows of {codes.shape[1]} bytes and a query of {q.shape[0]}")
+    cdef int opc
+    if op == "dot":
+        opc = QK_OP_DOT
+    elif op == "l2":
+        opc = QK_OP_L2
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    cdef int64_t n = codes.shape[0]
+    cdef const uint8_t *cp = <const uint8_t *>cnp.PyArray_DATA(codes)
+    cdef int rc
+    cdef cnp.ndarray out
+    cdef const int8_t *qi
+    cdef const float *qf
+    cdef int32_t *oi
+    cdef float *of
+    if q.dtype == np.int8:
+        out = np.empty(n, dtype=np.int32)
+        qi = <const int8_t *>cnp.PyArray_DATA(q)
+        oi = <int32_t *>cnp.PyArray_DATA(out)
+        with nogil:
+            rc = qk_int4_i8(opc, qi, cp, n, d, is_signed, oi, isa)
+    elif q.dtype == np.float32:
+        out = np.empty(n, dtype=np.float32)
+        qf = <const float *>cnp.PyArray_DATA(q)
+        of = <float *>cnp.PyArray_DATA(out)
+        with nogil:
+            rc = qk_int4_f32(opc, qf, cp, n, d, is_signed, of, isa)
+    else:
+        raise ValueError(f"query: expected dtype int8 or float32, got {q.dtype}")
+    _check_rc(rc)
+    return out
+
+
+def hamming(cnp.ndarray q, cnp.ndarray codes, int isa):
+    """popcount(q ^ row) over rows of packed bits (n, nbytes) -> int32 (n,)."""
+    _need(q, 1, np.uint8, "query")
+    _need(codes, 2, np.uint8, "codes")
+    if q.shape[0] != codes.shape[1]:
+        raise ValueError(f"query has {q.shape[0]} bytes, codes have {codes.shape[1]}")
+    cdef int64_t n = codes.shape[0], nb = codes.shape[1]
+    cdef cnp.ndarray out = np.empty(n, dtype=np.int32)
+    cdef const uint8_t *qp = <const uint8_t *>cnp.PyArray_DATA(q)
+    cdef const uint8_t *cp = <const uint8_t *>cnp.PyArray_DATA(codes)
+    cdef int32_t *op_ = <int32_t *>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = qk_hamming(qp, cp, n, nb, op_, isa)
+    _check_rc(rc)
+    return out
+
+
+def and_popcount(cnp.ndarray planes, cnp.ndarray codes, int isa):
+    """sum_j 2^j popcount(row & planes[j]) -> int32 (n,)."""
+    _need(planes, 2, np.uint8, "query planes")
+    _need(codes, 2, np.uint8, "codes")
+    if planes.shape[1] != codes.shape[1]:
+        raise ValueError(f"query planes have {planes.shape[1]} bytes, codes have {codes.shape[1]}")
+    if not 1 <= planes.shape[0] <= 16:
+        raise ValueError(f"expected 1..16 query bit planes, got {planes.shape[0]}")
+    cdef int64_t n = codes.shape[0], nb = codes.shape[1], B = planes.shape[0]
+    cdef cnp.ndarray out = np.empty(n, dtype=np.int32)
+    cdef const uint8_t *pp = <const uint8_t *>cnp.PyArray_DATA(planes)
+    cdef const uint8_t *cp = <const uint8_t *>cnp.PyArray_DATA(codes)
+    cdef int32_t *op_ = <int32_t *>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = qk_and_popcount(pp, B, cp, n, nb, op_, isa)
+    _check_rc(rc)
+    return out
+
+
+def fastscan(cnp.ndarray lut, cnp.ndarray codes, int64_t n, int isa):
+    """sum_m lut[m, code[v, m]] for n vectors in FastScan blocks (nblocks, M, 16) -> int32 (n,)."""
+    _need(lut, 2, np.uint8, "lut")
+    _need(codes, 3, np.uint8, "codes")
+    if lut.shape[1] != 16:
+        raise ValueError(f"lut: expected 16 entries per sub-space, got {lut.shape[1]}")
+    if codes.shape[1] != lut.shape[0] or codes.shape[2] != 16:
+        raise ValueError(f"codes: expected blocks of shape ({lut.shape[0]}, 16), got ({codes.shape[1]}, {codes.shape[2]})")
+    if n < 0 or n > codes.shape[0] * 32:
+        raise ValueError(f"{codes.shape[0]} blocks hold at most {codes.shape[0] * 32} vectors, asked for {n}")
+    cdef int64_t M = lut.shape[0]
+    cdef cnp.ndarray out = np.empty(n, dtype=np.int32)
+    cdef const uint8_t *lp = <const uint8_t *>cnp.PyArray_DATA(lut)
+    cdef const uint8_t *cp = <const uint8_t *>cnp.PyArray_DATA(codes)
+    cdef int32_t *op_ = <int32_t *>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = qk_fastscan(lp, M, cp, n, op_, isa)
     _check_rc(rc)
     return out

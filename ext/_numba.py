@@ -58,3 +58,122 @@ def l2_mxn(X, Y, out, block):
         for i in range(X.shape[0]):
             for j in range(j0, j1):
                 out[i, j] = _l2_row(X[i], Y[j])
+
+
+# ---------------------------------------------------------------- low-bit
+@njit(**_JIT)
+def _nib(b, hi, sg):
+    v = np.int32(b >> 4) if hi else np.int32(b & 15)
+    return ((v ^ 8) - 8) if sg else v
+
+
+@njit(**_JIT)
+def int4_i8(is_l2, q, codes, d, sg, out):
+    full = d // 2
+    for i in range(codes.shape[0]):
+        c = codes[i]
+        acc = np.int32(0)
+        for k in range(full):
+            a = _nib(c[k], False, sg)
+            b = _nib(c[k], True, sg)
+            if is_l2:
+                t0 = np.int32(q[2 * k]) - a
+                t1 = np.int32(q[2 * k + 1]) - b
+                acc += t0 * t0 + t1 * t1
+            else:
+                acc += a * np.int32(q[2 * k]) + b * np.int32(q[2 * k + 1])
+        if d & 1:
+            a = _nib(c[full], False, sg)
+            if is_l2:
+                t = np.int32(q[d - 1]) - a
+                acc += t * t
+            else:
+                acc += a * np.int32(q[d - 1])
+        out[i] = acc
+
+
+@njit(**_JIT)
+def int4_f32(is_l2, q, codes, d, sg, out):
+    for i in range(codes.shape[0]):
+        c = codes[i]
+        acc = np.float32(0)
+        for j in range(d):
+            v = np.float32(_nib(c[j >> 1], (j & 1) == 1, sg))
+            if is_l2:
+                t = q[j] - v
+                acc += t * t
+            else:
+                acc += v * q[j]
+        out[i] = acc
+
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
+
+
+@njit(**_JIT)
+def _popcount64(x):
+    # the SWAR idiom, which LLVM recognises and lowers to POPCNT where the CPU has it
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return np.int32((x * _H01) >> np.uint64(56))
+
+
+@njit(**_JIT)
+def hamming_words(qw, cw, out):
+    """Rows of whole 64-bit words: qw (nw,) uint64, cw (n, nw) uint64."""
+    for i in range(cw.shape[0]):
+        acc = np.int32(0)
+        for k in range(cw.shape[1]):
+            acc += _popcount64(qw[k] ^ cw[i, k])
+        out[i] = acc
+
+
+@njit(**_JIT)
+def hamming_bytes(q, codes, out):
+    for i in range(codes.shape[0]):
+        acc = np.int32(0)
+        for k in range(codes.shape[1]):
+            acc += _POP8[q[k] ^ codes[i, k]]
+        out[i] = acc
+
+
+@njit(**_JIT)
+def and_popcount_words(pw, cw, out):
+    """pw (B, nw) uint64 query planes, cw (n, nw) uint64 rows."""
+    for i in range(cw.shape[0]):
+        acc = np.int32(0)
+        for k in range(cw.shape[1]):
+            w = cw[i, k]
+            for j in range(pw.shape[0]):
+                acc += _popcount64(w & pw[j, k]) << j
+        out[i] = acc
+
+
+@njit(**_JIT)
+def and_popcount_bytes(planes, codes, out):
+    for i in range(codes.shape[0]):
+        acc = np.int32(0)
+        for k in range(codes.shape[1]):
+            w = codes[i, k]
+            for j in range(planes.shape[0]):
+                acc += _POP8[w & planes[j, k]] << j
+        out[i] = acc
+
+
+@njit(**_JIT)
+def fastscan(lut, codes, n, out):
+    acc = np.zeros(32, dtype=np.int32)
+    for b in range(codes.shape[0]):
+        acc[:] = 0
+        for m in range(codes.shape[1]):
+            for k in range(16):
+                c = codes[b, m, k]
+                acc[k] += lut[m, c & 15]
+                acc[k + 16] += lut[m, c >> 4]
+        for v in range(min(32, n - 32 * b)):
+            out[32 * b + v] = acc[v]

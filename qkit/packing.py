@@ -34,6 +34,22 @@ c10, word 1 the high bit of c10, c11..c20 and the low bit of c21, word 2 the
 high two bits of c21 and c22..c31. qzeros packs the same way along the output
 dimension.
 
+Signed int4 values (-8..7) are stored as two's-complement nibbles (v & 0xF).
+
+Bit planes of a B-bit query (RaBitQ's bit-sliced query): plane j holds bit j
+of every code, each plane packed as 1-bit codes; (B, ceil(d / 8)) bytes.
+
+FastScan blocks (4-bit codes of M sub-spaces, 32 vectors per block): block b
+is (M, 16) bytes; byte k of sub-space m holds vector 32b + k in its low nibble
+and vector 32b + 16 + k in its high nibble:
+
+    block b, sub-space m:  byte 0            byte 1           ...  byte 15
+                           v16 | v0          v17 | v1              v31 | v15
+                           (high | low nibble, vectors counted within the block)
+
+so one 16-byte load per sub-space feeds two vpshufb table lookups (low and
+high nibbles) for all 32 vectors. Vectors past n in the last block are 0.
+
 AWQ GEMM (qweight, shape (in, out * bits / 32)): packed along the output
 dimension, but within each word of eight 4-bit codes, nibble slot i holds
 output column 8c + AWQ_ORDER[i], AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -171,3 +187,50 @@ def unpack_awq(words, bits: int = 4) -> np.ndarray:
     c = unpack_int32(words, bits, axis=1)
     perm = (np.arange(c.shape[1]).reshape(-1, 8)[:, AWQ_REVERSE_ORDER]).reshape(-1)
     return c[:, perm]
+
+
+def pack_int4_signed(values, axis: int = -1) -> np.ndarray:
+    """Signed int4 values in [-8, 7] -> nibbles (two's complement), low nibble = even index."""
+    v = np.asarray(values)
+    if v.dtype.kind not in "iu":
+        raise InputError(f"int4 values must be integers, got dtype {v.dtype}")
+    if v.size and (v.min() < -8 or v.max() > 7):
+        raise InputError(f"signed int4 values must lie in [-8, 7], got range [{v.min()}, {v.max()}]")
+    return pack_bits((v & 0xF).astype(np.uint8), 4, axis)
+
+
+def unpack_int4_signed(packed, count: int, axis: int = -1) -> np.ndarray:
+    u = unpack_bits(packed, 4, count, axis).astype(np.int8)
+    return np.where(u >= 8, u - 16, u).astype(np.int8)
+
+
+def pack_bit_planes(codes, B: int) -> np.ndarray:
+    """Query codes (d,) in [0, 2^B) -> (B, ceil(d / 8)) bit planes, plane j = bit j of each code."""
+    c = _check_codes(codes, B)
+    if c.ndim != 1:
+        raise InputError(f"expected a 1-D vector of codes, got shape {c.shape}")
+    planes = (c[None, :] >> np.arange(B, dtype=np.uint8)[:, None]) & 1
+    return pack_bits(planes, 1, axis=-1)
+
+
+def pack_fastscan(codes) -> np.ndarray:
+    """4-bit codes (n, M) -> FastScan blocks (ceil(n / 32), M, 16) uint8 (layout above)."""
+    c = _check_codes(codes, 4)
+    if c.ndim != 2:
+        raise InputError(f"expected codes of shape (n, M), got {c.shape}")
+    n, M = c.shape
+    nblk = -(-n // 32)
+    padded = np.zeros((nblk * 32, M), dtype=np.uint8)
+    padded[:n] = c
+    blocks = padded.reshape(nblk, 2, 16, M)  # [b, half, k, m]: vector 32b + 16 half + k
+    return np.ascontiguousarray((blocks[:, 0] | (blocks[:, 1] << 4)).transpose(0, 2, 1))
+
+
+def unpack_fastscan(blocks, n: int) -> np.ndarray:
+    """FastScan blocks (nblocks, M, 16) -> codes (n, M)."""
+    b = np.asarray(blocks)
+    if b.ndim != 3 or b.shape[2] != 16 or b.dtype != np.uint8:
+        raise InputError(f"expected uint8 blocks of shape (nblocks, M, 16), got {b.dtype} {b.shape}")
+    lo = (b & 15).transpose(0, 2, 1)  # (nblk, 16, M)
+    hi = (b >> 4).transpose(0, 2, 1)
+    return np.concatenate([lo, hi], axis=1).reshape(-1, b.shape[1])[:n]

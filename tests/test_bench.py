@@ -7,15 +7,19 @@ from qkit.eval import affine_table, bench_kernels
 def test_bench_kernels_small(tmp_path, capsys):
     out = tmp_path / "k.json"
     records = bench_kernels.main(["--rows", "2000", "--dim", "40", "--repeat", "1", "--many-queries", "4",
-                                  "--many-rows", "100", "--json", str(out)])
+                                  "--many-rows", "100", "--lowbit-mb", "0.05", "--json", str(out)])
     text = capsys.readouterr().out
     assert "numpy-f32-blas" in text and "machine:" in text
     saved = json.loads(out.read_text())
     assert len(saved) == len(records)
     for r in saved:
-        assert {"kernel", "backend", "ms", "gbps", "rows"} <= r.keys() and r["ms"] > 0
+        assert {"kernel", "backend", "ms", "gbps", "rows", "dim", "bytes_per_vector"} <= r.keys() and r["ms"] > 0
     backends = {r["backend"] for r in saved}
     assert {"numba", "numpy-int32-matmul", "numpy-f32-blas", "torch-f32-mv"} <= backends
+    kernels = {r["kernel"] for r in saved}
+    assert {"int4_dot_i8", "int4_dot_f32", "hamming", "and_popcount_b4", "fastscan_m10"} <= kernels
+    lowbit = [r for r in saved if r["kernel"] == "hamming"]
+    assert all(r["bytes_per_vector"] == 5 and "ratio_vs_int8" in r for r in lowbit)
 
 
 def test_affine_table_small(tmp_path, capsys):

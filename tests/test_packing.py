@@ -149,3 +149,34 @@ class TestBadInput:
     def test_bits_out_of_range(self):
         with pytest.raises(UsageError):
             P.pack_bits(np.zeros(4, np.uint8), 9)
+
+
+def test_signed_int4_layout_and_round_trip():
+    # -1 -> 0xF, 2 -> 0x2, -8 -> 0x8, 7 -> 0x7; low nibble = even index
+    assert P.pack_int4_signed(np.array([-1, 2, -8, 7])).tolist() == [0x2F, 0x78]
+    v = np.arange(-8, 8).repeat(3)
+    assert np.array_equal(P.unpack_int4_signed(P.pack_int4_signed(v), v.size), v)
+    with pytest.raises(InputError, match=r"\[-8, 7\]"):
+        P.pack_int4_signed(np.array([8]))
+
+
+def test_bit_planes_layout():
+    # codes 1, 2, 3 with B = 2: plane 0 = bits (1, 0, 1) -> 0b101, plane 1 = bits (0, 1, 1) -> 0b110
+    assert P.pack_bit_planes(np.array([1, 2, 3]), 2).tolist() == [[0b101], [0b110]]
+    assert P.pack_bit_planes(np.full(9, 15), 4).tolist() == [[255, 1]] * 4
+
+
+def test_fastscan_layout_and_round_trip():
+    codes = np.zeros((33, 2), np.uint8)
+    codes[0, 0] = 0x3   # block 0, vector 0 -> low nibble of byte 0, sub-space 0
+    codes[16, 0] = 0xA  # block 0, vector 16 -> high nibble of byte 0
+    codes[17, 1] = 0x5  # vector 17 -> high nibble of byte 1, sub-space 1
+    codes[32, 1] = 0x7  # block 1, vector 0, sub-space 1
+    b = P.pack_fastscan(codes)
+    assert b.shape == (2, 2, 16)
+    assert b[0, 0, 0] == 0xA3 and b[0, 1, 1] == 0x50 and b[1, 1, 0] == 0x07
+    assert int(b.sum()) == 0xA3 + 0x50 + 0x07
+    rng = np.random.default_rng(0)
+    for n in (1, 32, 45):
+        c = rng.integers(0, 16, (n, 5)).astype(np.uint8)
+        assert np.array_equal(P.unpack_fastscan(P.pack_fastscan(c), n), c)
