@@ -21,7 +21,7 @@ from qkit.errors import QkitError, UsageError
 def cli(ctx: click.Context, debug: bool) -> None:
     """qkit: quantizers for LLM weights and vector search."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("numba", "urllib3", "filelock", "fsspec"):
+    for noisy in ("numba", "urllib3", "filelock", "fsspec", "transformers", "accelerate", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"debug": debug}
 
@@ -89,6 +89,12 @@ def bench_affine(args: tuple[str, ...]) -> None:
     from qkit.eval import affine_table as mod
 
     mod.main(list(args))
+
+
+from qkit.cli.llm import eval_group, quantize_cmd  # noqa: E402
+
+cli.add_command(quantize_cmd)
+cli.add_command(eval_group)
 
 
 def main(argv: list[str] | None = None) -> int:

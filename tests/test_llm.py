@@ -1,0 +1,258 @@
+"""LLM foundation: loading, streaming quantization, perplexity, on tiny random models of four families."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llm_models import make_model  # noqa: E402
+
+from qkit import affine, pipeline  # noqa: E402
+from qkit.errors import FormatError, UsageError  # noqa: E402
+from qkit.eval.perplexity import perplexity  # noqa: E402
+from qkit.model import loader  # noqa: E402
+from qkit.rtn import RTN  # noqa: E402
+
+KINDS = ["llama", "qwen2", "gemma3", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {k: (root / k, make_model(k, root / k)) for k in KINDS}
+
+
+def rtn_reference(model, cfg: affine.AffineConfig):
+    """Apply RTN to every linear of an in-memory model directly (no streaming, no files)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    prefix, layers = pipeline.decoder_layers(m, m.config)
+    for layer in layers:
+        for _, mod, transposed in pipeline.linear_modules(layer):
+            W = mod.weight.detach().numpy()
+            W = W.T if transposed else W
+            q = affine.quantize_affine(np.ascontiguousarray(W), cfg.bits, cfg.block_size(W.shape),
+                                       symmetric=cfg.symmetric, zero_domain=cfg.zero_domain).dequantize()
+            mod.weight.data = torch.from_numpy(np.ascontiguousarray(q.T if transposed else q))
+    return m
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def files_digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_matches_transformers(models, kind):
+    d, model = models[kind]
+    x = torch.randint(0, 300, (2, 24))
+    assert torch.equal(logits(loader.load_model(loader.resolve(str(d))), x), logits(model, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streaming_rtn_equals_in_memory_rtn(models, kind, tmp_path):
+    d, model = models[kind]
+    before = files_digest(d)
+    cfg = affine.AffineConfig(bits=3, group_size=32)
+    s = pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "out", RTN(cfg))
+    assert files_digest(d) == before  # the input is never modified
+    q = loader.load_model(loader.resolve(str(tmp_path / "out")))
+    x = torch.randint(0, 300, (2, 24))
+    torch.testing.assert_close(logits(q, x), logits(rtn_reference(model, cfg), x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(q, x), logits(model, x), atol=1e-3)  # 3 bits really changed it
+    n_lin = {"gpt2": 4}.get(kind, 7) * 2
+    assert s.linears == n_lin and s.layers == 2
+    # 3-bit codes + fp16 scale + 3-bit zero per group of 32 (the last group of 96-wide rows is full)
+    assert 3 + 19 / 32 - 0.01 < s.bits_per_weight < 3 + 19 / 32 + 0.1
+    rec = json.loads((tmp_path / "out" / "qkit_quantization.json").read_text())
+    assert rec["method"] == "rtn"
+
+
+def test_float_zero_reproduces_a_grid_exactly(models, tmp_path):
+    """Quantizing an already-quantized model onto the same grid changes nothing (KL 0): the pipeline is lossless."""
+    d, model = models["llama"]
+    cfg = affine.AffineConfig(bits=4, group_size=32, zero_domain="float")
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "a", RTN(cfg))
+    pipeline.quantize_model(loader.resolve(str(tmp_path / "a")), tmp_path / "b", RTN(cfg))
+    a = loader.load_model(loader.resolve(str(tmp_path / "a")))
+    b = loader.load_model(loader.resolve(str(tmp_path / "b")))
+    ids = torch.randint(0, 300, (4 * 32,))
+    r = perplexity(b, ids, 32, base=a)
+    assert abs(r.kl) < 1e-6 and r.top1 == 1.0
+
+
+class Recorder(RTN):
+    """A calibrated chooser for the test: RTN that also keeps every input it is shown."""
+
+    name = "recorder"
+    needs_calibration = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.inputs = {}
+
+    def add_batch(self, name, x):
+        self.inputs.setdefault(name, []).append(x.clone())
+
+
+def test_sequential_inputs_come_from_quantized_layers(models, tmp_path):
+    d, model = models["llama"]
+    samples = torch.randint(0, 300, (6, 16))
+    rec = Recorder(affine.AffineConfig(bits=2, group_size=32))
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "q", rec, samples=samples)
+    q = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    with torch.no_grad():
+        hs = q(samples, output_hidden_states=True).hidden_states
+        for i in (0, 1):
+            want = q.model.layers[i].input_layernorm(hs[i])
+            got = torch.cat(rec.inputs[f"model.layers.{i}.self_attn.q_proj"])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # layer 1 really saw layer 0's quantized output, not the float one
+        float_hs = model(samples, output_hidden_states=True).hidden_states
+        assert not torch.allclose(float_hs[1], hs[1], atol=1e-3)
+
+
+def plain_loop_ppl(model, ids, ctx):
+    """Perplexity the plain transformers way: labels = inputs, mean loss per window, weighted."""
+    total, n = 0.0, 0
+    for w in range(len(ids) // ctx):
+        x = ids[w * ctx:(w + 1) * ctx][None]
+        with torch.no_grad():
+            loss = model(x, labels=x).loss.item()
+        total += loss * (ctx - 1)
+        n += ctx - 1
+    return float(np.exp(total / n))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_perplexity_matches_plain_transformers_loop(models, kind):
+    _, model = models[kind]
+    ids = torch.randint(0, 300, (5 * 40 + 7,))
+    r = perplexity(model, ids, 40)
+    assert r.windows == 5 and r.tokens == 5 * 39
+    assert abs(r.ppl / plain_loop_ppl(model, ids, 40) - 1) < 1e-4
+
+
+def test_llamacpp_protocol_scores_second_half(models):
+    _, model = models["llama"]
+    ids = torch.randint(0, 300, (3 * 40,))
+    r = perplexity(model, ids, 40, llamacpp=True)
+    assert r.tokens == 3 * 19
+    with torch.no_grad():
+        nll = 0.0
+        for w in range(3):
+            x = ids[w * 40:(w + 1) * 40][None]
+            lp = torch.log_softmax(model(x).logits[0], -1)
+            nll -= sum(lp[t, x[0, t + 1]].item() for t in range(20, 39))
+    assert abs(r.ppl / np.exp(nll / 57) - 1) < 1e-5
+
+
+def test_kl_against_itself_is_zero(models):
+    _, model = models["qwen2"]
+    r = perplexity(model, torch.randint(0, 300, (64,)), 32, base=model)
+    assert abs(r.kl) < 1e-7 and r.top1 == 1.0
+
+
+class TestBadInput:
+    def test_text_shorter_than_a_window(self, models):
+        with pytest.raises(UsageError, match="fewer than one window of ctx=512"):
+            perplexity(models["llama"][1], torch.arange(100), 512)
+
+    def test_missing_model(self):
+        with pytest.raises(UsageError, match="model not found"):
+            loader.resolve("/nonexistent/model")
+
+    def test_truncated_and_corrupt_safetensors(self, models, tmp_path):
+        d, _ = models["llama"]
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_bytes((d / "config.json").read_bytes())
+        blob = (d / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+        with pytest.raises(FormatError, match="lies outside the file"):
+            loader.load_model(loader.resolve(str(bad)))
+        (bad / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+        with pytest.raises(FormatError, match="corrupt safetensors header"):
+            loader.load_model(loader.resolve(str(bad)))
+        (bad / "model.safetensors").write_bytes(b"abc")
+        with pytest.raises(FormatError, match="not a safetensors file"):
+            loader.load_model(loader.resolve(str(bad)))
+
+    def test_config_that_does_not_match_the_weights(self, models, tmp_path):
+        d, _ = models["llama"]
+        bad = tmp_path / "mismatch"
+        bad.mkdir()
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] = 128
+        (bad / "config.json").write_text(json.dumps(cfg))
+        os.link(d / "model.safetensors", bad / "model.safetensors")
+        with pytest.raises(FormatError, match=r"has shape \(96, 64\) in the checkpoint but \(128, 64\)"):
+            loader.load_model(loader.resolve(str(bad)))
+        cfg["intermediate_size"] = 96
+        cfg["num_hidden_layers"] = 3
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(FormatError, match="no tensor 'model.layers.2"):
+            pipeline.quantize_model(loader.resolve(str(bad)), tmp_path / "o", RTN(affine.AffineConfig()))
+        assert not (tmp_path / "o").exists()  # a failed run leaves no output behind
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".o.")] == []
+
+    def test_nan_weights(self, models, tmp_path):
+        from safetensors.torch import load_file, save_file
+
+        d, _ = models["llama"]
+        bad = tmp_path / "nan"
+        bad.mkdir()
+        (bad / "config.json").write_bytes((d / "config.json").read_bytes())
+        t = load_file(str(d / "model.safetensors"))
+        t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+        save_file(t, str(bad / "model.safetensors"))
+        with pytest.raises(FormatError, match=r"'model.layers.1.mlp.up_proj.weight' holds NaN or Inf"):
+            pipeline.quantize_model(loader.resolve(str(bad)), tmp_path / "o", RTN(affine.AffineConfig()))
+
+    def test_single_safetensors_file_needs_config_beside_it(self, models, tmp_path):
+        d, model = models["llama"]
+        lone = tmp_path / "lone"
+        lone.mkdir()
+        os.link(d / "model.safetensors", lone / "weights.safetensors")
+        with pytest.raises(UsageError, match="needs config.json beside it"):
+            loader.resolve(str(lone / "weights.safetensors"))
+        (lone / "config.json").write_bytes((d / "config.json").read_bytes())
+        m = loader.load_model(loader.resolve(str(lone / "weights.safetensors")))
+        x = torch.randint(0, 300, (1, 9))
+        assert torch.equal(logits(m, x), logits(model, x))
+
+    def test_refuses_to_write_over_input(self, models):
+        d, _ = models["llama"]
+        with pytest.raises(UsageError, match="refusing to write over the input"):
+            pipeline.quantize_model(loader.resolve(str(d)), d, RTN(affine.AffineConfig()))
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_quantize_then_eval(models, tmp_path):
+    d, _ = models["gpt2"]
+    text = tmp_path / "t.txt"
+    text.write_text("irrelevant: the tiny model has no tokenizer")
+    out = tmp_path / "q"
+    r = run_cli("quantize", str(d), "-o", str(out), "--bits", "4", "--group-size", "32", "--json",
+                str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    assert "bits/weight" in r.stdout and json.loads((tmp_path / "s.json").read_text())["layers"] == 2
+    r = run_cli("quantize", str(d), "-o", str(tmp_path / "x"), "--method", "magic")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("qkit: error: unknown method 'magic'")
+    r = run_cli("eval", "ppl", str(out), "--text", str(text))
+    assert r.returncode == 1 and "cannot load a tokenizer" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", "/no/such/model", "-o", str(tmp_path / "y"))
+    assert r.returncode == 2 and "model not found" in r.stderr
