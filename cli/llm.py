@@ -106,7 +106,7 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
     r = perplexity(m, ids, ctx, llamacpp=llamacpp_protocol, base=b, max_windows=windows, progress=True)
     line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx})"
     if b is not None:
-        line += f"; KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
+        line += f"; base ppl {r.base_ppl:.4f}, KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
     click.echo(line)
     if json_path:
         from qkit.fileio import atomic_write

