@@ -10,7 +10,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extra = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
+extra = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wall"]
 if os.environ.get("QKIT_NATIVE") == "1":  # opt-in for local experiments only
     extra.append("-march=native")
 

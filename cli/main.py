@@ -118,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("qkit: interrupted", err=True)
         return 130
     except SystemExit as e:  # argparse inside a benchmark module
-        return e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except OSError as e:  # permission denied, disk full, ...: the system's words, one line
+        if debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        click.echo(f"qkit: error: {e.strerror or e}{where}", err=True)
+        return 1
     except Exception as e:  # a bug, not a user mistake: one line unless --debug
         if debug:
             raise

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--lowbit-mb", type=float, default=64, help="MB of codes each low-bit scan reads")
     ap.add_argument("--json", metavar="PATH", help="also write the records as a JSON list")
     a = ap.parse_args(argv)
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        ap.error(f"--json {a.json}: its directory does not exist")
     if a.rows < 1 or a.dim < 1 or a.repeat < 1:
         ap.error("--rows, --dim and --repeat must be >= 1")
     many_q = min(a.many_queries, a.rows)

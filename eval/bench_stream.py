@@ -43,9 +43,10 @@ def quantize_in_subprocess(src: Path, out: Path, summary: Path) -> dict:
     return json.loads(summary.read_text())
 
 
-def run(hidden: int, intermediate: int, depths: list[int]) -> dict:
+def run(hidden: int, intermediate: int, depths: list[int], workdir: str | None = None) -> dict:
+    """Build and quantize each depth under `workdir` (a temporary directory by default)."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="qkit-stream-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qkit-stream-", dir=workdir) as tmp:
         tmp = Path(tmp)
         layer_bytes = 0
         for n in depths:

@@ -54,6 +54,12 @@ def perplexity(model, ids, ctx: int = 512, *, llamacpp: bool = False, base=None,
     import torch
     from tqdm.auto import tqdm
 
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and ctx > limit:
+        raise UsageError(f"ctx={ctx} is longer than the model's {limit} positions")
+    if base is not None and base.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"the base model's vocabulary ({base.config.vocab_size}) differs from the model's "
+                         f"({model.config.vocab_size}); KL needs the same tokens")
     win = windows_of(ids, ctx, max_windows)
     start = ctx // 2 if llamacpp else 0
     nll, base_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0

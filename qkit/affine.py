@@ -153,17 +153,21 @@ def qparams_from_range(xmin: np.ndarray, xmax: np.ndarray, bits: int, *, symmetr
                        zero_domain: ZeroDomain = "int") -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero for blocks whose values span [xmin, xmax] (arrays of per-block extremes)."""
     maxq = 2**bits - 1
-    xmin = np.minimum(xmin, 0)
-    xmax = np.maximum(xmax, 0)
+    ftype = np.result_type(xmin, np.float32)  # float32, or float64 for float64 input
+    # the range in float64: max - min of two large float32 values can overflow float32
+    xmin = np.minimum(np.asarray(xmin, np.float64), 0)
+    xmax = np.maximum(np.asarray(xmax, np.float64), 0)
+    if np.any(xmax - xmin > np.finfo(ftype).max):
+        raise InputError(f"a block's range exceeds the largest {np.dtype(ftype).name}; cannot place a grid on it")
     if symmetric:
         amax = np.maximum(-xmin, xmax)
-        scale = 2 * amax / maxq
-        scale = np.where(scale > 0, scale, 1).astype(np.float32)
-        zero = np.full(scale.shape, (maxq + 1) // 2, dtype=np.float32)
+        scale = (2 * amax / maxq).astype(ftype)
+        scale = np.where(scale > 0, scale, 1).astype(ftype)
+        zero = np.full(scale.shape, (maxq + 1) // 2, dtype=ftype)
     else:
-        scale = (xmax - xmin) / maxq
-        scale = np.where(scale > 0, scale, 1).astype(np.float32)
-        zero = (-xmin / scale).astype(np.float32)
+        scale = ((xmax - xmin) / maxq).astype(ftype)
+        scale = np.where(scale > 0, scale, 1).astype(ftype)
+        zero = (-xmin / scale).astype(ftype)
     if zero_domain == "int":
         zero = np.clip(np.round(zero), 0, maxq).astype(np.int32)
     elif zero_domain != "float":
@@ -229,9 +233,10 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, block_siz
     """x_hat = scale * (q - zero)."""
     codes = np.asarray(codes)
     bs = normalize_block_size(codes.shape, block_size)
-    s = block_expand(np.asarray(scale, dtype=np.float32), codes.shape, bs)
-    z = block_expand(np.asarray(zero, dtype=np.float32), codes.shape, bs)
-    return (s * (codes.astype(np.float32) - z)).astype(dtype, copy=False)
+    ftype = np.result_type(np.asarray(scale).dtype, np.float32)  # float64 parameters decode in float64
+    s = block_expand(np.asarray(scale, dtype=ftype), codes.shape, bs)
+    z = block_expand(np.asarray(zero, dtype=ftype), codes.shape, bs)
+    return (s * (codes.astype(ftype) - z)).astype(dtype, copy=False)
 
 
 def fake_quantize(x, scale, zero, bits: int, block_size) -> np.ndarray:

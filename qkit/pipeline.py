@@ -103,27 +103,39 @@ class _Stop(Exception):
     pass
 
 
-def capture_layer0_inputs(model, layers, samples, store, prefix: str):
-    """Run the model up to layer 0 on every sample; return (hidden states, layer kwargs)."""
+def capture_layer_inputs(model, layers, samples):
+    """Layer 0's input hidden states for every sample, and the keyword arguments of *every* layer.
+
+    One forward per sample with each layer replaced by a stub: the stubs pass the
+    hidden states through untouched and record what the model hands each layer
+    (attention mask, position embeddings, ...). Those arguments differ between
+    layers in some families (Gemma 3 alternates sliding and full attention, with
+    its own mask and RoPE per layer type), and depend only on the token positions,
+    so they are the same for every sample of one length. The last stub stops the
+    forward, so the (meta-device) final norm and head never run.
+    """
     import torch
 
-    first = layers[0]
-    states, kw = [], {}
+    originals = list(layers)
+    states, kws = [], [None] * len(originals)
 
-    class Catcher(torch.nn.Module):
-        def __init__(self):
+    class Stub(torch.nn.Module):
+        def __init__(self, i, orig):
             super().__init__()
-            self.attention_type = getattr(first, "attention_type", None)
+            self.i = i
+            self.attention_type = getattr(orig, "attention_type", None)
 
         def forward(self, hidden_states, *args, **kwargs):
-            states.append(hidden_states.detach())
-            if not kw:
-                kw.update(kwargs)
-                if args:
-                    kw["__args__"] = args
-            raise _Stop
+            if self.i == 0:
+                states.append(hidden_states.detach())
+            if kws[self.i] is None:
+                kws[self.i] = {**kwargs, **({"__args__": args} if args else {})}
+            if self.i == len(originals) - 1:
+                raise _Stop
+            return hidden_states
 
-    layers[0] = Catcher()
+    for i, orig in enumerate(originals):
+        layers[i] = Stub(i, orig)
     try:
         with torch.inference_mode():
             for x in samples:
@@ -132,8 +144,9 @@ def capture_layer0_inputs(model, layers, samples, store, prefix: str):
                 except _Stop:
                     pass
     finally:
-        layers[0] = first
-    return torch.cat(states), kw
+        for i, orig in enumerate(originals):
+            layers[i] = orig
+    return torch.cat(states), kws
 
 
 def _run_layer(layer, states, kw, batch: int = 8):
@@ -152,18 +165,44 @@ def _run_layer(layer, states, kw, batch: int = 8):
     return torch.cat(outs)
 
 
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json")
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
-    """Config, tokenizer and the source GGUF travel with the weights."""
-    for f in src.iterdir():
-        if f.is_dir() or f.suffix == ".safetensors" or f.name in (INDEX, loader.MARKER) or f.name.startswith("."):
-            continue
-        if f.suffix == ".gguf":
-            try:
-                os.link(f, dst / f.name)
-                continue
-            except OSError:
-                pass
-        shutil.copyfile(f, dst / f.name)
+    """Config, tokenizer and the source GGUF (its tokenizer metadata) travel with the weights; nothing else."""
+    from qkit.model.gguf_convert import SOURCE_GGUF
+
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    if (src / SOURCE_GGUF).is_file():
+        try:
+            os.link(src / SOURCE_GGUF, dst / SOURCE_GGUF)
+        except OSError:
+            shutil.copyfile(src / SOURCE_GGUF, dst / SOURCE_GGUF)
+
+
+def check_output_dir(out: Path, ref: loader.ModelRef) -> Path:
+    """Refuse outputs that would lose data: the input, a directory holding it, or a foreign non-empty directory."""
+    out = Path(os.path.abspath(out))
+    if out.name in ("", ".", ".."):
+        raise UsageError(f"give the output directory a name, not {str(out)!r}")
+    for inp in {Path(os.path.abspath(ref.dir)), Path(os.path.abspath(ref.weights))}:
+        if out == inp or inp.is_relative_to(out):
+            raise UsageError(f"refusing to write over the input model {ref.dir}")
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory's parent does not exist: {out.parent}")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / RECORD).is_file():
+            raise UsageError(f"output directory {out} is not empty and is not a qkit output; refusing to replace it")
+    return out
+
+
+RECORD = "qkit_quantization.json"
 
 
 def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
@@ -174,11 +213,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
 
     t0 = time.perf_counter()
     fix_mmap_threshold()
-    out = Path(out)
-    if out.resolve() == ref.dir.resolve() or out.resolve() == ref.weights.resolve():
-        raise UsageError(f"refusing to write over the input model {ref.dir}")
-    if not out.parent.exists():
-        raise UsageError(f"output directory's parent does not exist: {out.parent}")
+    out = check_output_dir(Path(out), ref)
     if chooser.needs_calibration and samples is None:
         raise UsageError(f"method {chooser.name} needs calibration samples")
     config = loader.load_config(ref)
@@ -196,9 +231,9 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         sd = model.state_dict()
         writer.write_shard({n: sd[n] for n in outer})
         del sd
-        states = kw = None
+        states = kws = None
         if chooser.needs_calibration:
-            states, kw = capture_layer0_inputs(model, layers, samples, store, prefix)
+            states, kws = capture_layer_inputs(model, layers, samples)
         _release(model, outer)  # embeddings and head are written: free them
         store.close()
         n_lin = n_par = 0
@@ -215,9 +250,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             if chooser.needs_calibration:
                 for name, mod, transposed in lins:
                     def hook(m, inp, _out, _name=lp + name):
-                        chooser.add_batch(_name, inp[0].detach())
+                        # the very input tensor (inference mode, no graph): linears fed the same tensor
+                        # (q/k/v, gate/up) can be recognised by identity and share statistics
+                        chooser.add_batch(_name, inp[0])
                     hooks.append(mod.register_forward_hook(hook))
-                _run_layer(layer, states, kw)
+                _run_layer(layer, states, kws[i])
                 for h in hooks:
                     h.remove()
             for name, mod, transposed in lins:
@@ -230,7 +267,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 n_par += W.size
                 stored_bits += _stored_bits(res)
             if chooser.needs_calibration:
-                states = _run_layer(layer, states, kw)
+                states = _run_layer(layer, states, kws[i])
             writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
             layer.to("meta")
             store.close()  # unmap: pages read through the memory map would otherwise stay resident
@@ -239,7 +276,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         qcfg = {"quant_method": "qkit-fake", "method": chooser.name, "calibration": calibration,
                 **(record or {})}
         _copy_side_files(ref.dir, tmp)
-        with atomic_write(tmp / "qkit_quantization.json", "w") as f:
+        with atomic_write(tmp / RECORD, "w") as f:
             json.dump(qcfg, f, indent=1)
         replace_dir(tmp, out)
     except BaseException:

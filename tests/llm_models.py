@@ -18,13 +18,18 @@ def tiny_configs() -> dict:
     }
 
 
-def make_model(kind: str, directory: Path, seed: int = 0):
+def make_model(kind: str, directory: Path, seed: int = 0, **overrides):
     """Build, randomise (seeded) and save a tiny model; returns the in-memory model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_configs()[kind]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if kind == "gemma3" and "num_hidden_layers" in overrides:  # one full-attention layer in six
+        cfg.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                           for i in range(cfg.num_hidden_layers)]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # larger weights than the default init, so quantization error is visible
         for p in model.parameters():

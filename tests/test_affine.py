@@ -141,7 +141,19 @@ def test_float_zero_domain_keeps_real_zero():
     assert qi.zero.dtype == np.int32
 
 
+def test_float64_input_with_a_tiny_range():
+    W = np.array([[1e-300, 2e-300, 0.0, -1e-300]], np.float64)
+    q = affine.quantize_affine(W, 4, (1, -1))
+    assert np.isfinite(q.scale).all() and 0 <= q.zero.min() and q.zero.max() <= 15
+    assert np.all(np.abs(q.dequantize(np.float64) - W) <= q.scale / 2 + 1e-300)
+
+
 class TestBadInput:
+    def test_range_overflowing_float32(self):
+        W = np.array([[3e38, -3e38, 1.0]], np.float32)
+        with pytest.raises(InputError, match="range exceeds the largest float32"):
+            affine.quantize_affine(W, 4, (1, -1))
+
     @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
     def test_nan_inf_refused(self, bad):
         W = np.ones((2, 8), np.float32)

@@ -105,15 +105,19 @@ class Recorder(RTN):
         self.inputs.setdefault(name, []).append(x.clone())
 
 
-def test_sequential_inputs_come_from_quantized_layers(models, tmp_path):
-    d, model = models["llama"]
+@pytest.mark.parametrize("kind,extra", [("llama", {}), ("gemma3", {"num_hidden_layers": 7, "sliding_window": 4})])
+def test_sequential_inputs_come_from_quantized_layers(kind, extra, tmp_path):
+    """Each layer's calibration inputs equal the quantized model's own activations, layer by layer, with the
+    layer's own attention mask and RoPE (Gemma 3 mixes sliding and full attention)."""
+    model = make_model(kind, tmp_path / "m", **extra)
     samples = torch.randint(0, 300, (6, 16))
     rec = Recorder(affine.AffineConfig(bits=2, group_size=32))
-    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "q", rec, samples=samples)
+    pipeline.quantize_model(loader.resolve(str(tmp_path / "m")), tmp_path / "q", rec, samples=samples)
     q = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    n = q.config.num_hidden_layers
     with torch.no_grad():
         hs = q(samples, output_hidden_states=True).hidden_states
-        for i in (0, 1):
+        for i in range(n):
             want = q.model.layers[i].input_layernorm(hs[i])
             got = torch.cat(rec.inputs[f"model.layers.{i}.self_attn.q_proj"])
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -157,6 +161,26 @@ def test_llamacpp_protocol_scores_second_half(models):
     assert abs(r.ppl / np.exp(nll / 57) - 1) < 1e-5
 
 
+def test_kl_and_top1_against_an_independent_computation(models, tmp_path):
+    """KL(p_base || p_model) per scored token, by torch.nn.functional.kl_div, and argmax agreement."""
+    _, base = models["llama"]
+    other = make_model("llama", tmp_path / "other", seed=1)
+    ids = torch.randint(0, 300, (3 * 32,))
+    r = perplexity(other, ids, 32, base=base)
+    kl, agree, nb = 0.0, 0, 0.0
+    with torch.no_grad():
+        for w in range(3):
+            x = ids[w * 32:(w + 1) * 32][None]
+            lp = torch.log_softmax(other(x).logits[0, :31].double(), -1)
+            lb = torch.log_softmax(base(x).logits[0, :31].double(), -1)
+            kl += torch.nn.functional.kl_div(lp, lb, log_target=True, reduction="sum").item()
+            agree += int((lp.argmax(-1) == lb.argmax(-1)).sum())
+            nb -= lb.gather(1, x[0, 1:, None]).sum().item()
+    assert abs(r.kl / (kl / 93) - 1) < 1e-4 and r.kl > 0.01
+    assert r.top1 == agree / 93
+    assert abs(r.base_ppl / np.exp(nb / 93) - 1) < 1e-5
+
+
 def test_kl_against_itself_is_zero(models):
     _, model = models["qwen2"]
     r = perplexity(model, torch.randint(0, 300, (64,)), 32, base=model)
@@ -165,8 +189,60 @@ def test_kl_against_itself_is_zero(models):
 
 class TestBadInput:
     def test_text_shorter_than_a_window(self, models):
-        with pytest.raises(UsageError, match="fewer than one window of ctx=512"):
-            perplexity(models["llama"][1], torch.arange(100), 512)
+        with pytest.raises(UsageError, match="fewer than one window of ctx=200"):
+            perplexity(models["llama"][1], torch.arange(100), 200)
+
+    def test_ctx_longer_than_the_model_and_mismatched_base(self, models):
+        with pytest.raises(UsageError, match="ctx=512 is longer than the model's 256 positions"):
+            perplexity(models["gpt2"][1], torch.arange(2000) % 300, 512)
+        import copy
+
+        other = copy.deepcopy(models["llama"][1])
+        other.config.vocab_size = 301
+        with pytest.raises(UsageError, match="vocabulary"):
+            perplexity(models["llama"][1], torch.arange(100) % 300, 50, base=other)
+
+    def test_output_directory_safety(self, models, tmp_path):
+        d, _ = models["llama"]
+        ref = loader.resolve(str(d))
+        foreign = tmp_path / "notes"
+        foreign.mkdir()
+        (foreign / "thesis.txt").write_text("years of work")
+        with pytest.raises(UsageError, match="not empty and is not a qkit output"):
+            pipeline.quantize_model(ref, foreign, RTN(affine.AffineConfig()))
+        assert (foreign / "thesis.txt").read_text() == "years of work"
+        with pytest.raises(UsageError, match="refusing to write over the input"):
+            pipeline.quantize_model(ref, d.parent, RTN(affine.AffineConfig()))
+        with pytest.raises(UsageError, match="is not empty and is not a qkit output"):  # "-o ." = the cwd
+            pipeline.quantize_model(ref, tmp_path / ".", RTN(affine.AffineConfig()))
+        out = tmp_path / "q"
+        pipeline.quantize_model(ref, out, RTN(affine.AffineConfig(group_size=32)))
+        pipeline.quantize_model(ref, out, RTN(affine.AffineConfig(bits=3, group_size=32)))  # a qkit output: replaced
+        assert json.loads((out / "qkit_quantization.json").read_text())["method"] == "rtn"
+
+    def test_only_config_and_tokenizer_travel_with_the_weights(self, models, tmp_path):
+        d, _ = models["llama"]
+        src = tmp_path / "src"
+        src.mkdir()
+        for f in d.iterdir():
+            os.link(f, src / f.name)
+        (src / "pytorch_model.bin").write_bytes(b"float weights")
+        (src / "notes.md").write_text("x")
+        pipeline.quantize_model(loader.resolve(str(src)), tmp_path / "q", RTN(affine.AffineConfig(group_size=32)))
+        names = {p.name for p in (tmp_path / "q").iterdir()}
+        assert "pytorch_model.bin" not in names and "notes.md" not in names and "config.json" in names
+
+    def test_no_decoder_layers(self):
+        class NoLayers(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = torch.nn.Linear(4, 4)
+
+        class Cfg:
+            num_hidden_layers = 2
+
+        with pytest.raises(UsageError, match="no list of 2 decoder layers"):
+            pipeline.decoder_layers(NoLayers(), Cfg())
 
     def test_missing_model(self):
         with pytest.raises(UsageError, match="model not found"):
@@ -259,10 +335,10 @@ def test_cli_quantize_then_eval(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_quantization_streams_layer_by_layer():
+def test_quantization_streams_layer_by_layer(tmp_path):
     """Peak RSS of an 8-layer model exceeds a 2-layer one by less than one layer + 100 MB (layers of 64 MB)."""
     from qkit.eval import bench_stream
 
-    res = bench_stream.run(1024, 4096, [2, 8])
+    res = bench_stream.run(1024, 4096, [2, 8], workdir=str(tmp_path))
     assert res["layer_mb"] >= 64
     assert res["growth_mb"] < res["limit_mb"], res

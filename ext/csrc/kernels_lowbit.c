@@ -247,24 +247,6 @@ QK_BITS_KERNELS(scalar, )
 #ifdef QK_HAVE_X86
 QK_BITS_KERNELS(popcnt, __attribute__((target("popcnt"))))
 
-/* Specialisation for the common 128-bit code (d = 128): two words held in
- * registers, four vectors per pass for independent popcount chains. */
-__attribute__((target("popcnt"))) static void hamming16_popcnt(const uint8_t *q, const uint8_t *codes, int64_t n,
-                                                               int32_t *out) {
-    const uint64_t q0 = lb_word(q), q1 = lb_word(q + 8);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const uint8_t *c = codes + i * 16;
-        out[i] = __builtin_popcountll(q0 ^ lb_word(c)) + __builtin_popcountll(q1 ^ lb_word(c + 8));
-        out[i + 1] = __builtin_popcountll(q0 ^ lb_word(c + 16)) + __builtin_popcountll(q1 ^ lb_word(c + 24));
-        out[i + 2] = __builtin_popcountll(q0 ^ lb_word(c + 32)) + __builtin_popcountll(q1 ^ lb_word(c + 40));
-        out[i + 3] = __builtin_popcountll(q0 ^ lb_word(c + 48)) + __builtin_popcountll(q1 ^ lb_word(c + 56));
-    }
-    for (; i < n; i++)
-        out[i] = __builtin_popcountll(q0 ^ lb_word(codes + i * 16)) +
-                 __builtin_popcountll(q1 ^ lb_word(codes + i * 16 + 8));
-}
-
 /* AND-popcount for 128-bit codes with the plane count B fixed at compile time,
  * so all 2B query words live in registers and the j loop unrolls; the
  * weighted sum is formed per vector as sum_j popcnt(.) << j. */
@@ -296,11 +278,7 @@ __attribute__((target("popcnt"))) static void hamming16_popcnt(const uint8_t *q,
             out[i] = sa;                                                                            \
         }                                                                                           \
     }
-QK_ANDPOP16(1)
-QK_ANDPOP16(2)
-QK_ANDPOP16(3)
-QK_ANDPOP16(4)
-QK_ANDPOP16(5)
+/* B <= 5 takes the AVX2 kernel below; 6..8 planes overflow its byte accumulator */
 QK_ANDPOP16(6)
 QK_ANDPOP16(7)
 QK_ANDPOP16(8)
@@ -386,8 +364,7 @@ __attribute__((target("avx2"))) static void hamming16_avx2(const uint8_t *q, con
 }
 
 typedef void (*qk_andpop16)(const uint8_t *, const uint8_t *, int64_t, int32_t *);
-static const qk_andpop16 andpop16_by_b[9] = {NULL, andpop16_b1, andpop16_b2, andpop16_b3, andpop16_b4,
-                                             andpop16_b5, andpop16_b6, andpop16_b7, andpop16_b8};
+static const qk_andpop16 andpop16_by_b[9] = {NULL, NULL, NULL, NULL, NULL, NULL, andpop16_b6, andpop16_b7, andpop16_b8};
 #endif
 
 static int has_popcnt_path(void) {

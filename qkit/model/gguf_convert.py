@@ -103,6 +103,10 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
             raise FormatError(f"GGUF metadata lacks {arch}.{key}")
         return v
 
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if (scaling not in (None, "none")) or any(k.startswith("rope_freqs") for k in tensor_names):
+        raise UsageError(f"GGUF uses RoPE scaling ({scaling or 'rope_freqs tensor'}), which qkit does not map yet; "
+                         "loading it would silently change the model")
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     cfg = {
@@ -150,7 +154,7 @@ def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     tensors = {t.name: t for t in reader.tensors}
     cfg = hf_config(meta, set(tensors))
     arch = ARCHS[meta["general.architecture"]]
-    unknown = [n for n in tensors if hf_name(n) is None and not n.startswith("rope_")]
+    unknown = [n for n in tensors if hf_name(n) is None]
     if unknown:
         raise UsageError(f"{src.name}: tensors without a mapping: {', '.join(unknown[:5])}")
     dest.parent.mkdir(parents=True, exist_ok=True)

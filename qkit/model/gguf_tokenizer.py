@@ -31,13 +31,14 @@ def build_tokenizer(meta: dict):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise FormatError(f"GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE 'gpt2' is)")
+    # "default" (or no name) is llama.cpp's own regex set, not GPT-2's: refused below rather than approximated
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre in _DIGITS_THEN_GPT2:
         pretok = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    elif pre in _GPT2 or pre == "default":
+    elif pre in _GPT2:
         pretok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet "

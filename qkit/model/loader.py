@@ -55,21 +55,49 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def _source_key(p: Path) -> dict:
+    st = p.stat()
+    return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _conversion_ok(dest: Path, key: dict) -> bool:
+    """The marker matches the source (path, size, mtime) and every shard has the size recorded with its sha256."""
+    try:
+        m = json.loads((dest / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if any(m.get(k) != v for k, v in key.items()):
+        return False
+    shards = m.get("shards", {})
+    return bool(shards) and all((dest / n).is_file() and (dest / n).stat().st_size == s["size"]
+                                for n, s in shards.items())
+
+
+def verify_conversion(dest: Path) -> None:
+    """Recompute every shard's sha256 against the marker (qkit data verify; not done on every load)."""
+    m = json.loads((dest / MARKER).read_text())
+    for n, s in m["shards"].items():
+        if _sha256(dest / n) != s["sha256"]:
+            raise FormatError(f"{dest / n}: checksum mismatch; delete {dest} to convert again")
+
+
 def _converted(gguf_path: Path, dest: Path) -> Path:
-    """Convert a GGUF into dest once; a marker with the source checksum says the copy is complete."""
+    """Convert a GGUF into dest once (under a lock); a marker with checksums says the copy is complete."""
+    from qkit.data import _locked
     from qkit.model.gguf_convert import convert_gguf
 
-    sha = _sha256(gguf_path)
-    marker = dest / MARKER
-    try:
-        if json.loads(marker.read_text()).get("source_sha256") == sha:
+    key = _source_key(gguf_path)
+    if _conversion_ok(dest, key):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest.parent / f".{dest.name}.lock"):
+        if _conversion_ok(dest, key):
             return dest
-    except (OSError, ValueError):
-        pass
-    log.info("converting %s to an fp32 safetensors directory in %s", gguf_path.name, dest)
-    convert_gguf(gguf_path, dest)
-    shards = {p.name: _sha256(p) for p in sorted(dest.glob("*.safetensors"))}
-    marker.write_text(json.dumps({"source": str(gguf_path), "source_sha256": sha, "shards": shards}, indent=1))
+        log.info("converting %s to an fp32 safetensors directory in %s", gguf_path.name, dest)
+        convert_gguf(gguf_path, dest)
+        shards = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(dest.glob("*.safetensors"))}
+        (dest / MARKER).write_text(json.dumps({**key, "source_sha256": _sha256(gguf_path), "shards": shards},
+                                              indent=1))
     return dest
 
 
@@ -98,7 +126,7 @@ def resolve(model: str | None) -> ModelRef:
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise FormatError(f"{model}: not a GGUF file (bad magic)")
-        key = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(_source_key(p)).encode()).hexdigest()[:16]
         d = _converted(p, _models_cache() / f"{p.stem}-{key}")
         return ModelRef(d, d, p.name)
     if p.suffix == ".safetensors":

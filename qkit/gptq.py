@@ -1,0 +1,239 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022): quantization with second-order error feedback.
+
+For a linear layer with weight W (out x in) and calibration inputs X (tokens x in),
+GPTQ minimises ||W X^T - Q X^T||^2 one input column at a time. With the
+Hessian of that objective, H = 2 X^T X (paper eq. 1-2), quantizing column j
+to q_j and spreading its error over the columns not yet quantized,
+
+    err = (w_j - q_j) / [H^-1]_jj,    W[:, j+1:] -= err * [H^-1]_{j, j+1:}
+
+is the optimal-brain-surgeon update (paper section 3, eq. 3). The paper's
+three tricks, all here:
+  * arbitrary order: columns in order (or by decreasing diag(H), "act-order");
+  * lazy batch updates: errors of a block of 128 columns are applied to the
+    rest of the matrix at once (section 4, step 2);
+  * Cholesky reformulation: the rows of H^-1 needed are those of the upper
+    Cholesky factor of H^-1 (section 4, step 3), after dampening H by
+    `damp` x mean(diag H) for numerical stability.
+Dead inputs (H_jj = 0, a column never activated) get H_jj = 1 and a zero
+weight column, as in the reference implementation.
+
+Groups: with group_size g, a group's scale and zero are chosen when its first
+column is reached, from the weights as they stand then (errors of the
+earlier columns already folded in). With act-order, groups follow the
+permuted order and g_idx[j] records each original column's group; with
+static groups, all groups' parameters are fixed up front from the original
+weights and act-order only changes the processing order.
+
+The grid is a parameter: anything with `params(W_group) -> p` and
+`quantize(w, p) -> (w_hat, codes)`; qkit's affine grid is the default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qkit import affine
+from qkit.errors import InputError, UsageError
+from qkit.rtn import QuantResult
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int | None = 128  # None: one group per row
+    symmetric: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    clip_search: bool = False  # MSE clip search for each group's range
+
+    def affine(self) -> affine.AffineConfig:
+        return affine.AffineConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                                   method="mse" if self.clip_search else "minmax")
+
+
+class AffineGrid:
+    """The affine grid, one group's parameters at a time (the same formulas as qkit.affine)."""
+
+    def __init__(self, cfg: affine.AffineConfig):
+        self.cfg = cfg
+        self.maxq = 2**cfg.bits - 1
+
+    def params(self, Wg):
+        """scale, zero (torch, shape (out, 1)) for a group of columns Wg (out, k)."""
+        import torch
+
+        x = Wg.detach().cpu().numpy()
+        scale, zero = affine.choose_qparams(x, self.cfg.bits, (1, x.shape[1]), symmetric=self.cfg.symmetric,
+                                            zero_domain=self.cfg.zero_domain, method=self.cfg.method)
+        return (torch.from_numpy(np.asarray(scale)).to(Wg.dtype), torch.from_numpy(np.asarray(zero)).to(Wg.dtype))
+
+    def quantize(self, w, p):
+        """One column w (out,) -> (dequantized values, integer codes)."""
+        import torch
+
+        scale, zero = p[0][:, 0], p[1][:, 0]
+        q = torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
+        return scale * (q - zero), q
+
+
+def hessian_update(H, n: int, X):
+    """Running H = (2 / n) sum x x^T over n tokens (the reference's add_batch); returns (H, n)."""
+    import torch
+
+    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
+    m = X.shape[0]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32)
+    H.mul_(n / (n + m))
+    n += m
+    Xs = X * (2.0 / n) ** 0.5
+    H.addmm_(Xs.T, Xs)
+    return H, n
+
+
+def gptq_quantize(W, H, cfg: GPTQConfig, grid=None):
+    """Quantize W (out, in) given H (in, in). Returns (Q dequantized, codes, scales, zeros, g_idx) as torch.
+
+    scales/zeros are (out, n_groups) in group order; g_idx (in,) maps each original column to its group.
+    Runs on one torch thread: the column loop is thousands of small operations, for which a
+    second OpenMP thread only adds synchronisation (10x slower here when another process is busy).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(W, H, cfg, grid)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(W, H, cfg: GPTQConfig, grid=None):
+    import torch
+
+    grid = grid or AffineGrid(cfg.affine())
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # float64 in, float64 throughout
+    W = W.clone().to(dtype)
+    H = H.clone().to(dtype)
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise InputError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} columns")
+    g = cfg.group_size or cols
+    if g < 1:
+        raise UsageError(f"group_size must be >= 1, got {g}")
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if cfg.static_groups:  # fixed from the original weights, in original column order
+        static = [grid.params(W[:, s:s + g]) for s in range(0, cols, g)]
+
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    damp = cfg.damp * torch.mean(torch.diag(H))
+    H[range(cols), range(cols)] += damp
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError:
+        raise InputError("the Hessian is not positive definite even after damping; raise --damp") from None
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    scales, zeros = [], []
+    group_of_pos = torch.zeros(cols, dtype=torch.long)  # group of each processed position
+    p = None
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static is not None:
+                gi = int(perm[j]) // g if perm is not None else j // g
+                p = static[gi]
+                group_of_pos[j] = gi
+            else:
+                if j % g == 0:
+                    # the group's weights as they stand now: in-block columns from W1, later ones with the
+                    # pending (lazy) corrections of this block's errors applied
+                    cur = W1[:, i:i + g]
+                    if j + g > i2:
+                        rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:j + g]
+                        cur = torch.cat([cur, rest], dim=1)
+                    p = grid.params(cur)
+                    scales.append(p[0])
+                    zeros.append(p[1])
+                group_of_pos[j] = j // g
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q, c = grid.quantize(w, p)
+            Q1[:, i] = q
+            C1[:, i] = c
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if static is not None:
+        scales = [s for s, _ in static]
+        zeros = [z for _, z in static]
+    g_idx = group_of_pos
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, codes, g_idx = Q[:, inv], codes[:, inv], group_of_pos[inv]
+    return Q, codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1), g_idx.to(torch.int32)
+
+
+class GPTQ:
+    """The GPTQ chooser for the sequential pipeline: Hessians from calibration inputs, then gptq_quantize."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(self, cfg: GPTQConfig, grid=None):
+        self.cfg = cfg
+        self.grid = grid
+        self.H: dict = {}
+        self.n: dict = {}
+        self._last = None  # (input tensor, name): q/k/v (and gate/up) see the same input; share one H
+
+    def add_batch(self, name: str, X) -> None:
+        last = self._last
+        if last is not None and X is last[0] and last[1] in self.H and self.H.get(name) is None:
+            self.H[name] = self.H[last[1]]  # same inputs every batch: alias, accumulate once
+            self.n[name] = None
+        if self.n.get(name, 0) is None:  # an alias: its owner accumulates
+            self._last = (X, name)
+            return
+        self.H[name], self.n[name] = hessian_update(self.H.get(name), self.n.get(name, 0), X)
+        self._last = (X, name)
+
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+        import torch
+
+        H = self.H.pop(name, None)
+        self.n.pop(name, None)
+        self._last = None
+        if H is None:
+            raise UsageError(f"GPTQ got no calibration inputs for {name}")
+        Q, codes, scales, zeros, g_idx = gptq_quantize(torch.from_numpy(W), H, self.cfg, self.grid)
+        zero_np = zeros.numpy()
+        return QuantResult(Q.numpy(), codes.numpy().astype(np.uint8), scales.numpy(),
+                           zero_np.astype(np.int32) if self.cfg.affine().zero_domain == "int" else zero_np,
+                           g_idx.numpy(), self.cfg.bits, self.cfg.symmetric)
