@@ -6,12 +6,7 @@ from qkit import ext
 from qkit.errors import InputError, QkitError
 from qkit.ext import reference
 
-BACKENDS = [("numpy", None), ("numba", None)]
-if ext.native_available():
-    BACKENDS.append(("native", "scalar"))
-    if ext.best_isa() == "avx2":
-        BACKENDS.append(("native", "avx2"))
-IDS = [f"{b}-{i}" if i else b for b, i in BACKENDS]
+from backends import BACKENDS, IDS  # noqa: E402
 LENGTHS = [1, 31, 33, 127, 129, 1000]
 PAIRS = [(np.int8, np.int8), (np.uint8, np.int8), (np.int8, np.uint8), (np.uint8, np.uint8)]
 

@@ -7,12 +7,7 @@ from qkit import packing as P
 from qkit.errors import InputError
 from qkit.ext import reference as R
 
-BACKENDS = [("numpy", None), ("numba", None)]
-if ext.native_available():
-    BACKENDS.append(("native", "scalar"))
-    if ext.best_isa() == "avx2":
-        BACKENDS.append(("native", "avx2"))
-IDS = [f"{b}-{i}" if i else b for b, i in BACKENDS]
+from backends import BACKENDS, IDS  # noqa: E402
 DIMS = [1, 2, 31, 33, 64, 127, 128, 129, 1000]
 
 

@@ -1,0 +1,49 @@
+"""GGML block formats: one class per type, quantize/dequantize over (n_blocks, ...) arrays.
+
+Byte layouts follow llama.cpp's ``ggml/src/ggml-common.h``; the quantizers
+transcribe the reference (no importance matrix) functions of
+``ggml/src/ggml-quants.c`` (``quantize_row_*_ref``) in float32, in C's order
+of operations, so their bytes equal llama.cpp's. Pinned to the llama.cpp
+vendored in llama-cpp-python 0.3.36.
+
+    from qkit import ggml
+    blocks = ggml.quantize(W, "q4_K")          # (rows, row_bytes) uint8, rows of a multiple of 256
+    W_hat = ggml.dequantize(blocks, "q4_K", W.shape)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qkit.errors import InputError, UsageError
+from qkit.ggml.blocks import TYPES, BlockType  # noqa: F401  (registers every type)
+
+
+def get_type(name: str) -> BlockType:
+    t = TYPES.get(name.lower()) or TYPES.get(name)
+    if t is None:
+        raise UsageError(f"unknown GGML type {name!r}; available: {', '.join(sorted(TYPES))}")
+    return t
+
+
+def quantize(data, qtype: str) -> np.ndarray:
+    """float rows (..., n) -> uint8 (..., n / block_size * type_size); n must be a multiple of the block size."""
+    t = get_type(qtype)
+    x = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
+    if x.ndim == 0 or x.shape[-1] % t.block_size:
+        raise InputError(f"{t.name} needs rows whose length is a multiple of {t.block_size}, got shape {x.shape}")
+    if x.size and not np.isfinite(x).all():
+        raise InputError(f"{t.name}: input contains NaN or Inf")
+    blocks = x.reshape(-1, t.block_size)
+    out = t.quantize_blocks(blocks)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+
+
+def dequantize(data, qtype: str, shape=None) -> np.ndarray:
+    """uint8 (..., row_bytes) -> float32 (..., row_bytes / type_size * block_size), or `shape` if given."""
+    t = get_type(qtype)
+    b = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+    if b.ndim == 0 or b.shape[-1] % t.type_size:
+        raise InputError(f"{t.name} rows must be a multiple of {t.type_size} bytes, got shape {b.shape}")
+    out = t.dequantize_blocks(b.reshape(-1, t.type_size))
+    out = out.reshape(*b.shape[:-1], b.shape[-1] // t.type_size * t.block_size)
+    return out.reshape(shape) if shape is not None else out

@@ -1,0 +1,197 @@
+"""The per-block searches of llama.cpp's k-quants (ggml-quants.c), in Numba, bit for bit.
+
+These loops accumulate sums, so their order matters: each function walks its
+block in C's order with float32 arithmetic (every literal and int is cast to
+float32 before it meets a float, no fastmath, so no reassociation or fused
+multiply-add: libggml-base is built for baseline x86-64, without FMA).
+"""
+import numpy as np
+from numba import njit
+
+f32 = np.float32
+GROUP_MAX_EPS = np.float32(1e-15)
+_JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+
+@njit(**_JIT)
+def nearest_int(v):
+    """ggml-quants.c nearest_int: float32 + 1.5 * 2^23 rounds to an integer, ties to even."""
+    return int((v + f32(12582912.0)) - f32(12582912.0))
+
+
+@njit(**_JIT)
+def make_qkx2_quants(x, weights, nmax, L, Laux, rmin, rdelta, nstep, use_mad):
+    """ggml-quants.c make_qkx2_quants: affine (scale, -min) search over nstep + 1 candidate scales.
+
+    Returns (scale, the_min); L receives the codes.
+    """
+    n = x.shape[0]
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > f32(0):
+        mn = f32(0)
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return f32(0), -mn
+    iscale = f32(nmax) / (mx - mn)
+    scale = f32(1) / iscale
+    best_error = f32(0)
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * f32(L[i]) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for is_ in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(is_) + f32(nmax)) / (mx - mn)
+        sum_l = f32(0)
+        sum_l2 = f32(0)
+        sum_xl = f32(0)
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - mn))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            w = weights[i]
+            fl = f32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > f32(0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > f32(0):
+                this_min = f32(0)
+                this_scale = sum_xl / sum_l2
+            cur_error = f32(0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(**_JIT)
+def _qx_weight(xi, rmse_type):
+    if rmse_type == 1:
+        return xi * xi
+    if rmse_type == 2:
+        return f32(1)
+    if rmse_type == 3:
+        return abs(xi)
+    return np.sqrt(abs(xi))
+
+
+@njit(**_JIT)
+def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw):
+    """ggml-quants.c make_qx_quants: symmetric scale search (19 candidates); returns the scale, L the codes."""
+    n = x.shape[0]
+    mx = f32(0)
+    amax = f32(0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0)
+    iscale = f32(-nmax) / mx
+    if rmse_type == 0:
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+        return f32(1) / iscale
+    return_early = False
+    if rmse_type < 0:
+        rmse_type = -rmse_type
+        return_early = True
+    sumlx = f32(0)
+    suml2 = f32(0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        w = qw[i] if use_qw else _qx_weight(x[i], rmse_type)
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != f32(0) else f32(0)
+    if return_early:
+        return f32(0.5) * (scale + f32(1) / iscale) if suml2 > f32(0) else f32(1) / iscale
+    best = scale * sumlx
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(is_)) / mx
+        sumlx = f32(0)
+        suml2 = f32(0)
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            w = qw[i] if use_qw else _qx_weight(x[i], rmse_type)
+            fl = f32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > f32(0) and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(**_JIT)
+def q4k_subblocks(x, scales, mins, L):
+    """quantize_row_q4_K_ref's first pass: per 32-weight sub-block, weights av_x + |x| and make_qkx2_quants.
+
+    x: (n_sub, 32) float32; fills scales, mins (n_sub,) and L (n_sub, 32).
+    """
+    weights = np.empty(32, dtype=np.float32)
+    Laux = np.empty(32, dtype=np.int32)
+    Lrow = np.empty(32, dtype=np.int32)
+    for j in range(x.shape[0]):
+        xs = x[j]
+        sum_x2 = f32(0)
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.sqrt(sum_x2 / f32(32))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        s, m = make_qkx2_quants(xs, weights, 15, Lrow, Laux, f32(-1.0), f32(0.1), 20, False)
+        scales[j] = s
+        mins[j] = m
+        for l in range(32):
+            L[j, l] = Lrow[l]
+
+
+@njit(**_JIT)
+def q6k_subblocks(x, scales, L):
+    """quantize_row_q6_K_ref's first pass: make_qx_quants(16, 32, x, L, rmse_type 1) per 16 weights."""
+    Lrow = np.empty(16, dtype=np.int32)
+    dummy = np.empty(1, dtype=np.float32)
+    for j in range(x.shape[0]):
+        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, dummy, False)
+        for l in range(16):
+            L[j, l] = Lrow[l]

@@ -1,0 +1,123 @@
+"""GGML blocks: gguf-py's dequantizer agrees with ours on every type; simple types byte-equal gguf-py's
+quantizer; with llama-cpp-python installed, every type byte-equals libggml's reference quantizer."""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from qkit import ggml  # noqa: E402
+from qkit.errors import InputError, UsageError  # noqa: E402
+
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q6_K"]
+SIMPLE = TYPES[:5]
+
+
+def gguf_type(t):
+    return getattr(gguf.GGMLQuantizationType, t.upper())
+
+
+def inputs(seed=0, n=1024):
+    rng = np.random.default_rng(seed)
+    return {
+        "gaussian": rng.standard_normal((24, n)).astype(np.float32),
+        "student-t3": rng.standard_t(3, (24, n)).astype(np.float32),
+        "all-zero": np.zeros((2, n), np.float32),
+        "constant": np.full((2, n), -0.37, np.float32),
+        "tiny": (rng.standard_normal((4, n)) * 1e-8).astype(np.float32),
+        "huge": (rng.standard_normal((4, n)) * 1e4).astype(np.float32),
+        "one-outlier": np.where(np.arange(n) == 77, 50.0, rng.standard_normal((4, n)) * 0.01).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_gguf_dequantizes_our_bytes_to_our_values(t):
+    for name, X in inputs().items():
+        b = ggml.quantize(X, t)
+        ours = ggml.dequantize(b, t)
+        theirs = gguf.quants.dequantize(b, gguf_type(t)).reshape(ours.shape)
+        assert np.array_equal(ours, theirs), name
+        assert ours.shape == X.shape
+
+
+@pytest.mark.parametrize("t", SIMPLE)
+def test_simple_types_equal_gguf_quantize(t):
+    for name, X in inputs(1).items():
+        assert np.array_equal(ggml.quantize(X, t), gguf.quants.quantize(X, gguf_type(t))), name
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_reconstruction_is_sane(t):
+    X = inputs(2)["gaussian"]
+    err = np.abs(ggml.dequantize(ggml.quantize(X, t), t) - X).mean() / np.abs(X).mean()
+    limit = {"q8_0": 0.01, "q6_K": 0.05, "q5_0": 0.06, "q5_1": 0.06}.get(t, 0.12)
+    assert err < limit, err
+    for name in ("all-zero", "constant"):
+        Y = inputs()[name]
+        assert np.allclose(ggml.dequantize(ggml.quantize(Y, t), t), Y, atol=2e-3), name
+
+
+def test_block_sizes_match_gguf():
+    for t in TYPES:
+        bs, ts = gguf.constants.GGML_QUANT_SIZES[gguf_type(t)]
+        assert (ggml.get_type(t).block_size, ggml.get_type(t).type_size) == (bs, ts)
+
+
+class TestBadInput:
+    def test_row_length(self):
+        with pytest.raises(InputError, match="multiple of 256"):
+            ggml.quantize(np.zeros((2, 576), np.float32), "q4_K")
+        with pytest.raises(InputError, match="multiple of 34 bytes"):
+            ggml.dequantize(np.zeros((2, 35), np.uint8), "q8_0")
+
+    def test_unknown_type_and_nan(self):
+        with pytest.raises(UsageError, match="unknown GGML type 'q3_X'"):
+            ggml.quantize(np.zeros(32, np.float32), "q3_X")
+        x = np.zeros(32, np.float32)
+        x[3] = np.nan
+        with pytest.raises(InputError, match="NaN"):
+            ggml.quantize(x, "q4_0")
+
+
+def libggml():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
+    return ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+
+
+def ggml_ref(lib, t, X):
+    f = getattr(lib, f"quantize_row_{t}_ref")
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    bt = ggml.get_type(t)
+    out = np.zeros((X.shape[0], X.shape[1] // bt.block_size * bt.type_size), np.uint8)
+    for r in range(X.shape[0]):
+        row = np.ascontiguousarray(X[r])
+        f(row.ctypes.data, out[r].ctypes.data, X.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_bytes_equal_libggml_reference(t):
+    lib = libggml()
+    bt = ggml.get_type(t)
+    for name, X in inputs(3).items():
+        ours = ggml.quantize(X, t).reshape(-1, bt.type_size)
+        ref = ggml_ref(lib, t, X).reshape(-1, bt.type_size)
+        share = (ours == ref).all(axis=1).mean()
+        assert share == 1.0, f"{t} {name}: {share:.4%} of blocks identical"
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("t", TYPES)
+def test_bytes_equal_libggml_on_default_model_weights(t):
+    lib = libggml()
+    from qkit.model import loader
+
+    store = loader.resolve(None).store()
+    W = np.concatenate([store.get(f"model.layers.{i}.mlp.down_proj.weight").numpy()[:64] for i in (0, 15, 29)])
+    W = W[:, : W.shape[1] // 256 * 256]  # rows of 1536: six super-blocks
+    bt = ggml.get_type(t)
+    assert ((ggml.quantize(W, t).reshape(-1, bt.type_size) == ggml_ref(lib, t, W).reshape(-1, bt.type_size))
+            .all(axis=1).mean()) == 1.0
