@@ -62,3 +62,14 @@ def test_bench_quant_rows_run_and_resume(tmp_path, capsys):
     # a second run resumes from the cache: same numbers, no new work
     again = bench_quant.main(args)
     assert [r["ppl"] for r in again] == [r["ppl"] for r in recs]
+
+
+def test_bench_kquants_small(tmp_path, capsys):
+    from qkit.eval import bench_kquants
+
+    out = tmp_path / "k.json"
+    recs = bench_kquants.main(["--mb", "0.1", "--repeat", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(saved) == len(recs) and {r["type"] for r in saved} >= {"q4_K", "q6_K", "q8_0"}
+    assert all({"type", "impl", "mb_per_s"} <= r.keys() and r["mb_per_s"] > 0 for r in saved)
+    assert "q4_K" in capsys.readouterr().out
