@@ -25,7 +25,7 @@ from qkit import ggml  # noqa: E402
 from qkit.eval import machine  # noqa: E402
 from qkit.fileio import atomic_write  # noqa: E402
 
-TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q6_K"]
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 
 
 def libggml():

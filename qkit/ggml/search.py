@@ -163,8 +163,9 @@ def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw):
 
 
 @njit(**_JIT)
-def q4k_subblocks(x, scales, mins, L):
-    """quantize_row_q4_K_ref's first pass: per 32-weight sub-block, weights av_x + |x| and make_qkx2_quants.
+def qkx2_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins, L):
+    """quantize_row_q4_K_ref / q5_K_ref's first pass: per 32-weight sub-block, weights av_x + |x| and
+    make_qkx2_quants(32, nmax, ..., rmin, rdelta, nstep) (q4_K: 15, -1, 0.1, 20; q5_K: 31, -0.5, 0.1, 15).
 
     x: (n_sub, 32) float32; fills scales, mins (n_sub,) and L (n_sub, 32).
     """
@@ -179,7 +180,7 @@ def q4k_subblocks(x, scales, mins, L):
         av_x = np.sqrt(sum_x2 / f32(32))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        s, m = make_qkx2_quants(xs, weights, 15, Lrow, Laux, f32(-1.0), f32(0.1), 20, False)
+        s, m = make_qkx2_quants(xs, weights, nmax, Lrow, Laux, rmin, rdelta, nstep, False)
         scales[j] = s
         mins[j] = m
         for l in range(32):
@@ -193,5 +194,91 @@ def q6k_subblocks(x, scales, L):
     dummy = np.empty(1, dtype=np.float32)
     for j in range(x.shape[0]):
         scales[j] = make_qx_quants(x[j], 32, Lrow, 1, dummy, False)
+        for l in range(16):
+            L[j, l] = Lrow[l]
+
+
+@njit(**_JIT)
+def q2k_subblocks(x, scales, mins, L):
+    """quantize_row_q2_K_ref's first pass: weights |x|, make_qkx2_quants(16, 3, ..., -0.5, 0.1, 15, use_mad)."""
+    weights = np.empty(16, dtype=np.float32)
+    Laux = np.empty(16, dtype=np.int32)
+    Lrow = np.empty(16, dtype=np.int32)
+    for j in range(x.shape[0]):
+        xs = x[j]
+        for l in range(16):
+            weights[l] = abs(xs[l])
+        s, m = make_qkx2_quants(xs, weights, 3, Lrow, Laux, f32(-0.5), f32(0.1), 15, True)
+        scales[j] = s
+        mins[j] = m
+        for l in range(16):
+            L[j, l] = Lrow[l]
+
+
+@njit(**_JIT)
+def make_q3_quants(x, nmax, L, do_rmse):
+    """ggml-quants.c make_q3_quants: symmetric codes, then up to 5 rounds of coordinate descent on
+    the weighted (w = x^2) fit; returns the scale, L the codes (offset by nmax)."""
+    n = x.shape[0]
+    mx = f32(0)
+    amax = f32(0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0)
+    iscale = f32(-nmax) / mx
+    if do_rmse:
+        sumlx = f32(0)
+        suml2 = f32(0)
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            L[i] = l
+            w = x[i] * x[i]
+            fl = f32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        for itry in range(5):
+            n_changed = 0
+            for i in range(n):
+                w = x[i] * x[i]
+                fL = f32(L[i])
+                slx = sumlx - w * x[i] * fL
+                if slx > f32(0):
+                    sl2 = suml2 - w * fL * fL
+                    new_l = nearest_int(x[i] * sl2 / slx)
+                    new_l = max(-nmax, min(nmax - 1, new_l))
+                    if new_l != L[i]:
+                        fn = f32(new_l)
+                        slx += w * x[i] * fn
+                        sl2 += w * fn * fn
+                        if sl2 > f32(0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                            L[i] = new_l
+                            sumlx = slx
+                            suml2 = sl2
+                            n_changed += 1
+            if n_changed == 0:
+                break
+        for i in range(n):
+            L[i] += nmax
+        return sumlx / suml2 if suml2 > f32(0) else f32(0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+    return f32(1) / iscale
+
+
+@njit(**_JIT)
+def q3k_subblocks(x, scales, L):
+    """quantize_row_q3_K_ref's first pass: make_q3_quants(16, 4, x, L, true) per 16 weights."""
+    Lrow = np.empty(16, dtype=np.int32)
+    for j in range(x.shape[0]):
+        scales[j] = make_q3_quants(x[j], 4, Lrow, True)
         for l in range(16):
             L[j, l] = Lrow[l]
