@@ -121,3 +121,42 @@ def test_bytes_equal_libggml_on_default_model_weights(t):
     bt = ggml.get_type(t)
     assert ((ggml.quantize(W, t).reshape(-1, bt.type_size) == ggml_ref(lib, t, W).reshape(-1, bt.type_size))
             .all(axis=1).mean()) == 1.0
+
+
+IMATRIX_TYPES = ["q4_K", "q5_K", "q6_K", "q8_0"]
+
+
+@pytest.mark.parametrize("t", IMATRIX_TYPES)
+def test_importance_weighted_bytes_equal_ggml_quantize_chunk(t):
+    lib = libggml()
+    ch = lib.ggml_quantize_chunk
+    ch.restype = ctypes.c_size_t
+    ch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    rng = np.random.default_rng(7)
+    bt = ggml.get_type(t)
+    for name, X in inputs(4).items():
+        im = (rng.random(X.shape[1]) * 3).astype(np.float32)
+        im[::97] = 0  # columns never activated
+        ours = ggml.quantize(X, t, imatrix=im)
+        ref = np.zeros_like(ours)
+        ch(int(gguf_type(t)), np.ascontiguousarray(X).ctypes.data, ref.ctypes.data, 0, X.shape[0], X.shape[1],
+           im.ctypes.data)
+        share = (ours.reshape(-1, bt.type_size) == ref.reshape(-1, bt.type_size)).all(axis=1).mean()
+        assert share == 1.0, f"{t} {name}: {share:.4%} of blocks identical"
+
+
+def test_importance_matrix_changes_the_choice_and_is_checked():
+    X = inputs(5)["student-t3"]
+    im = np.ones(X.shape[1], np.float32)
+    im[:256] = 100.0  # the first super-block's columns matter far more
+    a, b = ggml.quantize(X, "q4_K"), ggml.quantize(X, "q4_K", imatrix=im)
+    assert not np.array_equal(a, b)
+    err = lambda q: (((ggml.dequantize(q, "q4_K") - X) ** 2) * im).sum()  # noqa: E731
+    assert err(b) < err(a)
+    with pytest.raises(InputError, match=r"expected \(1024,\)"):
+        ggml.quantize(X, "q4_K", imatrix=np.ones(10, np.float32))
+    with pytest.raises(InputError, match="non-negative"):
+        ggml.quantize(X, "q6_K", imatrix=-im)
+    with pytest.raises(UsageError, match="q3_K with an importance matrix is not available yet"):
+        ggml.quantize(X, "q3_K", imatrix=im)

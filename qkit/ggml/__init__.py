@@ -25,8 +25,12 @@ def get_type(name: str) -> BlockType:
     return t
 
 
-def quantize(data, qtype: str) -> np.ndarray:
-    """float rows (..., n) -> uint8 (..., n / block_size * type_size); n must be a multiple of the block size."""
+def quantize(data, qtype: str, imatrix=None) -> np.ndarray:
+    """float rows (..., n) -> uint8 (..., n / block_size * type_size); n must be a multiple of the block size.
+
+    imatrix: per-column importance (n,) as llama.cpp's imatrix gives it; selects the importance-weighted
+    quantizers (quantize_row_<type>_impl via ggml_quantize_chunk). q8_0 ignores it, as llama.cpp does.
+    """
     t = get_type(qtype)
     x = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
     if x.ndim == 0 or x.shape[-1] % t.block_size:
@@ -34,7 +38,19 @@ def quantize(data, qtype: str) -> np.ndarray:
     if x.size and not np.isfinite(x).all():
         raise InputError(f"{t.name}: input contains NaN or Inf")
     blocks = x.reshape(-1, t.block_size)
-    out = t.quantize_blocks(blocks)
+    qw = None
+    if imatrix is not None and t.name != "q8_0":
+        if not t.imatrix:
+            raise UsageError(f"{t.name} with an importance matrix is not available yet "
+                             f"(types that take one: {', '.join(n for n, b in TYPES.items() if b.imatrix)})")
+        w = np.asarray(imatrix, dtype=np.float32)
+        if w.shape != (x.shape[-1],):
+            raise InputError(f"importance matrix has shape {w.shape}, expected ({x.shape[-1]},) for rows of "
+                             f"{x.shape[-1]}")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise InputError("importance weights must be finite and non-negative")
+        qw = np.ascontiguousarray(np.broadcast_to(w, x.shape)).reshape(-1, t.block_size)
+    out = t.quantize_blocks(blocks, qw)
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
 
 

@@ -38,7 +38,10 @@ class BlockType:
         super().__init_subclass__(**kw)
         TYPES[cls.name] = cls()
 
-    def quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:  # (n, block_size) f32 -> (n, type_size) u8
+    imatrix = False  # whether quantize_blocks honours importance weights (llama.cpp's _impl path)
+
+    def quantize_blocks(self, blocks: np.ndarray, qw=None) -> np.ndarray:
+        """(n, block_size) float32 -> (n, type_size) uint8; qw: importance weights like blocks, or None."""
         raise NotImplementedError
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:  # (n, type_size) u8 -> (n, block_size) f32
@@ -96,7 +99,7 @@ class Q4_0(BlockType):
 
     name, block_size, type_size = "q4_0", 32, 18
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         d = (_amax_signed(x) / f32(-8)).astype(np.float32)
         q = np.minimum(15, np.trunc(x * _inv(d)[:, None] + f32(8.5)).astype(np.int8)).astype(np.uint8)
         return np.concatenate([fp16(d)[:, None].view(np.uint8), _nibbles_halves(q)], axis=1)
@@ -111,7 +114,7 @@ class Q4_1(BlockType):
 
     name, block_size, type_size = "q4_1", 32, 20
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = ((hi - lo) / f32(15)).astype(np.float32)
         q = np.minimum(15, np.trunc((x - lo[:, None]) * _inv(d)[:, None] + f32(0.5)).astype(np.int8)).astype(np.uint8)
@@ -128,7 +131,7 @@ class Q5_0(BlockType):
 
     name, block_size, type_size = "q5_0", 32, 22
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         d = (_amax_signed(x) / f32(-16)).astype(np.float32)
         q = np.minimum(31, np.trunc(x * _inv(d)[:, None] + f32(16.5)).astype(np.int8)).astype(np.uint8)
         return np.concatenate([fp16(d)[:, None].view(np.uint8), _qh_bits(q), _nibbles_halves(q & 0x0F)], axis=1)
@@ -144,7 +147,7 @@ class Q5_1(BlockType):
 
     name, block_size, type_size = "q5_1", 32, 24
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = ((hi - lo) / f32(31)).astype(np.float32)
         q = np.trunc((x - lo[:, None]) * _inv(d)[:, None] + f32(0.5)).astype(np.uint8)  # no clamp in C either
@@ -162,7 +165,7 @@ class Q8_0(BlockType):
 
     name, block_size, type_size = "q8_0", 32, 34
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         d = (np.abs(x).max(axis=1) / f32(127)).astype(np.float32)
         q = roundf(x * _inv(d)[:, None]).astype(np.int8)
         return np.concatenate([fp16(d)[:, None].view(np.uint8), q.view(np.uint8)], axis=1)

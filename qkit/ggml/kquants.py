@@ -37,14 +37,25 @@ def unpack_scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, m
 
 
-def quantize_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """The shared body of quantize_row_q4_K_ref and quantize_row_q5_K_ref.
+def quantize_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, qw=None):
+    """The shared body of quantize_row_q4_K_ref and quantize_row_q5_K_ref (and their _impl twins).
 
     Per 32-weight sub-block an affine (scale, min) search, then the 8 scales and 8 mins
     quantized to 6 bits against the super-block's largest (d, dmin in fp16), then every
     weight re-coded against its quantized scale and min. Returns (d16, dmin16, packed scales, L (nb, 8, 32)).
+    With an importance matrix `qw` (nb, 256), the first pass is quantize_row_q4_K_impl's:
+    make_qkx3_quants (rmin -0.9, rdelta 0.05, 36 steps) and make_qp_quants for the scales.
     """
     nb = x.shape[0]
+    if qw is not None:
+        Ls = np.empty((nb, 8), np.int32)
+        Lm = np.empty((nb, 8), np.int32)
+        dblk = np.empty(nb, np.float32)
+        mblk = np.empty(nb, np.float32)
+        L = np.empty((nb, 256), np.int32)
+        search.qkx3_superblocks(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(qw, np.float32), nmax,
+                                f32(-0.9), f32(0.05), 36, Ls, Lm, dblk, mblk, L)
+        return _recode(x, fp16(dblk), fp16(mblk), pack_scale_min_k4(Ls, Lm), L.reshape(nb, 8, 32), nmax)
     sub = np.ascontiguousarray(x.reshape(nb * 8, 32), dtype=np.float32)
     scales = np.empty(nb * 8, np.float32)
     mins = np.empty(nb * 8, np.float32)
@@ -58,9 +69,12 @@ def quantize_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nst
         inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, f32(1)), f32(0))
     ls = np.minimum(63, nearest_int(inv_scale.astype(f32)[:, None] * scales).astype(np.uint8))
     lm = np.minimum(63, nearest_int(inv_min.astype(f32)[:, None] * mins).astype(np.uint8))
-    d16 = fp16(max_scale / f32(63))
-    dmin16 = fp16(max_min / f32(63))
-    packed = pack_scale_min_k4(ls, lm)
+    return _recode(x, fp16(max_scale / f32(63)), fp16(max_min / f32(63)), pack_scale_min_k4(ls, lm), L, nmax)
+
+
+def _recode(x, d16, dmin16, packed, L, nmax):
+    """Every weight re-coded against its sub-block's quantized scale and min (both paths' second half)."""
+    nb = x.shape[0]
     sc, m = unpack_scale_min_k4(packed)
     d = d16.astype(np.float32)[:, None] * sc.astype(np.float32)  # (nb, 8)
     dm = dmin16.astype(np.float32)[:, None] * m.astype(np.float32)
@@ -89,10 +103,11 @@ class Q4_K(BlockType):
     """
 
     name, block_size, type_size = "q4_K", QK_K, 144
+    imatrix = True
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
-        d16, dmin16, packed, L = quantize_scale_min(x, 15, -1.0, 0.1, 20)
+        d16, dmin16, packed, L = quantize_scale_min(x, 15, -1.0, 0.1, 20, qw)
         L = L.reshape(nb, 4, 2, 32)
         qs = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(nb, 128)
         return np.concatenate([d16[:, None].view(np.uint8), dmin16[:, None].view(np.uint8), packed, qs], axis=1)
@@ -113,10 +128,11 @@ class Q5_K(BlockType):
     """
 
     name, block_size, type_size = "q5_K", QK_K, 176
+    imatrix = True
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
-        d16, dmin16, packed, L = quantize_scale_min(x, 31, -0.5, 0.1, 15)
+        d16, dmin16, packed, L = quantize_scale_min(x, 31, -0.5, 0.1, 15, qw)
         L = L.reshape(nb, 4, 2, 32)
         qs = ((L[:, :, 0, :] & 0xF) | ((L[:, :, 1, :] & 0xF) << 4)).reshape(nb, 128)
         shifts = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1, 1) + np.array([0, 1], np.uint8).reshape(1, 1, 2, 1)
@@ -140,13 +156,17 @@ class Q6_K(BlockType):
     """
 
     name, block_size, type_size = "q6_K", QK_K, 210
+    imatrix = True
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
         sub = np.ascontiguousarray(x.reshape(nb * 16, 16), dtype=np.float32)
         scales = np.empty(nb * 16, np.float32)
         L = np.empty((nb * 16, 16), np.int32)
-        search.q6k_subblocks(sub, scales, L)
+        if qw is None:
+            search.q6k_subblocks(sub, scales, L)
+        else:  # quantize_row_q6_K_impl: the importance weights enter make_qx_quants directly
+            search.q6k_subblocks_qw(sub, np.ascontiguousarray(qw.reshape(nb * 16, 16), np.float32), scales, L)
         scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
         # the scale of largest magnitude, first on ties (C: strict '>' from 0)
         idx = np.argmax(np.abs(scales), axis=1)
@@ -202,7 +222,7 @@ class Q2_K(BlockType):
 
     name, block_size, type_size = "q2_K", QK_K, 84
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
         sub = np.ascontiguousarray(x.reshape(nb * 16, 16), dtype=np.float32)
         scales = np.empty(nb * 16, np.float32)
@@ -248,7 +268,7 @@ class Q3_K(BlockType):
 
     name, block_size, type_size = "q3_K", QK_K, 110
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
         sub = np.ascontiguousarray(x.reshape(nb * 16, 16), dtype=np.float32)
         scales = np.empty(nb * 16, np.float32)

@@ -282,3 +282,144 @@ def q3k_subblocks(x, scales, L):
         scales[j] = make_q3_quants(x[j], 4, Lrow, True)
         for l in range(16):
             L[j, l] = Lrow[l]
+
+
+@njit(**_JIT)
+def make_qkx3_quants(x, weights, nmax, L, Laux, rmin, rdelta, nstep, use_mad):
+    """ggml-quants.c make_qkx3_quants (weights given): make_qkx2_quants' search with a `max <= min` exit."""
+    n = x.shape[0]
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > f32(0):
+        mn = f32(0)
+    if mx <= mn:
+        for i in range(n):
+            L[i] = 0
+        return f32(0), -mn
+    return make_qkx2_quants(x, weights, nmax, L, Laux, rmin, rdelta, nstep, use_mad)
+
+
+@njit(**_JIT)
+def make_qp_quants(x, nmax, L, qw):
+    """ggml-quants.c make_qp_quants: non-negative codes 0..nmax for the sub-block scales (or mins),
+    a 9-point search of the super-scale, then coordinate descent; returns the super-scale."""
+    n = x.shape[0]
+    mx = f32(0)
+    for i in range(n):
+        mx = max(mx, x[i])
+    if mx < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0)
+    iscale = f32(nmax) / mx
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i]) & 0xFF  # stored in a uint8_t
+    scale = f32(1) / iscale
+    best_mse = f32(0)
+    for i in range(n):
+        diff = x[i] - scale * f32(L[i])
+        best_mse += qw[i] * diff * diff
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = (f32(0.1) * f32(is_) + f32(nmax)) / mx
+        scale_is = f32(1) / iscale_is
+        mse = f32(0)
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_is * x[i]))
+            diff = x[i] - scale_is * f32(l)
+            mse += qw[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = f32(0)
+    suml2 = f32(0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = l & 0xFF
+        w = qw[i]
+        fl = f32(L[i])
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = qw[i]
+            fL = f32(L[i])
+            slx = sumlx - w * x[i] * fL
+            sl2 = suml2 - w * fL * fL
+            if slx > f32(0) and sl2 > f32(0):
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    fn = f32(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > f32(0) else f32(0)
+
+
+@njit(**_JIT)
+def qkx3_superblocks(x, qw, nmax, rmin, rdelta, nstep, Ls, Lm, d_block, m_block, L):
+    """quantize_row_q4_K_impl / q5_K_impl with an importance matrix, up to the packed scales:
+    weights qw * sqrt(sigma2 + x^2), make_qkx3_quants per 32, make_qp_quants for scales and mins.
+
+    x, qw: (nb, 256); Ls, Lm: (nb, 8); d_block, m_block: (nb,); L: (nb, 256).
+    """
+    weights = np.empty(32, dtype=np.float32)
+    Laux = np.empty(32, dtype=np.int32)
+    Lrow = np.empty(32, dtype=np.int32)
+    sw = np.empty(8, dtype=np.float32)
+    scales = np.empty(8, dtype=np.float32)
+    mins = np.empty(8, dtype=np.float32)
+    Lq = np.empty(8, dtype=np.int32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        sum_x2 = f32(0)
+        for l in range(256):
+            sum_x2 += xb[l] * xb[l]
+        sigma2 = f32(2) * sum_x2 / f32(256)
+        for j in range(8):
+            for l in range(32):
+                v = xb[32 * j + l]
+                weights[l] = qw[b, 32 * j + l] * np.sqrt(sigma2 + v * v)
+            sumw = f32(0)
+            for l in range(32):
+                sumw += weights[l]
+            sw[j] = sumw
+            s, m = make_qkx3_quants(xb[32 * j:32 * j + 32], weights, nmax, Lrow, Laux, rmin, rdelta, nstep, False)
+            scales[j] = s
+            mins[j] = m
+            for l in range(32):
+                L[b, 32 * j + l] = Lrow[l]
+        d_block[b] = make_qp_quants(scales, 63, Lq, sw)
+        for j in range(8):
+            Ls[b, j] = Lq[j]
+        m_block[b] = make_qp_quants(mins, 63, Lq, sw)
+        for j in range(8):
+            Lm[b, j] = Lq[j]
+
+
+@njit(**_JIT)
+def q6k_subblocks_qw(x, qw, scales, L):
+    """quantize_row_q6_K_impl's first pass: make_qx_quants(16, 32, x, L, 1, qw) per 16 weights."""
+    Lrow = np.empty(16, dtype=np.int32)
+    for j in range(x.shape[0]):
+        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, qw[j], True)
+        for l in range(16):
+            L[j, l] = Lrow[l]
