@@ -121,9 +121,20 @@ def test_bytes_equal_libggml_on_default_model_weights(t):
     bt = ggml.get_type(t)
     assert ((ggml.quantize(W, t).reshape(-1, bt.type_size) == ggml_ref(lib, t, W).reshape(-1, bt.type_size))
             .all(axis=1).mean()) == 1.0
+    # and with an importance matrix (a made-up one: per-column mean squares of random activations)
+    im = (np.random.default_rng(0).standard_normal((64, W.shape[1])) ** 2).mean(0).astype(np.float32)
+    ch = lib.ggml_quantize_chunk
+    ch.restype = ctypes.c_size_t
+    ch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    ours = ggml.quantize(W, t, imatrix=im)
+    ref = np.zeros_like(ours)
+    Wc = np.ascontiguousarray(W, np.float32)
+    ch(int(gguf_type(t)), Wc.ctypes.data, ref.ctypes.data, 0, W.shape[0], W.shape[1], im.ctypes.data)
+    assert (ours.reshape(-1, bt.type_size) == ref.reshape(-1, bt.type_size)).all(axis=1).mean() == 1.0
 
 
-IMATRIX_TYPES = ["q4_K", "q5_K", "q6_K", "q8_0"]
+IMATRIX_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 
 
 @pytest.mark.parametrize("t", IMATRIX_TYPES)
@@ -158,5 +169,3 @@ def test_importance_matrix_changes_the_choice_and_is_checked():
         ggml.quantize(X, "q4_K", imatrix=np.ones(10, np.float32))
     with pytest.raises(InputError, match="non-negative"):
         ggml.quantize(X, "q6_K", imatrix=-im)
-    with pytest.raises(UsageError, match="q3_K with an importance matrix is not available yet"):
-        ggml.quantize(X, "q3_K", imatrix=im)

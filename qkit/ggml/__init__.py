@@ -40,7 +40,7 @@ def quantize(data, qtype: str, imatrix=None) -> np.ndarray:
     blocks = x.reshape(-1, t.block_size)
     qw = None
     if imatrix is not None and t.name != "q8_0":
-        if not t.imatrix:
+        if not t.imatrix and not hasattr(t, "quantize_rows_imatrix"):
             raise UsageError(f"{t.name} with an importance matrix is not available yet "
                              f"(types that take one: {', '.join(n for n, b in TYPES.items() if b.imatrix)})")
         w = np.asarray(imatrix, dtype=np.float32)
@@ -49,6 +49,9 @@ def quantize(data, qtype: str, imatrix=None) -> np.ndarray:
                              f"{x.shape[-1]}")
         if not np.isfinite(w).all() or (w < 0).any():
             raise InputError("importance weights must be finite and non-negative")
+        if hasattr(t, "quantize_rows_imatrix"):  # statistics over the whole row (the 32-weight types)
+            out = t.quantize_rows_imatrix(x.reshape(-1, x.shape[-1]), w)
+            return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
         qw = np.ascontiguousarray(np.broadcast_to(w, x.shape)).reshape(-1, t.block_size)
     out = t.quantize_blocks(blocks, qw)
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)

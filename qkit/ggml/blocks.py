@@ -94,6 +94,22 @@ def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
+def _rows_imatrix(x: np.ndarray, imatrix: np.ndarray, nmax: int, affine: bool):
+    """The first-pass codes of the importance-weighted 32-weight types (Numba), per row."""
+    from qkit.ggml import search
+
+    x = np.ascontiguousarray(x, np.float32)
+    d = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    L = np.empty(x.shape, np.int32)
+    w = np.ascontiguousarray(imatrix, np.float32)
+    if affine:
+        m = np.empty_like(d)
+        search.rows_qkx3_imatrix(x, w, nmax, d, m, L)
+        return d.reshape(-1), m.reshape(-1), L.reshape(-1, 32).astype(np.uint8)
+    search.rows_qx_imatrix(x, w, nmax, d, L)
+    return d.reshape(-1), None, L.reshape(-1, 32).astype(np.uint8)
+
+
 class Q4_0(BlockType):
     """block_q4_0: d (fp16), qs[16]; x = (q - 8) * d. quantize_row_q4_0_ref."""
 
@@ -103,6 +119,11 @@ class Q4_0(BlockType):
         d = (_amax_signed(x) / f32(-8)).astype(np.float32)
         q = np.minimum(15, np.trunc(x * _inv(d)[:, None] + f32(8.5)).astype(np.int8)).astype(np.uint8)
         return np.concatenate([fp16(d)[:, None].view(np.uint8), _nibbles_halves(q)], axis=1)
+
+    def quantize_rows_imatrix(self, x, imatrix):
+        """quantize_row_q4_0_impl: make_qx_quants(32, 8) with importance weights."""
+        d, _, L = _rows_imatrix(x, imatrix, 8, False)
+        return np.concatenate([fp16(d)[:, None].view(np.uint8), _nibbles_halves(L)], axis=1)
 
     def dequantize_blocks(self, b):
         d, qs = _head(b, 2, 16)
@@ -121,6 +142,12 @@ class Q4_1(BlockType):
         return np.concatenate([fp16(d)[:, None].view(np.uint8), fp16(lo)[:, None].view(np.uint8),
                                _nibbles_halves(q)], axis=1)
 
+    def quantize_rows_imatrix(self, x, imatrix):
+        """quantize_row_q4_1_impl: make_qkx3_quants(32, 15) with importance weights."""
+        d, m, L = _rows_imatrix(x, imatrix, 15, True)
+        return np.concatenate([fp16(d)[:, None].view(np.uint8), fp16(m)[:, None].view(np.uint8),
+                               _nibbles_halves(L)], axis=1)
+
     def dequantize_blocks(self, b):
         d, m, qs = _head(b, 2, 2, 16)
         return _f16(d) * _unnibble_halves(qs).astype(np.float32) + _f16(m)
@@ -135,6 +162,11 @@ class Q5_0(BlockType):
         d = (_amax_signed(x) / f32(-16)).astype(np.float32)
         q = np.minimum(31, np.trunc(x * _inv(d)[:, None] + f32(16.5)).astype(np.int8)).astype(np.uint8)
         return np.concatenate([fp16(d)[:, None].view(np.uint8), _qh_bits(q), _nibbles_halves(q & 0x0F)], axis=1)
+
+    def quantize_rows_imatrix(self, x, imatrix):
+        """quantize_row_q5_0_impl: make_qx_quants(32, 16) with importance weights."""
+        d, _, L = _rows_imatrix(x, imatrix, 16, False)
+        return np.concatenate([fp16(d)[:, None].view(np.uint8), _qh_bits(L), _nibbles_halves(L & 0x0F)], axis=1)
 
     def dequantize_blocks(self, b):
         d, qh, qs = _head(b, 2, 4, 16)
@@ -153,6 +185,12 @@ class Q5_1(BlockType):
         q = np.trunc((x - lo[:, None]) * _inv(d)[:, None] + f32(0.5)).astype(np.uint8)  # no clamp in C either
         return np.concatenate([fp16(d)[:, None].view(np.uint8), fp16(lo)[:, None].view(np.uint8), _qh_bits(q),
                                _nibbles_halves(q & 0x0F)], axis=1)
+
+    def quantize_rows_imatrix(self, x, imatrix):
+        """quantize_row_q5_1_impl: make_qkx3_quants(32, 31) with importance weights."""
+        d, m, L = _rows_imatrix(x, imatrix, 31, True)
+        return np.concatenate([fp16(d)[:, None].view(np.uint8), fp16(m)[:, None].view(np.uint8), _qh_bits(L),
+                               _nibbles_halves(L & 0x0F)], axis=1)
 
     def dequantize_blocks(self, b):
         d, m, qh, qs = _head(b, 2, 2, 4, 16)

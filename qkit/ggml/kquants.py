@@ -221,9 +221,20 @@ class Q2_K(BlockType):
     """
 
     name, block_size, type_size = "q2_K", QK_K, 84
+    imatrix = True
 
     def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
+        if qw is not None:  # quantize_row_q2_K_impl
+            Ls = np.empty((nb, 16), np.int32)
+            Lm = np.empty((nb, 16), np.int32)
+            dm = np.empty(nb, np.float32)
+            mm = np.empty(nb, np.float32)
+            L = np.empty((nb, QK_K), np.int32)
+            search.q2k_impl_blocks(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(qw, np.float32),
+                                   Ls, Lm, dm, mm, L)
+            sc = (Ls.astype(np.uint8) | (Lm.astype(np.uint8) << 4)).astype(np.uint8)
+            return self._finish(x, sc, fp16(dm), fp16(mm), L.reshape(nb, 16, 16))
         sub = np.ascontiguousarray(x.reshape(nb * 16, 16), dtype=np.float32)
         scales = np.empty(nb * 16, np.float32)
         mins = np.empty(nb * 16, np.float32)
@@ -240,6 +251,12 @@ class Q2_K(BlockType):
         sc = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
         d16 = np.where(pos_s, fp16(max_scale / q4), fp16(0))
         dmin16 = np.where(pos_m, fp16(max_min / q4), fp16(0))
+        return self._finish(x, sc, d16, dmin16, L)
+
+    @staticmethod
+    def _finish(x, sc, d16, dmin16, L):
+        """Re-code every weight against its sub-block's 4-bit scale and min, then pack (both paths)."""
+        nb = x.shape[0]
         d = d16.astype(np.float32)[:, None] * (sc & 0xF).astype(np.float32)
         dm = dmin16.astype(np.float32)[:, None] * (sc >> 4).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,9 +284,17 @@ class Q3_K(BlockType):
     """
 
     name, block_size, type_size = "q3_K", QK_K, 110
+    imatrix = True
 
     def quantize_blocks(self, x, qw=None):
         nb = x.shape[0]
+        if qw is not None:  # quantize_row_q3_K_impl
+            Ls = np.empty((nb, 16), np.int32)
+            dblk = np.empty(nb, np.float32)
+            L = np.empty((nb, QK_K), np.int32)
+            search.q3k_impl_blocks(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(qw, np.float32),
+                                   Ls, dblk, L)
+            return self._finish(x, Ls.astype(np.uint8), fp16(dblk), L.reshape(nb, 16, 16))
         sub = np.ascontiguousarray(x.reshape(nb * 16, 16), dtype=np.float32)
         scales = np.empty(nb * 16, np.float32)
         L = np.empty((nb * 16, 16), np.int32)
@@ -282,13 +307,18 @@ class Q3_K(BlockType):
             iscale = (f32(-32) / np.where(nz, max_scale, f32(1))).astype(f32)
         l = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int16) + 32
         l = np.where(nz[:, None], l, 0).astype(np.uint8)  # memset(scales, 0) when max_scale == 0
+        d16 = np.where(nz, fp16(f32(1) / iscale), fp16(0))
+        return self._finish(x, l, d16, L)
+
+    @staticmethod
+    def _finish(x, l, d16, L):
+        """Pack the 6-bit scales l (nb, 16), re-code the weights against them, pack hmask and qs (both paths)."""
+        nb = x.shape[0]
         packed = np.zeros((nb, 12), np.uint8)
         packed[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
         hi = (l >> 4).reshape(nb, 4, 4)  # [j // 4, j % 4]
         packed[:, 8:] = (hi << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1)).sum(axis=1, dtype=np.uint8)
-        d16 = np.where(nz, fp16(f32(1) / iscale), fp16(0))
-        s = l.astype(np.int8) - np.int8(32)  # the 6-bit scales as read back (C recomputes them from the bytes)
-        s = np.where(nz[:, None], s, np.int8(-32))
+        s = l.astype(np.int8) - np.int8(32)  # the scales as C reads them back from the bytes
         d = d16.astype(np.float32)[:, None] * s.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = nearest_int(np.where(d[:, :, None] != 0, x.reshape(nb, 16, 16) /

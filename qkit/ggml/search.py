@@ -423,3 +423,118 @@ def q6k_subblocks_qw(x, qw, scales, L):
         scales[j] = make_qx_quants(x[j], 32, Lrow, 1, qw[j], True)
         for l in range(16):
             L[j, l] = Lrow[l]
+
+
+@njit(**_JIT)
+def q2k_impl_blocks(x, qw, Ls, Lm, dm, mm, L):
+    """quantize_row_q2_K_impl's first pass: weights qw * sqrt(sigma2 + x^2) (sigma2 = mean x^2 of the
+    super-block), make_qkx3_quants(16, 3, ..., -0.9, 0.05, 36) per 16, make_qp_quants(16, 15) for scales
+    and mins with the sub-blocks' weight sums."""
+    weight = np.empty(16, dtype=np.float32)
+    Laux = np.empty(16, dtype=np.int32)
+    Lrow = np.empty(16, dtype=np.int32)
+    sw = np.empty(16, dtype=np.float32)
+    scales = np.empty(16, dtype=np.float32)
+    mins = np.empty(16, dtype=np.float32)
+    Lq = np.empty(16, dtype=np.int32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        sumx2 = f32(0)
+        for j in range(256):
+            sumx2 += xb[j] * xb[j]
+        sigma2 = sumx2 / f32(256)
+        for j in range(16):
+            sw[j] = f32(0)
+            for l in range(16):
+                v = xb[16 * j + l]
+                weight[l] = qw[b, 16 * j + l] * np.sqrt(sigma2 + v * v)
+            for l in range(16):
+                sw[j] += weight[l]
+            s, m = make_qkx3_quants(xb[16 * j:16 * j + 16], weight, 3, Lrow, Laux, f32(-0.9), f32(0.05), 36, False)
+            scales[j] = s
+            mins[j] = m
+            for l in range(16):
+                L[b, 16 * j + l] = Lrow[l]
+        dm[b] = make_qp_quants(scales, 15, Lq, sw)
+        for j in range(16):
+            Ls[b, j] = Lq[j]
+        mm[b] = make_qp_quants(mins, 15, Lq, sw)
+        for j in range(16):
+            Lm[b, j] = Lq[j]
+
+
+@njit(**_JIT)
+def q3k_impl_blocks(x, qw, Ls, d_block, L):
+    """quantize_row_q3_K_impl's first pass: weights qw * sqrt(2 mean x^2 + x^2), make_qx_quants(16, 4)
+    per 16, then make_qx_quants(16, 32) over the 16 scales weighted by the sub-blocks' weight sums."""
+    weight = np.empty(16, dtype=np.float32)
+    Lrow = np.empty(16, dtype=np.int32)
+    sw = np.empty(16, dtype=np.float32)
+    scales = np.empty(16, dtype=np.float32)
+    Lq = np.empty(16, dtype=np.int32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        sumx2 = f32(0)
+        for j in range(256):
+            sumx2 += xb[j] * xb[j]
+        sigma2 = f32(2) * sumx2 / f32(256)
+        for j in range(16):
+            for l in range(16):
+                v = xb[16 * j + l]
+                weight[l] = qw[b, 16 * j + l] * np.sqrt(sigma2 + v * v)
+            sumw = f32(0)
+            for l in range(16):
+                sumw += weight[l]
+            sw[j] = sumw
+            scales[j] = make_qx_quants(xb[16 * j:16 * j + 16], 4, Lrow, 1, weight, True)
+            for l in range(16):
+                L[b, 16 * j + l] = Lrow[l]
+        d_block[b] = make_qx_quants(scales, 32, Lq, 1, sw, True)
+        for j in range(16):
+            Ls[b, j] = Lq[j]
+
+
+@njit(**_JIT)
+def rows_qx_imatrix(x, qw, nmax, d, L):
+    """quantize_row_q4_0_impl / q5_0_impl: per row sigma2 = mean x^2, per 32 weights
+    make_qx_quants(32, nmax, xb, L, 1, qw * sqrt(sigma2 + x^2)). x: (rows, n); d: (rows, n / 32)."""
+    n = x.shape[1]
+    weight = np.empty(32, dtype=np.float32)
+    Lrow = np.empty(32, dtype=np.int32)
+    for r in range(x.shape[0]):
+        sum_x2 = f32(0)
+        for j in range(n):
+            sum_x2 += x[r, j] * x[r, j]
+        sigma2 = sum_x2 / f32(n)
+        for ib in range(n // 32):
+            for j in range(32):
+                v = x[r, 32 * ib + j]
+                weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + v * v)
+            d[r, ib] = make_qx_quants(x[r, 32 * ib:32 * ib + 32], nmax, Lrow, 1, weight, True)
+            for j in range(32):
+                L[r, 32 * ib + j] = Lrow[j]
+
+
+@njit(**_JIT)
+def rows_qkx3_imatrix(x, qw, nmax, d, m, L):
+    """quantize_row_q4_1_impl / q5_1_impl: per 32 weights make_qkx3_quants(32, nmax, ..., -0.9, 0.05, 36)
+    with weights qw * sqrt(sigma2 + x^2); m receives -the_min (the block's stored minimum)."""
+    n = x.shape[1]
+    weight = np.empty(32, dtype=np.float32)
+    Laux = np.empty(32, dtype=np.int32)
+    Lrow = np.empty(32, dtype=np.int32)
+    for r in range(x.shape[0]):
+        sum_x2 = f32(0)
+        for j in range(n):
+            sum_x2 += x[r, j] * x[r, j]
+        sigma2 = sum_x2 / f32(n)
+        for ib in range(n // 32):
+            for j in range(32):
+                v = x[r, 32 * ib + j]
+                weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + v * v)
+            s, mn = make_qkx3_quants(x[r, 32 * ib:32 * ib + 32], weight, nmax, Lrow, Laux, f32(-0.9), f32(0.05),
+                                     36, False)
+            d[r, ib] = s
+            m[r, ib] = -mn
+            for j in range(32):
+                L[r, 32 * ib + j] = Lrow[j]
