@@ -50,8 +50,10 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
-@click.option("--type", "ggml_type", default=None, help="A GGML type or mix (q4_K_M, ...): not available yet.")
-@click.option("--format", "fmt", default=None, help="Output format (default: fake-quantized safetensors dir).")
+@click.option("--type", "ggml_type", default=None,
+              help="A llama.cpp mix (Q4_K_M, Q6_K, ... case-insensitive): writes a GGUF with llama.cpp's bytes.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
+              help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir).")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, calib,
@@ -66,10 +68,36 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     method = method.lower()
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else "safetensors")
+    if fmt == "gguf":
+        from qkit.ggml.mixes import mix_name
+        from qkit.model.gguf_write import write_gguf
+        from qkit.model import loader as _loader
+
+        if not ggml_type:
+            raise UsageError("a GGUF output needs --type (a llama.cpp mix such as Q4_K_M)")
+        if method != "rtn":
+            raise UsageError(f"--method {method} into GGML grids is not available yet; GGUF mixes use rtn "
+                             "(llama.cpp's own rounding)")
+        mix = mix_name(ggml_type)
+        _check_json_path(json_path)
+        _torch_threads(threads)
+        ref = _loader.resolve(model)
+        click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding) -> {output}")
+        g = write_gguf(ref, output, mix, progress=True)
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
+        click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
+                   f"{g.seconds:.1f} s; output {_fmt_bytes(g.output_bytes)}")
+        if json_path:
+            from dataclasses import asdict
+
+            from qkit.fileio import atomic_write
+
+            with atomic_write(json_path, "w") as f:
+                json.dump(asdict(g), f, indent=1)
+        return
     if ggml_type:
-        raise UsageError(f"--type {ggml_type}: GGML grids are not available in this version; use --bits/--group-size")
-    if fmt not in (None, "safetensors") or Path(output).suffix == ".gguf":
-        raise UsageError("only the fake-quantized safetensors directory format is available in this version")
+        raise UsageError("--type writes GGUF; drop --format safetensors")
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
     _check_json_path(json_path)
