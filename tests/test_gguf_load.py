@@ -68,7 +68,7 @@ def write_tiny_gguf(path, model, tk, q8_tensor="blk.1.ffn_up.weight"):
             t = gguf_convert.permute_qk(t, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             t = gguf_convert.permute_qk(t, cfg.num_key_value_heads)
-        if name == q8_tensor:
+        if q8_tensor is not None and name == q8_tensor:
             data = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
