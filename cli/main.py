@@ -91,9 +91,10 @@ def bench_affine(args: tuple[str, ...]) -> None:
     mod.main(list(args))
 
 
-from qkit.cli.llm import eval_group, quantize_cmd  # noqa: E402
+from qkit.cli.llm import eval_group, imatrix_cmd, quantize_cmd  # noqa: E402
 
 cli.add_command(quantize_cmd)
+cli.add_command(imatrix_cmd)
 cli.add_command(eval_group)
 
 

@@ -118,3 +118,77 @@ def test_whole_file_equals_llama_cpp(wide_gguf, tmp_path, monkeypatch, mix):
     for n in a:
         assert a[n].tensor_type == b[n].tensor_type, (n, a[n].tensor_type.name, b[n].tensor_type.name)
         assert np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n
+
+
+def test_imatrix_is_the_mean_squared_activation(wide_gguf, tmp_path, monkeypatch):
+    """collect() streamed layer by layer equals forward hooks on the whole float model."""
+    from qkit.imatrix import collect, read_imatrix, write_imatrix
+
+    monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
+    path, model = wide_gguf
+    ref = loader.resolve(str(path))
+    samples = torch.randint(0, 512, (5, 24))
+    stats = collect(ref, samples)
+    m = loader.load_model(ref)
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda mod_, inp, out, n=n: seen.setdefault(n, []).append(inp[0].detach()))
+             for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers.")]
+    with torch.no_grad():
+        m(samples)
+    for h in hooks:
+        h.remove()
+    x = torch.cat(seen["model.layers.3.mlp.down_proj"]).reshape(-1, 512).double()
+    s, c = stats["blk.3.ffn_down.weight"]
+    assert c == 5 * 24 and np.allclose(s, (x * x).sum(0).numpy(), rtol=1e-5)
+    assert len(stats) == 8 * 7
+    write_imatrix(tmp_path / "im.gguf", stats, ["test"], 24)
+    back = read_imatrix(tmp_path / "im.gguf")
+    assert np.allclose(back["blk.3.ffn_down.weight"], (x * x).mean(0).numpy(), rtol=1e-5)
+
+
+def test_read_imatrix_rejects_other_files(wide_gguf, tmp_path):
+    from qkit.errors import FormatError
+    from qkit.imatrix import read_imatrix
+
+    with pytest.raises(FormatError, match="not an imatrix file"):
+        read_imatrix(wide_gguf[0])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(FormatError):
+        read_imatrix(bad)
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q4_0"])
+def test_imatrix_quantization_equals_llama_cpp(wide_gguf, tmp_path, monkeypatch, mix):
+    """Opt-in: qkit's imatrix given to llama_model_quantize and to qkit: the same types and bytes."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
+    import ctypes
+
+    from qkit.imatrix import collect
+
+    monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
+    path, _ = wide_gguf
+    ref_model = loader.resolve(str(path))
+    stats = collect(ref_model, torch.randint(0, 512, (4, 32)))
+    im = {k: (s / c).astype(np.float32) for k, (s, c) in stats.items()}
+
+    ptr_type = dict(llama_cpp.llama_model_quantize_params._fields_)["imatrix"]
+    Entry = ptr_type._type_  # llama_model_imatrix_data {const char *name; const float *data; size_t size;}
+    keep = list(im.items())
+    arr = (Entry * (len(keep) + 1))()
+    for i, (k, v) in enumerate(keep):
+        arr[i] = Entry(k.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size)
+    arr[len(keep)] = Entry(None, None, 0)  # the list ends at a NULL name
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = mixes.FTYPES[mix][0]
+    p.nthread = 1
+    p.imatrix = ctypes.cast(arr, ptr_type)
+    ref = tmp_path / "ref.gguf"
+    assert llama_cpp.llama_model_quantize(str(path).encode(), str(ref).encode(), ctypes.byref(p)) == 0
+    ours = tmp_path / "ours.gguf"
+    write_gguf(ref_model, ours, mix, imatrix=im)
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+    for n in b:
+        assert a[n].tensor_type == b[n].tensor_type, n
+        assert np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n

@@ -1,0 +1,115 @@
+"""Importance matrices in llama.cpp's sense: per input column of each linear, the mean of squared activations.
+
+llama.cpp's ``llama-imatrix`` runs the model over calibration text and, for every
+matrix multiplication, accumulates sum x_j^2 over the tokens that reach input
+column j (``in_sum2``) and the token count (``counts``); llama-quantize then uses
+in_sum2 / counts as the weights of its importance-weighted quantizers. We do the
+same, streaming the float model one decoder layer at a time, and store the result
+in llama.cpp's imatrix GGUF layout (tools/imatrix/imatrix.cpp, ``save_imatrix``):
+``general.type = "imatrix"``, ``imatrix.datasets``, ``imatrix.chunk_count``,
+``imatrix.chunk_size``, and per weight two F32 tensors ``<name>.in_sum2`` (ne0 =
+input columns) and ``<name>.counts``. Names are GGUF tensor names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qkit.errors import FormatError, UsageError
+from qkit.fileio import atomic_path
+from qkit.model import loader
+
+
+def collect(ref: loader.ModelRef, samples, progress: bool = False) -> dict[str, tuple[np.ndarray, int]]:
+    """{gguf name: (sum of squares per input column (float64), token count)} over `samples` (n, seqlen)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from qkit import pipeline
+    from qkit.model.gguf_write import hf_to_gguf_names
+
+    config = loader.load_config(ref)
+    model = loader.empty_model(config)
+    store = ref.store()
+    prefix, layers = pipeline.decoder_layers(model, config)
+    tied = loader.tied_names(model)
+    outer = [n for n in loader.persistent_names(model) if n not in tied and not n.startswith(prefix)]
+    loader.place(model, outer, store)
+    states, kws = pipeline.capture_layer_inputs(model, layers, samples)
+    names = hf_to_gguf_names(config)
+    stats: dict[str, list] = {}
+    for i in tqdm(range(len(layers)), desc="imatrix", unit="layer", disable=not progress):
+        layer = layers[i]
+        lp = f"{prefix}{i}."
+        loader.place(layer, loader.persistent_names(layer), store, prefix=lp)
+        hooks = []
+        for name, mod, transposed in pipeline.linear_modules(layer):
+            key = names.get(lp + name + ".weight", lp + name + ".weight")
+
+            def hook(m, inp, _out, _key=key):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float64)
+                s = stats.setdefault(_key, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
+                s[0] += (x * x).sum(0)
+                s[1] += x.shape[0]
+            hooks.append(mod.register_forward_hook(hook))
+        states = pipeline._run_layer(layer, states, kws[i])
+        for h in hooks:
+            h.remove()
+        layer.to("meta")
+        store.close()
+    return {k: (v[0].numpy(), int(v[1])) for k, v in stats.items()}
+
+
+def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chunk_size: int) -> None:
+    import gguf
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch="")
+        w.kv_data[0].pop("general.architecture", None)  # an imatrix file names no architecture
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", list(datasets))
+        chunks = max((c for _, c in stats.values()), default=0) // max(chunk_size, 1)
+        w.add_uint32("imatrix.chunk_count", chunks)
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(stats):
+            s, c = stats[name]
+            w.add_tensor(f"{name}.in_sum2", np.asarray(s, np.float32).reshape(1, -1))
+            w.add_tensor(f"{name}.counts", np.array([[c]], np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{gguf weight name: in_sum2 / counts (float32)} from an imatrix GGUF (qkit's or llama.cpp's)."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"imatrix file not found: {path}")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises several types on foreign or truncated files
+        raise FormatError(f"{path}: not an imatrix GGUF ({type(e).__name__})") from None
+    kind = r.fields.get("general.type")
+    if kind is None or kind.contents() != "imatrix":
+        raise FormatError(f"{path}: not an imatrix file (general.type is not 'imatrix')")
+    tens = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in r.tensors}
+    out = {}
+    for name, s in tens.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        c = tens.get(base + ".counts")
+        if c is None or c.size != 1:
+            raise FormatError(f"{path}: {base} has in_sum2 but no single count")
+        if c[0] <= 0:
+            continue
+        v = (s / c[0]).astype(np.float32)
+        if not np.isfinite(v).all():
+            raise FormatError(f"{path}: {base} holds non-finite values")
+        out[base] = v
+    return out
