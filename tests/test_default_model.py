@@ -68,3 +68,34 @@ def test_tokenizer_matches_llama_cpp():
         ours = tok(t, add_special_tokens=False).input_ids
         theirs = llm.tokenize(t.encode(), add_bos=False, special=True)  # control tokens parsed, as HF does
         assert ours == theirs, t[:40]
+
+
+def test_llama_cpp_runs_our_q4_k_m_with_the_same_perplexity(tmp_path):
+    """Opt-in: qkit's Q4_K_M GGUF of the default model, run by llama.cpp, scores within 1% of qkit's own
+    evaluator on the same dequantized weights, token ids and windows (llama.cpp quantizes activations)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
+    import numpy as np
+
+    from qkit.model.gguf_write import write_gguf
+
+    out = tmp_path / "q4km.gguf"
+    write_gguf(loader.resolve(None), out, "Q4_K_M")
+    ref = loader.resolve(str(out))
+    tok = loader.load_tokenizer(ref)
+    ctx, n = 256, 6
+    ids = tok(load_text(None)[0]).input_ids[: n * ctx]
+    ours = perplexity(loader.load_model(ref), torch.tensor(ids), ctx)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=ctx, logits_all=True, verbose=False, n_threads=2)
+    nll, count = 0.0, 0
+    for w in range(n):
+        window = ids[w * ctx:(w + 1) * ctx]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:ctx], dtype=np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+            logits.max(1, keepdims=True)
+        nll -= sum(logp[t, window[t + 1]] for t in range(ctx - 1))
+        count += ctx - 1
+    theirs = float(np.exp(nll / count))
+    print(f"Q4_K_M ppl on {count} tokens: llama.cpp {theirs:.4f}, qkit evaluator {ours.ppl:.4f}")
+    assert abs(theirs / ours.ppl - 1) < 0.01, (theirs, ours.ppl)
