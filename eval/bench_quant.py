@@ -80,8 +80,11 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
             args += setup.quant_args()
         if row["act_order"]:
             args.append("--act-order")
-        _qkit(*args)
-        _qkit("eval", "ppl", str(out), "--base", setup.model, *setup.eval_args(), "--json", str(ppl_json))
+        # resume inside a row too: a finished quantization (its summary and output) or evaluation is kept
+        if not (qjson.is_file() and (out / "qkit_quantization.json").is_file()):
+            _qkit(*args)
+        if not ppl_json.is_file():
+            _qkit("eval", "ppl", str(out), "--base", setup.model, *setup.eval_args(), "--json", str(ppl_json))
         q, p = json.loads(qjson.read_text()), json.loads(ppl_json.read_text())
         rec.update(ppl=p["ppl"], kl=p["kl"], top1=p["top1"], seconds=q["seconds"], peak_rss_mb=q["peak_rss_mb"],
                    bits_per_weight=q["bits_per_weight"], calibration=q.get("calibration"))
