@@ -78,21 +78,30 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         if not ggml_type:
             raise UsageError("a GGUF output needs --type (a llama.cpp mix such as Q4_K_M)")
+        ctx = click.get_current_context()
+        ignored = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "clip_search", "act_order",
+                                                        "static_groups", "damp", "calib", "nsamples", "seqlen", "seed")
+                   if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type}: the mix decides every "
+                             "tensor's grid")
+        if Path(output).is_dir():
+            raise UsageError(f"output {output} is a directory; give a .gguf file name")
         if method != "rtn":
             raise UsageError(f"--method {method} into GGML grids is not available yet; GGUF mixes use rtn "
                              "(llama.cpp's own rounding)")
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
-        ref = _loader.resolve(model)
         im = None
-        if imatrix_path:
+        if imatrix_path:  # read before any (possibly long) model conversion
             from qkit.imatrix import read_imatrix
 
             im = read_imatrix(imatrix_path)
+        ref = _loader.resolve(model)
         click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding"
                    + (f", importance matrix of {len(im)} tensors" if im else "") + f") -> {output}")
-        g = write_gguf(ref, output, mix, imatrix=im, progress=True)
+        g = write_gguf(ref, output, mix, imatrix=im, progress=True, inputs=(imatrix_path,) if imatrix_path else ())
         types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
         click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
                    f"{g.seconds:.1f} s; output {_fmt_bytes(g.output_bytes)}")
@@ -211,6 +220,9 @@ def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, threads):
     tok = loader.load_tokenizer(ref)
     body, desc = load_text(calib, default=DEFAULT_CALIB)
     samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
+    if Path(output).is_dir():
+        raise UsageError(f"output {output} is a directory; give a file name")
     stats = collect(ref, samples, progress=True)
-    write_imatrix(output, stats, [f"{desc} ({nsamples} x {seqlen} tokens, seed {seed})"], seqlen)
+    write_imatrix(output, stats, [f"{desc} ({nsamples} x {seqlen} tokens, seed {seed})"], seqlen,
+                  inputs=ref.input_files())
     click.echo(f"imatrix of {len(stats)} tensors from {nsamples} x {seqlen} tokens of {desc} -> {output}")

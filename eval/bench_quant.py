@@ -45,6 +45,12 @@ class Setup:
         self.model, self.text, self.calib = model, text, calib
         self.ctx, self.windows, self.nsamples, self.seqlen = ctx, windows, nsamples, seqlen
 
+    def key(self) -> str:
+        """A short hash of everything a row's numbers depend on: rows are cached per setup."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(vars(self), sort_keys=True).encode()).hexdigest()[:10]
+
     def eval_args(self) -> list[str]:
         a = ["--windows", str(self.windows), "--ctx", str(self.ctx)]
         return a + (["--text", self.text] if self.text else [])
@@ -57,7 +63,8 @@ class Setup:
 def _qkit(*args: str) -> None:
     r = subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {(r.stderr or '').strip().splitlines()[-1:]}")
+        last = (r.stderr or "").strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+        raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {last[0]}")
 
 
 def run_row(row: dict, cache: Path, setup: Setup) -> dict:
@@ -126,7 +133,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
     setup = Setup(a.model, a.text, a.calib, a.ctx, a.windows, a.nsamples, a.seqlen)
-    cache = Path(a.cache)
+    cache = Path(a.cache) / setup.key()
     cache.mkdir(parents=True, exist_ok=True)
     chosen = [r for r in rows if not a.rows or r["id"] in a.rows]
     recs = []

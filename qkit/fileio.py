@@ -70,8 +70,12 @@ def atomic_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...
     target = Path(path)
     if not target.parent.exists():
         raise UsageError(f"output directory does not exist: {target.parent}")
+    if target.is_dir():
+        raise UsageError(f"output {target} is a directory; give a file name")
     for src in inputs:
-        if Path(src).exists() and target.exists() and os.path.samefile(src, target):
+        if src is None or not Path(src).exists():
+            continue
+        if Path(src).resolve() == target.resolve() or (target.exists() and os.path.samefile(src, target)):
             raise UsageError(f"refusing to overwrite the input file {src}")
     tmp = _tmp_in(target)
     try:

@@ -126,6 +126,8 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
     if g < 1:
         raise UsageError(f"group_size must be >= 1, got {g}")
 
+    if not torch.isfinite(H).all():
+        raise InputError("the Hessian holds NaN or Inf: the calibration activations are not finite")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0

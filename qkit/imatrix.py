@@ -62,10 +62,10 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False) -> dict[str, 
     return {k: (v[0].numpy(), int(v[1])) for k, v in stats.items()}
 
 
-def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chunk_size: int) -> None:
+def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chunk_size: int, inputs=()) -> None:
     import gguf
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, inputs=tuple(inputs)) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="")
         w.kv_data[0].pop("general.architecture", None)  # an imatrix file names no architecture
         w.add_type("imatrix")
@@ -106,7 +106,8 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
         c = tens.get(base + ".counts")
         if c is None or c.size != 1:
             raise FormatError(f"{path}: {base} has in_sum2 but no single count")
-        if c[0] <= 0:
+        if c[0] <= 0:  # never activated: llama.cpp's loader uses weights of 1 (tools/quantize)
+            out[base] = np.ones_like(s, dtype=np.float32)
             continue
         v = (s / c[0]).astype(np.float32)
         if not np.isfinite(v).all():

@@ -169,3 +169,10 @@ def test_importance_matrix_changes_the_choice_and_is_checked():
         ggml.quantize(X, "q4_K", imatrix=np.ones(10, np.float32))
     with pytest.raises(InputError, match="non-negative"):
         ggml.quantize(X, "q6_K", imatrix=-im)
+
+
+def test_type_names_are_case_insensitive_and_scales_are_validated():
+    assert ggml.get_type("Q4_K") is ggml.get_type("q4_k") is ggml.get_type("q4_K")
+    with pytest.raises(InputError, match="overflows fp16"):
+        ggml.validate(ggml.quantize(np.full((1, 32), 1e9, np.float32), "q4_0"), "q4_0")
+    ggml.validate(ggml.quantize(inputs()["gaussian"], "q6_K"), "q6_K")  # ordinary weights pass

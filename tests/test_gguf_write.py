@@ -192,3 +192,28 @@ def test_imatrix_quantization_equals_llama_cpp(wide_gguf, tmp_path, monkeypatch,
     for n in b:
         assert a[n].tensor_type == b[n].tensor_type, n
         assert np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n
+
+
+def test_outputs_never_replace_inputs(wide_gguf, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model.gguf"
+    shutil.copyfile(wide_gguf[0], src)
+    before = src.read_bytes()
+    with pytest.raises(UsageError, match="refusing to overwrite the input file"):
+        write_gguf(loader.resolve(str(src)), src, "Q8_0")
+    assert src.read_bytes() == before
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "qkit.cli.main", *a], capture_output=True, text=True,
+                              env={**__import__("os").environ, "QKIT_CACHE": str(tmp_path / "cache")})
+
+    r = cli("quantize", str(src), "--type", "q8_0", "-o", str(tmp_path))
+    assert r.returncode == 2 and "is a directory" in r.stderr
+    r = cli("quantize", str(src), "--type", "q4_k_m", "--bits", "3", "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "--bits do not apply to --type" in r.stderr
+    r = cli("imatrix", str(src), "-o", str(src), "--nsamples", "2", "--seqlen", "16", "--calib", str(src))
+    assert r.returncode != 0 and src.read_bytes() == before

@@ -19,7 +19,7 @@ from qkit.ggml.blocks import TYPES, BlockType  # noqa: F401  (registers every ty
 
 
 def get_type(name: str) -> BlockType:
-    t = TYPES.get(name.lower()) or TYPES.get(name)
+    t = TYPES.get(name) or {k.lower(): v for k, v in TYPES.items()}.get(str(name).lower())
     if t is None:
         raise UsageError(f"unknown GGML type {name!r}; available: {', '.join(sorted(TYPES))}")
     return t
@@ -55,6 +55,16 @@ def quantize(data, qtype: str, imatrix=None) -> np.ndarray:
         qw = np.ascontiguousarray(np.broadcast_to(w, x.shape)).reshape(-1, t.block_size)
     out = t.quantize_blocks(blocks, qw)
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+
+
+def validate(data, qtype: str) -> None:
+    """ggml_validate_row_data's check on the fp16 scales: a scale that overflowed fp16 makes the block garbage."""
+    t = get_type(qtype)
+    b = np.ascontiguousarray(np.asarray(data, dtype=np.uint8)).reshape(-1, t.type_size)
+    for off in t.fp16_offsets:
+        d = b[:, off:off + 2].copy().view(np.float16)
+        if not np.isfinite(d).all():
+            raise InputError(f"{t.name}: a block scale overflows fp16 (weights too large for this type)")
 
 
 def dequantize(data, qtype: str, shape=None) -> np.ndarray:

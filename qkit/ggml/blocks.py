@@ -14,7 +14,8 @@ f32 = np.float32
 
 def fp16(x) -> np.ndarray:
     """GGML_FP32_TO_FP16 (round to nearest even), as the 2 stored bytes' value."""
-    return np.asarray(x, np.float32).astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow gives inf, which validate() reports
+        return np.asarray(x, np.float32).astype(np.float16)
 
 
 def roundf(x: np.ndarray) -> np.ndarray:
@@ -33,6 +34,7 @@ class BlockType:
     name: str
     block_size: int  # weights per block
     type_size: int  # bytes per block
+    fp16_offsets: tuple = (0,)  # byte offsets of the block's fp16 scales (d, dmin, m)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -134,6 +136,7 @@ class Q4_1(BlockType):
     """block_q4_1: d, m (fp16), qs[16]; x = d * q + m. quantize_row_q4_1_ref."""
 
     name, block_size, type_size = "q4_1", 32, 20
+    fp16_offsets = (0, 2)
 
     def quantize_blocks(self, x, qw=None):
         lo, hi = x.min(axis=1), x.max(axis=1)
@@ -178,6 +181,7 @@ class Q5_1(BlockType):
     """block_q5_1: d, m (fp16), qh, qs[16]; x = d * q + m. quantize_row_q5_1_ref."""
 
     name, block_size, type_size = "q5_1", 32, 24
+    fp16_offsets = (0, 2)
 
     def quantize_blocks(self, x, qw=None):
         lo, hi = x.min(axis=1), x.max(axis=1)

@@ -103,6 +103,7 @@ class Q4_K(BlockType):
     """
 
     name, block_size, type_size = "q4_K", QK_K, 144
+    fp16_offsets = (0, 2)
     imatrix = True
 
     def quantize_blocks(self, x, qw=None):
@@ -128,6 +129,7 @@ class Q5_K(BlockType):
     """
 
     name, block_size, type_size = "q5_K", QK_K, 176
+    fp16_offsets = (0, 2)
     imatrix = True
 
     def quantize_blocks(self, x, qw=None):
@@ -156,6 +158,7 @@ class Q6_K(BlockType):
     """
 
     name, block_size, type_size = "q6_K", QK_K, 210
+    fp16_offsets = (208,)
     imatrix = True
 
     def quantize_blocks(self, x, qw=None):
@@ -221,6 +224,7 @@ class Q2_K(BlockType):
     """
 
     name, block_size, type_size = "q2_K", QK_K, 84
+    fp16_offsets = (80, 82)
     imatrix = True
 
     def quantize_blocks(self, x, qw=None):
@@ -284,6 +288,7 @@ class Q3_K(BlockType):
     """
 
     name, block_size, type_size = "q3_K", QK_K, 110
+    fp16_offsets = (108,)
     imatrix = True
 
     def quantize_blocks(self, x, qw=None):

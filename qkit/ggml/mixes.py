@@ -50,8 +50,11 @@ class ModelShape:
         return self.n_head // max(self.n_head_kv, 1)
 
     @property
-    def is_70b(self) -> bool:  # llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers, GQA
-        return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B (load_hparams): llama with 80 layers and GQA; qwen2 with 80 layers."""
+        if self.n_layer != 80:
+            return False
+        return self.arch == "qwen2" or (self.arch == "llama" and self.n_head != self.n_head_kv)
 
 
 def category(name: str) -> str:

@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from qkit import ggml
-from qkit.errors import UsageError
+from qkit.errors import InputError, UsageError
 from qkit.fileio import atomic_path
 from qkit.ggml import mixes
 from qkit.model import gguf_convert, loader
 
 log = logging.getLogger("qkit.model")
 GGML_QNT_VERSION = 2
-SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+# general.alignment is not copied: the writer pads to its own (default) alignment, which the file then declares
+SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version",
+             "general.alignment")
 
 
 @dataclass
@@ -71,7 +73,7 @@ def _copy_metadata(reader, writer) -> None:
 
 
 def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: dict | None = None,
-               progress: bool = False) -> GGUFSummary:
+               progress: bool = False, inputs=()) -> GGUFSummary:
     """Quantize `ref` with llama.cpp's mix `mix` (Q4_K_M, ...) and write it as GGUF to `out`."""
     import gguf
     import torch
@@ -102,7 +104,7 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
     ftype = mixes.FTYPES[mix][0]
     total_bits = 0
     out = Path(out)
-    with atomic_path(out, inputs=(src,)) as tmp:
+    with atomic_path(out, inputs=(src, *ref.input_files(), *inputs)) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         _copy_metadata(reader, w)
         w.add_file_type(ftype)
@@ -140,7 +142,11 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
                 data = x.astype(np.float16)
             else:
                 im = imatrix.get(g) if imatrix else None
-                data = ggml.quantize(x.reshape(-1, x.shape[-1]), t, imatrix=im)
+                try:
+                    data = ggml.quantize(x.reshape(-1, x.shape[-1]), t, imatrix=im)
+                    ggml.validate(data, t)
+                except InputError as e:
+                    raise InputError(f"tensor {g}: {e}") from None
             w.write_tensor_data(data)
         w.close()
         store.close()

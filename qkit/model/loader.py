@@ -34,6 +34,13 @@ class ModelRef:
     dir: Path
     weights: Path
     name: str
+    source: Path | None = None  # what the user named (a .gguf converted into `dir`, or dir itself)
+
+    def input_files(self) -> list[Path]:
+        """Every file this model was read from: an output must never replace one of them."""
+        files = [self.source] if self.source else []
+        files += [self.weights] if self.weights.is_file() else sorted(self.weights.glob("*.safetensors"))
+        return files
 
     @property
     def config_path(self) -> Path:
@@ -121,18 +128,18 @@ def resolve(model: str | None) -> ModelRef:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UsageError(f"{model}: no config.json (expected an HF-style model directory)")
-        return ModelRef(p, p, p.name)
+        return ModelRef(p, p, p.name, p)
     if p.suffix == ".gguf":
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise FormatError(f"{model}: not a GGUF file (bad magic)")
         key = hashlib.sha256(json.dumps(_source_key(p)).encode()).hexdigest()[:16]
         d = _converted(p, _models_cache() / f"{p.stem}-{key}")
-        return ModelRef(d, d, p.name)
+        return ModelRef(d, d, p.name, p)
     if p.suffix == ".safetensors":
         if not (p.parent / "config.json").is_file():
             raise UsageError(f"{model}: a single .safetensors file needs config.json beside it")
-        return ModelRef(p.parent, p, p.name)
+        return ModelRef(p.parent, p, p.name, p)
     raise UsageError(f"{model}: expected a model directory, a .safetensors file or a .gguf file")
 
 
