@@ -102,8 +102,12 @@ def _qx_weight(xi, rmse_type):
 
 
 @njit(**_JIT)
-def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw):
-    """ggml-quants.c make_qx_quants: symmetric scale search (19 candidates); returns the scale, L the codes."""
+def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw, wbuf):
+    """ggml-quants.c make_qx_quants: symmetric scale search (19 candidates); returns the scale, L the codes.
+
+    wbuf: scratch of at least len(x) floats for the per-element weights, computed once (C recomputes
+    them inside each loop; the values, and so the bytes, are the same).
+    """
     n = x.shape[0]
     mx = f32(0)
     amax = f32(0)
@@ -126,13 +130,15 @@ def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw):
     if rmse_type < 0:
         rmse_type = -rmse_type
         return_early = True
+    for i in range(n):
+        wbuf[i] = qw[i] if use_qw else _qx_weight(x[i], rmse_type)
     sumlx = f32(0)
     suml2 = f32(0)
     for i in range(n):
         l = nearest_int(iscale * x[i])
         l = max(-nmax, min(nmax - 1, l))
         L[i] = l + nmax
-        w = qw[i] if use_qw else _qx_weight(x[i], rmse_type)
+        w = wbuf[i]
         fl = f32(l)
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
@@ -149,7 +155,7 @@ def make_qx_quants(x, nmax, L, rmse_type, qw, use_qw):
         for i in range(n):
             l = nearest_int(iscale * x[i])
             l = max(-nmax, min(nmax - 1, l))
-            w = qw[i] if use_qw else _qx_weight(x[i], rmse_type)
+            w = wbuf[i]
             fl = f32(l)
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
@@ -192,8 +198,9 @@ def q6k_subblocks(x, scales, L):
     """quantize_row_q6_K_ref's first pass: make_qx_quants(16, 32, x, L, rmse_type 1) per 16 weights."""
     Lrow = np.empty(16, dtype=np.int32)
     dummy = np.empty(1, dtype=np.float32)
+    wbuf = np.empty(16, dtype=np.float32)
     for j in range(x.shape[0]):
-        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, dummy, False)
+        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, dummy, False, wbuf)
         for l in range(16):
             L[j, l] = Lrow[l]
 
@@ -419,8 +426,9 @@ def qkx3_superblocks(x, qw, nmax, rmin, rdelta, nstep, Ls, Lm, d_block, m_block,
 def q6k_subblocks_qw(x, qw, scales, L):
     """quantize_row_q6_K_impl's first pass: make_qx_quants(16, 32, x, L, 1, qw) per 16 weights."""
     Lrow = np.empty(16, dtype=np.int32)
+    wbuf = np.empty(16, dtype=np.float32)
     for j in range(x.shape[0]):
-        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, qw[j], True)
+        scales[j] = make_qx_quants(x[j], 32, Lrow, 1, qw[j], True, wbuf)
         for l in range(16):
             L[j, l] = Lrow[l]
 
@@ -472,6 +480,7 @@ def q3k_impl_blocks(x, qw, Ls, d_block, L):
     sw = np.empty(16, dtype=np.float32)
     scales = np.empty(16, dtype=np.float32)
     Lq = np.empty(16, dtype=np.int32)
+    wbuf = np.empty(16, dtype=np.float32)
     for b in range(x.shape[0]):
         xb = x[b]
         sumx2 = f32(0)
@@ -486,10 +495,10 @@ def q3k_impl_blocks(x, qw, Ls, d_block, L):
             for l in range(16):
                 sumw += weight[l]
             sw[j] = sumw
-            scales[j] = make_qx_quants(xb[16 * j:16 * j + 16], 4, Lrow, 1, weight, True)
+            scales[j] = make_qx_quants(xb[16 * j:16 * j + 16], 4, Lrow, 1, weight, True, wbuf)
             for l in range(16):
                 L[b, 16 * j + l] = Lrow[l]
-        d_block[b] = make_qx_quants(scales, 32, Lq, 1, sw, True)
+        d_block[b] = make_qx_quants(scales, 32, Lq, 1, sw, True, wbuf)
         for j in range(16):
             Ls[b, j] = Lq[j]
 
@@ -501,6 +510,7 @@ def rows_qx_imatrix(x, qw, nmax, d, L):
     n = x.shape[1]
     weight = np.empty(32, dtype=np.float32)
     Lrow = np.empty(32, dtype=np.int32)
+    wbuf = np.empty(32, dtype=np.float32)
     for r in range(x.shape[0]):
         sum_x2 = f32(0)
         for j in range(n):
@@ -510,7 +520,7 @@ def rows_qx_imatrix(x, qw, nmax, d, L):
             for j in range(32):
                 v = x[r, 32 * ib + j]
                 weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + v * v)
-            d[r, ib] = make_qx_quants(x[r, 32 * ib:32 * ib + 32], nmax, Lrow, 1, weight, True)
+            d[r, ib] = make_qx_quants(x[r, 32 * ib:32 * ib + 32], nmax, Lrow, 1, weight, True, wbuf)
             for j in range(32):
                 L[r, 32 * ib + j] = Lrow[j]
 
