@@ -6,6 +6,8 @@ the sum matters and the loop runs in Numba (qkit/ggml/search.py) instead.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 TYPES: dict[str, "BlockType"] = {}
@@ -30,7 +32,7 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
     return ((x + f32(12582912.0)) - f32(12582912.0)).astype(np.int32)
 
 
-class BlockType:
+class BlockType(ABC):
     name: str
     block_size: int  # weights per block
     type_size: int  # bytes per block
@@ -42,12 +44,13 @@ class BlockType:
 
     imatrix = False  # whether quantize_blocks honours importance weights (llama.cpp's _impl path)
 
+    @abstractmethod
     def quantize_blocks(self, blocks: np.ndarray, qw=None) -> np.ndarray:
         """(n, block_size) float32 -> (n, type_size) uint8; qw: importance weights like blocks, or None."""
-        raise NotImplementedError
 
-    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:  # (n, type_size) u8 -> (n, block_size) f32
-        raise NotImplementedError
+    @abstractmethod
+    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """(n, type_size) uint8 -> (n, block_size) float32."""
 
 
 def _amax_signed(x: np.ndarray) -> np.ndarray:
