@@ -106,12 +106,12 @@ class _Stop(Exception):
 def capture_layer_inputs(model, layers, samples):
     """Layer 0's input hidden states for every sample, and the keyword arguments of *every* layer.
 
-    One forward per sample with each layer replaced by a stub: the stubs pass the
+    One forward per sample with each layer replaced by a stand-in that passes the
     hidden states through untouched and record what the model hands each layer
     (attention mask, position embeddings, ...). Those arguments differ between
     layers in some families (Gemma 3 alternates sliding and full attention, with
     its own mask and RoPE per layer type), and depend only on the token positions,
-    so they are the same for every sample of one length. The last stub stops the
+    so they are the same for every sample of one length. The last stand-in stops the
     forward, so the (meta-device) final norm and head never run.
     """
     import torch

@@ -20,6 +20,22 @@ def nearest_int(v):
 
 
 @njit(**_JIT)
+def _sum_sq(x):
+    """sum x_i^2 in index order, float32 (the loops that open every k-quant block)."""
+    acc = f32(0)
+    for i in range(x.shape[0]):
+        acc += x[i] * x[i]
+    return acc
+
+
+@njit(**_JIT)
+def _importance(x, qw, sigma2, out):
+    """The _impl quantizers' weights: out_i = qw_i * sqrt(sigma2 + x_i^2)."""
+    for i in range(x.shape[0]):
+        out[i] = qw[i] * np.sqrt(sigma2 + x[i] * x[i])
+
+
+@njit(**_JIT)
 def make_qkx2_quants(x, weights, nmax, L, Laux, rmin, rdelta, nstep, use_mad):
     """ggml-quants.c make_qkx2_quants: affine (scale, -min) search over nstep + 1 candidate scales.
 
@@ -180,10 +196,7 @@ def qkx2_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins, L):
     Lrow = np.empty(32, dtype=np.int32)
     for j in range(x.shape[0]):
         xs = x[j]
-        sum_x2 = f32(0)
-        for l in range(32):
-            sum_x2 += xs[l] * xs[l]
-        av_x = np.sqrt(sum_x2 / f32(32))
+        av_x = np.sqrt(_sum_sq(xs) / f32(32))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
         s, m = make_qkx2_quants(xs, weights, nmax, Lrow, Laux, rmin, rdelta, nstep, False)
@@ -397,14 +410,9 @@ def qkx3_superblocks(x, qw, nmax, rmin, rdelta, nstep, Ls, Lm, d_block, m_block,
     Lq = np.empty(8, dtype=np.int32)
     for b in range(x.shape[0]):
         xb = x[b]
-        sum_x2 = f32(0)
-        for l in range(256):
-            sum_x2 += xb[l] * xb[l]
-        sigma2 = f32(2) * sum_x2 / f32(256)
+        sigma2 = f32(2) * _sum_sq(xb) / f32(256)
         for j in range(8):
-            for l in range(32):
-                v = xb[32 * j + l]
-                weights[l] = qw[b, 32 * j + l] * np.sqrt(sigma2 + v * v)
+            _importance(xb[32 * j:32 * j + 32], qw[b, 32 * j:32 * j + 32], sigma2, weights)
             sumw = f32(0)
             for l in range(32):
                 sumw += weights[l]
@@ -447,15 +455,10 @@ def q2k_impl_blocks(x, qw, Ls, Lm, dm, mm, L):
     Lq = np.empty(16, dtype=np.int32)
     for b in range(x.shape[0]):
         xb = x[b]
-        sumx2 = f32(0)
-        for j in range(256):
-            sumx2 += xb[j] * xb[j]
-        sigma2 = sumx2 / f32(256)
+        sigma2 = _sum_sq(xb) / f32(256)
         for j in range(16):
             sw[j] = f32(0)
-            for l in range(16):
-                v = xb[16 * j + l]
-                weight[l] = qw[b, 16 * j + l] * np.sqrt(sigma2 + v * v)
+            _importance(xb[16 * j:16 * j + 16], qw[b, 16 * j:16 * j + 16], sigma2, weight)
             for l in range(16):
                 sw[j] += weight[l]
             s, m = make_qkx3_quants(xb[16 * j:16 * j + 16], weight, 3, Lrow, Laux, f32(-0.9), f32(0.05), 36, False)
@@ -483,14 +486,9 @@ def q3k_impl_blocks(x, qw, Ls, d_block, L):
     wbuf = np.empty(16, dtype=np.float32)
     for b in range(x.shape[0]):
         xb = x[b]
-        sumx2 = f32(0)
-        for j in range(256):
-            sumx2 += xb[j] * xb[j]
-        sigma2 = f32(2) * sumx2 / f32(256)
+        sigma2 = f32(2) * _sum_sq(xb) / f32(256)
         for j in range(16):
-            for l in range(16):
-                v = xb[16 * j + l]
-                weight[l] = qw[b, 16 * j + l] * np.sqrt(sigma2 + v * v)
+            _importance(xb[16 * j:16 * j + 16], qw[b, 16 * j:16 * j + 16], sigma2, weight)
             sumw = f32(0)
             for l in range(16):
                 sumw += weight[l]
@@ -512,14 +510,9 @@ def rows_qx_imatrix(x, qw, nmax, d, L):
     Lrow = np.empty(32, dtype=np.int32)
     wbuf = np.empty(32, dtype=np.float32)
     for r in range(x.shape[0]):
-        sum_x2 = f32(0)
-        for j in range(n):
-            sum_x2 += x[r, j] * x[r, j]
-        sigma2 = sum_x2 / f32(n)
+        sigma2 = _sum_sq(x[r]) / f32(n)
         for ib in range(n // 32):
-            for j in range(32):
-                v = x[r, 32 * ib + j]
-                weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + v * v)
+            _importance(x[r, 32 * ib:32 * ib + 32], qw[32 * ib:32 * ib + 32], sigma2, weight)
             d[r, ib] = make_qx_quants(x[r, 32 * ib:32 * ib + 32], nmax, Lrow, 1, weight, True, wbuf)
             for j in range(32):
                 L[r, 32 * ib + j] = Lrow[j]
@@ -534,14 +527,9 @@ def rows_qkx3_imatrix(x, qw, nmax, d, m, L):
     Laux = np.empty(32, dtype=np.int32)
     Lrow = np.empty(32, dtype=np.int32)
     for r in range(x.shape[0]):
-        sum_x2 = f32(0)
-        for j in range(n):
-            sum_x2 += x[r, j] * x[r, j]
-        sigma2 = sum_x2 / f32(n)
+        sigma2 = _sum_sq(x[r]) / f32(n)
         for ib in range(n // 32):
-            for j in range(32):
-                v = x[r, 32 * ib + j]
-                weight[j] = qw[32 * ib + j] * np.sqrt(sigma2 + v * v)
+            _importance(x[r, 32 * ib:32 * ib + 32], qw[32 * ib:32 * ib + 32], sigma2, weight)
             s, mn = make_qkx3_quants(x[r, 32 * ib:32 * ib + 32], weight, nmax, Lrow, Laux, f32(-0.9), f32(0.05),
                                      36, False)
             d[r, ib] = s
