@@ -107,7 +107,7 @@ def capture_layer_inputs(model, layers, samples):
     """Layer 0's input hidden states for every sample, and the keyword arguments of *every* layer.
 
     One forward per sample with each layer replaced by a stand-in that passes the
-    hidden states through untouched and record what the model hands each layer
+    hidden states through untouched and records what the model hands each layer
     (attention mask, position embeddings, ...). Those arguments differ between
     layers in some families (Gemma 3 alternates sliding and full attention, with
     its own mask and RoPE per layer type), and depend only on the token positions,
