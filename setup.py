@@ -22,4 +22,14 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
-setup(ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))
+# The HNSW graph and its codec distances: a second module, threads through pthreads.
+hnsw = Extension(
+    "qkit.ext._hnsw",
+    sources=["ext/_hnsw.pyx", "ext/csrc/hnsw.c", "ext/csrc/codec_dist.c"],
+    include_dirs=["ext/csrc", np.get_include()],
+    extra_compile_args=extra + ["-pthread"],
+    extra_link_args=["-pthread"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(ext_modules=cythonize([ext, hnsw], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))

@@ -1,0 +1,221 @@
+"""Vector codecs: how an index stores each vector, and the distance it estimates from a query.
+
+A codec (../shared/DESIGN.md, "Two uses") wraps a grid for one vector set:
+``fit(X)``, ``encode(X) -> codes`` (uint8 rows of ``bytes_per_vector``),
+``decode(codes)``, and the asymmetric estimator ``distances(query, codes)``
+(float query, coded rows). The graph only sees a codec through its kind and
+parameter arrays (``c_kind``, ``c_params``), which select the compiled
+distance in ext/csrc/codec_dist.c, so a new codec plugs in without touching
+the graph.
+
+Distances here are "smaller is nearer": squared L2, or minus the inner
+product for "ip" (cosine is inner product on unit vectors; the index
+normalizes). The Index turns them into what users expect.
+
+Codecs in this module:
+    flat  float32 as is (4 bytes per dimension)
+    sq8   affine grid per dimension, 8 bits: x ~ vmin + step * c, c in 0..255
+    sq4   the same with 4 bits, two dimensions per byte (low nibble first)
+The per-dimension grid is qkit.affine's (block = one whole column, float zero),
+fitted on the vectors the index is trained on; later vectors outside that
+range are clipped to it, as faiss's ScalarQuantizer does.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from qkit import affine
+from qkit.errors import FormatError, UsageError
+from qkit.packing import pack_nibbles, unpack_nibbles
+
+METRICS = ("l2", "ip", "cosine")
+
+# kinds shared with ext/csrc/qk_hnsw.h
+KIND_F32, KIND_SQ8, KIND_SQ4 = 0, 1, 2
+
+
+def inner_metric(metric: str) -> str:
+    """The metric the codec computes: cosine is inner product on normalized vectors."""
+    return "l2" if metric == "l2" else "ip"
+
+
+class Codec(ABC):
+    """A vector encoding with an asymmetric distance estimator."""
+
+    name: ClassVar[str]
+    c_kind: ClassVar[int]
+    trained_by_fit: ClassVar[bool] = True
+
+    def __init__(self, dim: int, metric: str = "l2"):
+        if metric not in METRICS:
+            raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
+        self.dim = int(dim)
+        self.metric = metric
+
+    # ---- what every codec gives
+    @property
+    @abstractmethod
+    def bytes_per_vector(self) -> int: ...
+
+    @property
+    def is_trained(self) -> bool:
+        return True
+
+    def fit(self, X: np.ndarray) -> "Codec":
+        return self
+
+    @abstractmethod
+    def encode(self, X: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+    def distances(self, query: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Estimated distance (smaller is nearer) of one float query to every coded row: decode, then exact.
+
+        Plain numpy; the compiled graph computes the same numbers (tests hold it to this)."""
+        X = self.decode(codes).astype(np.float64)
+        q = np.asarray(query, np.float64)
+        if inner_metric(self.metric) == "l2":
+            return ((X - q) ** 2).sum(axis=1).astype(np.float32)
+        return (-(X @ q)).astype(np.float32)
+
+    # ---- what the compiled graph and the file format need
+    def c_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The two float32 per-dimension arrays the C distance reads (None for flat)."""
+        return None, None
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able parameters, named arrays) that rebuild this codec with ``from_state``."""
+        return {}, {}
+
+    @classmethod
+    def from_state(cls, dim: int, metric: str, params: dict, arrays: dict[str, np.ndarray]) -> "Codec":
+        return cls(dim, metric)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r})"
+
+
+class FlatCodec(Codec):
+    """float32 vectors as they are: exact distances, 4 bytes per dimension."""
+
+    name = "flat"
+    c_kind = KIND_F32
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return 4 * self.dim
+
+    def encode(self, X):
+        return np.ascontiguousarray(X, dtype=np.float32).view(np.uint8).reshape(len(X), 4 * self.dim)
+
+    def decode(self, codes):
+        return np.ascontiguousarray(codes).view(np.float32).reshape(len(codes), self.dim)
+
+
+class SQCodec(Codec):
+    """Scalar quantizer: an affine grid per dimension (qkit.affine, one block per column, float zero)."""
+
+    bits: ClassVar[int]
+
+    def __init__(self, dim: int, metric: str = "l2"):
+        super().__init__(dim, metric)
+        self.vmin: np.ndarray | None = None  # per-dimension zero point of the grid, float32
+        self.step: np.ndarray | None = None  # per-dimension scale, float32
+
+    @property
+    def is_trained(self) -> bool:
+        return self.step is not None
+
+    def fit(self, X):
+        X = np.asarray(X, np.float32)
+        lo, hi = X.min(axis=0), X.max(axis=0)
+        # qkit.affine widens a block's range to include 0 (a weight-grid convention); a vector set's
+        # dimension need not, so the grid is placed on [min, max] shifted to start at 0.
+        scale, zero = affine.qparams_from_range(np.zeros_like(lo), hi - lo, self.bits, zero_domain="float")
+        self.step = np.ascontiguousarray(scale, np.float32)
+        self.vmin = np.ascontiguousarray(lo - scale * zero, np.float32)  # zero is 0 here: vmin = lo
+        return self
+
+    def _need_trained(self):
+        if not self.is_trained:
+            raise UsageError(f"codec {self.name} is not trained: add or train vectors first")
+
+    def quantize(self, X) -> np.ndarray:
+        """Per-dimension codes 0..2^bits-1 (uint8, one per dimension), before packing."""
+        self._need_trained()
+        X = np.asarray(X, np.float32) - self.vmin
+        return affine.quantize(X, self.step[None, :], np.zeros((1, self.dim), np.float32), self.bits,
+                               (len(X) or 1, 1)) if len(X) else np.zeros((0, self.dim), np.uint8)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (self.vmin + self.step * q.astype(np.float32)).astype(np.float32)
+
+    def c_params(self):
+        self._need_trained()
+        return self.vmin, self.step
+
+    def state(self):
+        self._need_trained()
+        return {"bits": self.bits}, {"vmin": self.vmin, "step": self.step}
+
+    @classmethod
+    def from_state(cls, dim, metric, params, arrays):
+        c = cls(dim, metric)
+        try:
+            vmin, step = arrays["vmin"], arrays["step"]
+        except KeyError as e:
+            raise FormatError(f"codec {cls.name}: missing array {e.args[0]!r}") from None
+        if vmin.shape != (dim,) or step.shape != (dim,) or vmin.dtype != np.float32 or step.dtype != np.float32:
+            raise FormatError(f"codec {cls.name}: parameter arrays must be float32 of length {dim}")
+        if not (np.isfinite(vmin).all() and np.isfinite(step).all() and (step > 0).all()):
+            raise FormatError(f"codec {cls.name}: parameters are not finite positive steps")
+        c.vmin, c.step = np.ascontiguousarray(vmin), np.ascontiguousarray(step)
+        return c
+
+
+class SQ8Codec(SQCodec):
+    name = "sq8"
+    bits = 8
+    c_kind = KIND_SQ8
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return self.dim
+
+    def encode(self, X):
+        return np.ascontiguousarray(self.quantize(X))
+
+    def decode(self, codes):
+        return self.dequantize(np.asarray(codes))
+
+
+class SQ4Codec(SQCodec):
+    name = "sq4"
+    bits = 4
+    c_kind = KIND_SQ4
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return (self.dim + 1) // 2
+
+    def encode(self, X):
+        return np.ascontiguousarray(pack_nibbles(self.quantize(X)))
+
+    def decode(self, codes):
+        return self.dequantize(unpack_nibbles(np.asarray(codes), self.dim))
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
+
+
+def make_codec(name: str, dim: int, metric: str = "l2") -> Codec:
+    try:
+        cls = CODECS[name]
+    except KeyError:
+        raise UsageError(f"unknown codec {name!r}: expected one of {', '.join(CODECS)}") from None
+    return cls(dim, metric)

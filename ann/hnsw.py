@@ -1,0 +1,175 @@
+"""The HNSW graph's arrays, owned in numpy, walked in C (ext/csrc/hnsw.c).
+
+Malkov & Yashunin (TPAMI 2018), paper names: each node draws a random level
+``floor(-ln(U) * mL)`` with ``mL = 1 / ln(M)`` (section 4.1), links to M
+neighbours per layer chosen by ``select_neighbors_heuristic`` and keeps up to
+``M0 = 2M`` on layer 0. Insertion and ``search_layer`` run compiled, with the
+GIL released; this module only sizes arrays and draws levels.
+
+Layout (also the file format's, qkit.ann.fileformat):
+    links0     (n, M0+1) int32   layer 0: [count, neighbour ids...]
+    upper      (rows, M+1) int32 layers >= 1, one row per (node, layer)
+    upper_off  (n,) int64        node i's layer l is upper row upper_off[i] + l - 1 (-1: none)
+    level      (n,) int32        node i's top layer
+    state      [entry, max_level] int64 (entry -1: empty)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qkit.errors import FormatError, UsageError
+from qkit.ext import _hnsw
+from qkit.ext import cpu_flags
+
+MAX_LEVEL = 32  # a level of 32 needs U < M^-32: never drawn for M >= 2, but a bound for the file check
+
+
+def isa_code() -> int:
+    return 1 if cpu_flags().get("avx2") else 0
+
+
+def _grow(a: np.ndarray, rows: int) -> np.ndarray:
+    """a with at least `rows` rows (capacity doubles, so n adds cost O(n) copies); new rows zero."""
+    if len(a) >= rows and a.flags.writeable:
+        return a
+    cap = max(rows, 2 * len(a), 16) if len(a) < rows else len(a)
+    out = np.zeros((cap,) + a.shape[1:], dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+class Graph:
+    """An HNSW graph over node ids 0..n-1; the codes it walks on are passed in per call."""
+
+    def __init__(self, M: int = 16, *, M0: int | None = None, seed: int = 0):
+        if not isinstance(M, (int, np.integer)) or M < 2 or M > 1024:
+            raise UsageError(f"M must be an integer in 2..1024, got {M!r}")
+        self.M = int(M)
+        self.M0 = int(M0) if M0 is not None else 2 * self.M
+        if self.M0 < self.M:
+            raise UsageError(f"M0 ({self.M0}) must be >= M ({self.M})")
+        self.mL = 1.0 / math.log(self.M)
+        self.seed = int(seed)
+        self.n = 0
+        self.links0 = np.zeros((0, self.M0 + 1), np.int32)
+        self.upper = np.zeros((0, self.M + 1), np.int32)
+        self.upper_off = np.zeros(0, np.int64)
+        self.level = np.zeros(0, np.int32)
+        self.n_upper = 0
+        self.state = np.array([-1, -1], np.int64)
+
+    @property
+    def entry(self) -> int:
+        return int(self.state[0])
+
+    @property
+    def max_level(self) -> int:
+        return int(self.state[1])
+
+    def random_levels(self, count: int) -> np.ndarray:
+        """floor(-ln U * mL), U uniform in (0, 1]; seeded by (seed, nodes so far) so a build is reproducible."""
+        rng = np.random.default_rng([self.seed, self.n])
+        u = 1.0 - rng.random(count)
+        return np.minimum(np.floor(-np.log(u) * self.mL), MAX_LEVEL).astype(np.int32)
+
+    def reserve(self, count: int) -> tuple[int, int]:
+        """Room for `count` new nodes with drawn levels; returns the new id range [first, last)."""
+        first, last = self.n, self.n + count
+        lv = self.random_levels(count)
+        self.links0 = _grow(self.links0, last)
+        self.level = _grow(self.level, last)
+        self.upper_off = _grow(self.upper_off, last)
+        rows = np.where(lv > 0, lv, 0).astype(np.int64)
+        off = self.n_upper + np.concatenate([[0], np.cumsum(rows)[:-1]])
+        self.upper = _grow(self.upper, self.n_upper + int(rows.sum()))
+        self.level[first:last] = lv
+        self.upper_off[first:last] = np.where(lv > 0, off, -1)
+        self.links0[first:last] = 0
+        self.n_upper += int(rows.sum())
+        self.n = last
+        return first, last
+
+    def insert(self, codec, codes: np.ndarray, first: int, last: int, ef_construction: int, threads: int = 1):
+        """Link nodes [first, last) whose codes (under `codec`) are rows first..last-1 of `codes`."""
+        p0, p1 = codec.c_params()
+        _hnsw.add(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
+                  codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1, isa_code(),
+                  first, last, int(ef_construction), int(threads))
+
+    def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
+               exact: np.ndarray | None = None, deleted: np.ndarray | None = None):
+        p0, p1 = codec.c_params()
+        return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, deleted,
+                            self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1,
+                            isa_code(), queries, int(k), int(ef), int(rerank), exact)
+
+    # ---- sizes and checks
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The graph's arrays trimmed to n nodes (views, no copy)."""
+        return {"links0": self.links0[: self.n], "upper": self.upper[: self.n_upper],
+                "upper_off": self.upper_off[: self.n], "level": self.level[: self.n]}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def degree_stats(self) -> dict:
+        c = self.links0[: self.n, 0]
+        return {"mean_degree0": float(c.mean()) if self.n else 0.0, "max_level": self.max_level,
+                "upper_rows": self.n_upper}
+
+    @classmethod
+    def from_arrays(cls, M: int, M0: int, seed: int, entry: int, max_level: int, links0, upper, upper_off,
+                    level) -> "Graph":
+        """Rebuild from stored arrays, checking every id the C walk would follow (a bad file must not crash it)."""
+        g = cls(M, M0=M0, seed=seed)
+        n = len(links0)
+        if links0.shape != (n, g.M0 + 1) or upper.ndim != 2 or upper.shape[1] != g.M + 1:
+            raise FormatError("graph arrays have the wrong shape for M/M0")
+        if upper_off.shape != (n,) or level.shape != (n,):
+            raise FormatError("per-node graph arrays do not match the node count")
+        rows = len(upper)
+        if n == 0:
+            if entry != -1:
+                raise FormatError("empty graph with an entry point")
+        else:
+            if not (0 <= entry < n) or max_level != int(level[entry]):
+                raise FormatError("graph entry point is out of range or not on the top layer")
+            if (level < 0).any() or (level > MAX_LEVEL).any() or int(level.max()) != max_level:
+                raise FormatError("graph levels out of range")
+            has = level > 0
+            if (upper_off[~has] != -1).any() or (upper_off[has] < 0).any() or \
+                    (upper_off[has] + level[has] > rows).any():
+                raise FormatError("graph upper-layer offsets out of range")
+            _check_links(links0, n, "layer 0")
+            if rows:
+                _check_links(upper, n, "upper layers")
+                # a link on layer l must reach a node that has layer l, or the walk reads a row it does not have
+                owner = np.flatnonzero(has)
+                row_layer = np.zeros(rows, np.int64)
+                starts = upper_off[owner]
+                lv = level[owner].astype(np.int64)
+                idx = np.repeat(starts, lv) + (np.arange(lv.sum()) - np.repeat(np.cumsum(lv) - lv, lv))
+                row_layer[idx] = np.arange(lv.sum()) - np.repeat(np.cumsum(lv) - lv, lv) + 1
+                width = g.M
+                used = np.arange(width)[None, :] < upper[:, :1]
+                tgt = upper[:, 1:][used]
+                need = np.broadcast_to(row_layer[:, None], used.shape)[used]
+                if tgt.size and (level[tgt] < need).any():
+                    raise FormatError("graph upper layers link to nodes below that layer")
+        g.links0, g.upper, g.upper_off, g.level = links0, upper, upper_off, level
+        g.n, g.n_upper = n, rows
+        g.state = np.array([entry, max_level], np.int64)
+        return g
+
+
+def _check_links(links: np.ndarray, n: int, what: str) -> None:
+    cnt = links[:, 0]
+    width = links.shape[1] - 1
+    if (cnt < 0).any() or (cnt > width).any():
+        raise FormatError(f"graph {what}: neighbour counts out of range")
+    used = np.arange(width)[None, :] < cnt[:, None]
+    ids = links[:, 1:][used]
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise FormatError(f"graph {what}: neighbour ids out of range")

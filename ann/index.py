@@ -1,0 +1,331 @@
+"""The public ANN index: faiss's call shapes, hnswlib's parameter names.
+
+    index = Index(dim, metric="l2", codec="sq8", M=16, ef_construction=200)
+    index.add(x)                         # ids 0..n-1, or add(x, ids=...) with int64 ids >= 0
+    D, I = index.search(xq, k, ef=64, rerank=32)
+    index.save("vecs.qkit")              # + vecs.qkit.vectors when full-precision vectors are kept
+    index = Index.load("vecs.qkit")      # memory-mapped, checksummed, no pickle
+
+Distances returned by search (float32, shape (nq, k); I int64, -1 where fewer than k were found):
+    l2      squared Euclidean distance, smaller is better (faiss IndexFlatL2's convention)
+    ip      inner product, larger is better
+    cosine  cosine similarity, larger is better (vectors and queries are L2-normalized;
+            a zero vector stays zero and has similarity 0 with everything)
+Without re-ranking they are the codec's estimates; with ``rerank=R`` the best R
+candidates by codec distance are re-scored exactly from the full-precision
+vectors and the distances are exact.
+
+Full-precision vectors are kept (``keep_vectors``, default on for every codec
+but flat, whose codes are the vectors) for two uses: the graph is built on
+them, so a coarse codec does not coarsen the graph, and they serve re-ranking.
+On disk they live beside the index in ``PATH.vectors`` and are memory-mapped.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from qkit.ann import fileformat as ff
+from qkit.ann.codecs import CODECS, METRICS, Codec, FlatCodec, inner_metric, make_codec
+from qkit.ann.hnsw import Graph
+from qkit.errors import FormatError, InputError, UsageError
+
+log = logging.getLogger("qkit.ann")
+
+DEFAULT_EF = 64
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise UsageError(f"{name} must be an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; zero rows stay zero."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(n > 0, x / np.where(n > 0, n, 1), 0).astype(np.float32)
+
+
+class Index:
+    """HNSW over a vector codec, with optional exact re-ranking."""
+
+    def __init__(self, dim: int, metric: str = "l2", codec: str = "sq8", M: int = 16, ef_construction: int = 200,
+                 *, keep_vectors: bool | None = None, seed: int = 0):
+        self.dim = _check_int("dim", dim, 1, 1 << 20)
+        if metric not in METRICS:
+            raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
+        self.metric = metric
+        self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric))
+        self.ef_construction = _check_int("ef_construction", ef_construction, 1)
+        self.graph = Graph(_check_int("M", M, 2, 1024), seed=seed)
+        self.keep_vectors = (codec != "flat") if keep_vectors is None else bool(keep_vectors)
+        self.ef = DEFAULT_EF
+        self._codes = np.zeros((0, self.codec.bytes_per_vector), np.uint8)
+        self._vectors = np.zeros((0, self.dim), np.float32) if self.keep_vectors else None
+        self._labels = np.zeros(0, np.int64)
+        self.path: Path | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def ntotal(self) -> int:
+        return self.graph.n
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def M(self) -> int:
+        return self.graph.M
+
+    @property
+    def codec_name(self) -> str:
+        return self.codec.name
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self._codes[: self.ntotal]
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """Full-precision vectors as indexed (normalized for cosine), or None when not kept."""
+        return None if self._vectors is None else self._vectors[: self.ntotal]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[: self.ntotal]
+
+    @property
+    def is_trained(self) -> bool:
+        return self.codec.is_trained
+
+    def bytes_in_ram(self, rerank: bool = False) -> int:
+        """What search reads: codes, graph, id map, and the full-precision vectors when it re-ranks."""
+        b = self.codes.nbytes + self.graph.nbytes() + self.labels.nbytes
+        if rerank and self.vectors is not None and not isinstance(self.codec, FlatCodec):
+            b += self.vectors.nbytes
+        return b
+
+    def __repr__(self) -> str:
+        return (f"Index(dim={self.dim}, metric={self.metric!r}, codec={self.codec.name!r}, M={self.M}, "
+                f"ef_construction={self.ef_construction}, ntotal={self.ntotal})")
+
+    # ---------------------------------------------------------------- input checks
+    def _as_vectors(self, x, what: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 1 and x.shape[0] == self.dim:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"{what} must have shape (n, {self.dim}), got {tuple(x.shape)}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise InputError(f"{what} must be numeric, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise InputError(f"{what} row {bad} contains NaN or Inf (or overflows float32)")
+        if self.metric == "cosine":
+            x = normalize_rows(x)
+        return x
+
+    # ---------------------------------------------------------------- build
+    def train(self, x) -> None:
+        """Fit the codec's grid (sq8/sq4 ranges); add() does this on its first call when needed."""
+        x = self._as_vectors(x, "training vectors")
+        if len(x) == 0:
+            raise InputError("training needs at least one vector")
+        self.codec.fit(x)
+
+    def add(self, x, ids=None, *, threads: int = 1, progress=None) -> None:
+        """Insert vectors (n, dim); ids: int64 >= 0, unique (default: ntotal .. ntotal+n-1).
+
+        threads: worker threads for the insertion (each locks one node's links at a time).
+        progress: optional callable(done, total) called between chunks."""
+        threads = _check_int("threads", threads, 1, 1024)
+        x = self._as_vectors(x, "vectors")
+        n = len(x)
+        if n == 0:
+            return
+        labels = self._new_labels(ids, n)
+        if not self.codec.is_trained:
+            self.codec.fit(x)
+        self._make_writeable()
+        first, last = self.graph.reserve(n)
+        self._codes = _fit_rows(self._codes, last)
+        self._labels = _fit_rows(self._labels, last)
+        self._labels[first:last] = labels
+        # encode and link in chunks, so progress can be reported and memory for codes stays bounded
+        chunk = max(1024, min(n, 65536))
+        if self._vectors is not None:
+            self._vectors = _fit_rows(self._vectors, last)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            self._codes[first + s: first + e] = self.codec.encode(x[s:e])
+            if self._vectors is not None:
+                self._vectors[first + s: first + e] = x[s:e]
+            bc, bcodes = self._build_codec()
+            self.graph.insert(bc, bcodes, first + s, first + e, self.ef_construction, threads)
+            if progress is not None:
+                progress(e, n)
+
+    def _build_codec(self) -> tuple[Codec, np.ndarray]:
+        """The graph is built on full-precision vectors when kept, else on the codes themselves."""
+        if self._vectors is not None and not isinstance(self.codec, FlatCodec):
+            return FlatCodec(self.dim, self.codec.metric), self._vectors.view(np.uint8)
+        return self.codec, self._codes
+
+    def _new_labels(self, ids, n: int) -> np.ndarray:
+        if ids is None:
+            start = int(self.labels.max()) + 1 if self.ntotal else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        ids = np.asarray(ids)
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids must be {n} integers (one per vector), got shape {ids.shape} of {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if (ids < 0).any():
+            raise InputError("ids must be >= 0 (-1 marks a missing result)")
+        if len(np.unique(ids)) != n:
+            raise InputError("ids contain duplicates")
+        if self.ntotal and np.isin(ids, self.labels).any():
+            dup = int(ids[np.isin(ids, self.labels)][0])
+            raise InputError(f"id {dup} is already in the index")
+        return ids
+
+    def _make_writeable(self) -> None:
+        """After a memory-mapped load, adding copies the arrays into memory once."""
+        for name in ("_codes", "_labels", "_vectors"):
+            a = getattr(self, name)
+            if a is not None and not a.flags.writeable:
+                setattr(self, name, np.array(a))
+
+    # ---------------------------------------------------------------- search
+    def search(self, xq, k: int, ef: int | None = None, rerank: int = 0, *, threads: int = 1):
+        """D, I = search(xq, k): the k nearest of each query row (see the module docstring for D's meaning).
+
+        ef: the search beam (hnswlib's ef), default index.ef (64), raised to k (and to rerank).
+        rerank: re-score the best `rerank` codec candidates exactly (needs kept vectors; >= k).
+        threads: split the queries over this many threads (the C search releases the GIL)."""
+        if self.ntotal == 0:
+            raise UsageError("the index is empty: add vectors before searching")
+        k = _check_int("k", k, 1)
+        if k > self.ntotal:
+            raise UsageError(f"k={k} is larger than the index ({self.ntotal} vectors)")
+        ef = self.ef if ef is None else _check_int("ef", ef, 1)
+        rerank = _check_int("rerank", rerank, 0)
+        threads = _check_int("threads", threads, 1, 1024)
+        exact = None
+        if rerank and not isinstance(self.codec, FlatCodec):
+            if self.vectors is None:
+                raise UsageError("rerank needs the full-precision vectors, which this index does not keep")
+            rerank = max(rerank, k)
+            exact = self.vectors
+        else:
+            rerank = 0
+        ef = max(ef, k, rerank)
+        xq = self._as_vectors(xq, "queries")
+
+        def run(q):
+            return self.graph.search(self.codec, self.codes, q, k, ef, rerank, exact)
+
+        if threads == 1 or len(xq) < 2 * threads:
+            D, I = run(xq)
+        else:
+            parts = np.array_split(np.arange(len(xq)), threads)
+            with cf.ThreadPoolExecutor(threads) as ex:
+                res = list(ex.map(lambda p: run(xq[p[0]: p[-1] + 1]), parts))
+            D = np.concatenate([r[0] for r in res])
+            I = np.concatenate([r[1] for r in res])
+        found = I >= 0
+        I = np.where(found, self.labels[np.where(found, I, 0)], -1)
+        if self.codec.metric == "ip":   # internal distances are -ip: return the similarity
+            D = np.where(found, -D, -np.inf).astype(np.float32)
+        return D, I
+
+    # ---------------------------------------------------------------- files
+    def save(self, path) -> int:
+        """Write the index (and PATH.vectors when vectors are kept) atomically; returns bytes on disk."""
+        path = Path(path)
+        if self.ntotal == 0:
+            raise UsageError("refusing to save an empty index")
+        vec_crc, total = None, 0
+        if self.vectors is not None:
+            vpath = vectors_path(path)
+            fixed = ff.VECTOR_FIELDS.pack(self.dim, self.ntotal)
+            total += ff.write_file(vpath, ff.MAGIC_VECTORS, fixed, {}, {"vectors": self.vectors})
+            vec_crc = _data_crc(vpath)
+        params, carrays = self.codec.state()
+        g = self.graph
+        fixed = ff.INDEX_FIELDS.pack(self.dim, ff.METRIC_CODES[self.metric], g.M, g.M0, self.ef_construction,
+                                     self.ntotal, g.n_upper, g.entry, g.max_level, g.seed,
+                                     self.codec.name.encode(), int(self.vectors is not None))
+        arrays = dict(g.arrays(), labels=self.labels, codes=self.codes,
+                      **{f"codec.{k}": v for k, v in carrays.items()})
+        meta = {"codec_params": params, "vectors_crc": vec_crc, "ef": self.ef}
+        total += ff.write_file(path, ff.MAGIC_INDEX, fixed, meta, arrays)
+        self.path = path
+        return total
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, *, verify: bool = True) -> "Index":
+        """Open an index written by save(); memory-mapped read-only when mmap (adding copies it in)."""
+        c = ff.read_file(path, ff.MAGIC_INDEX, ff.INDEX_FIELDS.size, mmap=mmap, verify=verify)
+        (dim, metric_code, M, M0, efc, ntotal, n_upper, entry, max_level, seed, codec_b,
+         has_vectors) = ff.INDEX_FIELDS.unpack(c.fixed)
+        metrics = {v: k for k, v in ff.METRIC_CODES.items()}
+        codec_name = codec_b.rstrip(b"\0").decode("ascii", "replace")
+        if metric_code not in metrics or codec_name not in CODECS or not (1 <= dim <= 1 << 20) or \
+                not (2 <= M <= 1024) or M0 < M or efc < 1:
+            raise FormatError(f"{path}: header fields out of range (metric {metric_code}, codec {codec_name!r})")
+        idx = cls(dim, metrics[metric_code], codec_name, M, efc, keep_vectors=bool(has_vectors), seed=seed)
+        a = c.arrays
+        try:
+            carrays = {k[len("codec."):]: v for k, v in a.items() if k.startswith("codec.")}
+            idx.codec = type(idx.codec).from_state(dim, idx.codec.metric, c.meta.get("codec_params", {}), carrays)
+            codes, labels = a["codes"], a["labels"]
+            idx.graph = Graph.from_arrays(M, M0, seed, entry, max_level, a["links0"], a["upper"], a["upper_off"],
+                                          a["level"])
+        except KeyError as e:
+            raise FormatError(f"{path}: missing array {e.args[0]!r}") from None
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        if idx.graph.n != ntotal or len(idx.graph.upper) != n_upper or codes.shape != (ntotal, idx.codec.bytes_per_vector) \
+                or labels.shape != (ntotal,) or codes.dtype != np.uint8 or labels.dtype != np.int64:
+            raise FormatError(f"{path}: array sizes do not match the header")
+        idx._codes, idx._labels = codes, labels
+        idx.ef = int(c.meta.get("ef", DEFAULT_EF))
+        if has_vectors:
+            vpath = vectors_path(path)
+            v = ff.read_file(vpath, ff.MAGIC_VECTORS, ff.VECTOR_FIELDS.size, mmap=mmap, verify=verify)
+            vdim, vn = ff.VECTOR_FIELDS.unpack(v.fixed)
+            vec = v.arrays.get("vectors")
+            if vdim != dim or vn != ntotal or vec is None or vec.shape != (ntotal, dim) or vec.dtype != np.float32:
+                raise FormatError(f"{vpath}: does not match its index (dim/count)")
+            if c.meta.get("vectors_crc") not in (None, _data_crc(vpath)):
+                raise FormatError(f"{vpath}: belongs to a different save of the index")
+            idx._vectors = vec
+        idx.path = Path(path)
+        return idx
+
+
+def vectors_path(path) -> Path:
+    """The re-rank store beside an index: INDEX.vectors."""
+    return Path(str(path) + ".vectors")
+
+
+def _data_crc(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<I", f.read(28)[24:28])[0]
+
+
+def _fit_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    if len(a) >= rows and a.flags.writeable:
+        return a
+    cap = max(rows, 2 * len(a), 16)
+    out = np.zeros((cap,) + a.shape[1:], a.dtype)
+    out[: len(a)] = a[: len(a)]
+    return out

@@ -1,0 +1,326 @@
+"""qkit.ann: codec distances against numpy, HNSW recall against brute force, files, threads, bad input."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkit.ann import Index, make_codec, vectors_path
+from qkit.ann import fileformat as ff
+from qkit.ann.hnsw import Graph
+from qkit.errors import FormatError, InputError, UsageError
+from qkit.ext import _hnsw, cpu_flags
+
+ISAS = [0] + ([1] if cpu_flags().get("avx2") else [])
+
+
+def clustered(n, d, n_clusters=64, seed=0, spread=1.0):
+    """Gaussian clusters: the shape of real embedding sets, harder for a graph than uniform noise."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d)) * 4
+    return (centers[rng.integers(0, n_clusters, n)] + spread * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def brute_force(x, q, k, metric):
+    """Exact top-k ids, float64, the independent reference for recall."""
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cosine":
+        x64 = x64 / np.maximum(np.linalg.norm(x64, axis=1, keepdims=True), 1e-300)
+        q64 = q64 / np.maximum(np.linalg.norm(q64, axis=1, keepdims=True), 1e-300)
+    if metric == "l2":
+        d = (q64 ** 2).sum(1)[:, None] - 2 * q64 @ x64.T + (x64 ** 2).sum(1)[None, :]
+    else:
+        d = -(q64 @ x64.T)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def recall(I, gt, k=10):
+    return float(np.mean([len(set(I[i, :k]) & set(gt[i, :k])) / k for i in range(len(gt))]))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(10_000, 48, seed=1)
+    q = clustered(200, 48, seed=2)   # same centers? no: a different seed gives other centers, so draw from x's
+    rng = np.random.default_rng(3)
+    q = (x[rng.integers(0, len(x), 200)] + 0.5 * rng.normal(size=(200, 48))).astype(np.float32)
+    return x, q
+
+
+@pytest.fixture(scope="module")
+def built(data):
+    x, _ = data
+    out = {}
+    for codec in ("flat", "sq8", "sq4"):
+        idx = Index(48, "l2", codec, M=16, ef_construction=100)
+        idx.add(x)
+        out[codec] = idx
+    return out
+
+
+# ------------------------------------------------------------------ codecs
+def _numpy_sq(x, bits):
+    """Independent reference: per-dimension [min, max] split into 2^bits - 1 steps, nearest code."""
+    lo, hi = x.min(0), x.max(0)
+    step = np.where(hi > lo, (hi - lo) / (2 ** bits - 1), 1)
+    return np.clip(np.round((x - lo) / step), 0, 2 ** bits - 1).astype(np.uint8), lo, step
+
+
+@pytest.mark.parametrize("codec,bits", [("sq8", 8), ("sq4", 4)])
+def test_sq_codes_match_numpy_reference(codec, bits):
+    x = clustered(500, 21, seed=4)
+    c = make_codec(codec, 21).fit(x)
+    ref, lo, step = _numpy_sq(x, bits)
+    got = c.quantize(x)
+    # float32 vs float64 rounding may move a value sitting exactly between two codes
+    assert np.mean(got == ref) > 0.999 and np.abs(got.astype(int) - ref).max() <= 1
+    np.testing.assert_allclose(c.vmin, lo, rtol=1e-6)
+    np.testing.assert_allclose(c.step, step, rtol=1e-5)
+    err = np.abs(c.decode(c.encode(x)) - x)
+    assert (err <= c.step / 2 * 1.001 + 1e-6).all()   # nearest grid point: at most half a step away
+
+
+@pytest.mark.parametrize("codec", ["flat", "sq8", "sq4"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [1, 7, 8, 15, 16, 17, 33, 100])
+def test_compiled_codec_distance_equals_numpy(codec, metric, isa, d):
+    x = clustered(64, d, seed=d)
+    q = clustered(1, d, seed=d + 100)[0]
+    c = make_codec(codec, d, metric).fit(x)
+    codes = c.encode(x)
+    p0, p1 = c.c_params()
+    got = _hnsw.codec_distances(c.c_kind, 0 if metric == "l2" else 1, d, codes, p0, p1, isa, q)
+    want = c.distances(q, codes)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3 * (np.abs(want).max() + 1) / 100)
+    dec = _hnsw.codec_decode(c.c_kind, 0, d, codes, p0, p1)
+    np.testing.assert_allclose(dec, c.decode(codes), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_sq4_pack_roundtrip_any_shape(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    c = make_codec("sq4", d).fit(x)
+    codes = c.encode(x)
+    assert codes.shape == (n, (d + 1) // 2) and codes.dtype == np.uint8
+    np.testing.assert_array_equal(c.quantize(c.decode(codes)), c.quantize(x))
+
+
+def test_constant_dimension_and_outside_range():
+    x = np.zeros((10, 4), np.float32)
+    x[:, 1] = np.arange(10)
+    c = make_codec("sq8", 4).fit(x)          # constant columns: step 1, codes 0
+    assert np.isfinite(c.step).all() and (c.step > 0).all()
+    np.testing.assert_allclose(c.decode(c.encode(x)), x, atol=9 / 255 / 2 + 1e-6)   # half a step
+    far = np.full((1, 4), 1e6, np.float32)   # clipped to the fitted range, as faiss's SQ does
+    assert c.decode(c.encode(far))[0, 1] == pytest.approx(9.0)
+
+
+# ------------------------------------------------------------------ recall
+@pytest.mark.parametrize("codec,rerank", [("flat", 0), ("sq8", 32), ("sq4", 32)])
+def test_recall_at_10_against_brute_force(data, built, codec, rerank):
+    x, q = data
+    gt = brute_force(x, q, 10, "l2")
+    D, I = built[codec].search(q, 10, ef=64, rerank=rerank)
+    assert recall(I, gt) >= 0.95
+    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (len(q), 10)
+    assert (np.diff(D, axis=1) >= -1e-5).all()     # l2: ascending
+
+
+def test_flat_and_reranked_distances_are_exact(data, built):
+    x, q = data
+    for codec, rr in (("flat", 0), ("sq8", 32)):
+        D, I = built[codec].search(q[:20], 5, rerank=rr)
+        exact = ((q[:20, None, :].astype(np.float64) - x[I].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(D, exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_ip_and_cosine(metric):
+    x = clustered(4000, 32, seed=5)
+    rng = np.random.default_rng(6)
+    q = (x[rng.integers(0, len(x), 100)] + 0.3 * rng.normal(size=(100, 32))).astype(np.float32)
+    idx = Index(32, metric, "sq8", M=16, ef_construction=100)
+    idx.add(x)
+    D, I = idx.search(q, 10, ef=128, rerank=40)
+    assert recall(I, brute_force(x, q, 10, metric)) >= 0.95
+    assert (np.diff(D, axis=1) <= 1e-5).all()     # similarities: descending
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x
+    qs = q / np.linalg.norm(q, axis=1, keepdims=True) if metric == "cosine" else q
+    np.testing.assert_allclose(D[:, 0], (xs[I[:, 0]] * qs).sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_build_keeps_recall_and_graph_invariants(data):
+    x, q = data
+    gt = brute_force(x, q, 10, "l2")
+    idx = Index(48, "l2", "flat", M=12, ef_construction=100)
+    idx.add(x, threads=4)
+    _, I = idx.search(q, 10, ef=64)
+    assert recall(I, gt) >= 0.95
+    g = idx.graph
+    cnt = g.links0[: g.n, 0]
+    assert cnt.max() <= g.M0 and (cnt > 0).all()
+    for i in range(0, g.n, 97):     # no self links, no duplicates
+        nb = g.links0[i, 1: 1 + cnt[i]]
+        assert i not in nb and len(set(nb)) == len(nb)
+    Graph.from_arrays(g.M, g.M0, g.seed, g.entry, g.max_level, *g.arrays().values())   # the file checks pass
+
+
+def test_levels_follow_the_paper_distribution():
+    g = Graph(M=16)
+    lv = g.random_levels(200_000)
+    # P(level >= l) = M^-l (mL = 1/ln M)
+    for l in (1, 2):
+        assert np.mean(lv >= l) == pytest.approx(16.0 ** -l, rel=0.1)
+
+
+def test_incremental_add_and_ids(data):
+    x, q = data
+    idx = Index(48, "l2", "sq8", M=16, ef_construction=100)
+    ids = np.arange(len(x), dtype=np.int64) * 10 + 7
+    idx.add(x[:6000], ids=ids[:6000])
+    idx.add(x[6000:], ids=ids[6000:], threads=2)
+    _, I = idx.search(q, 10, rerank=32)
+    gt = brute_force(x, q, 10, "l2")
+    assert recall((I - 7) // 10, gt) >= 0.95
+    with pytest.raises(InputError, match="already in the index"):
+        idx.add(x[:1], ids=[ids[5]])
+    with pytest.raises(InputError, match="duplicates"):
+        idx.add(x[:2], ids=[1, 1])
+    with pytest.raises(InputError, match=">= 0"):
+        idx.add(x[:1], ids=[-1])
+
+
+# ------------------------------------------------------------------ files
+@pytest.mark.parametrize("codec", ["flat", "sq4"])
+def test_save_load_mmap_identical(tmp_path, data, built, codec):
+    x, q = data
+    idx = built[codec]
+    path = tmp_path / "a.qkit"
+    size = idx.save(path)
+    assert path.exists() and vectors_path(path).exists() == (codec != "flat")
+    assert size == path.stat().st_size + (vectors_path(path).stat().st_size if codec != "flat" else 0)
+    rr = 32 if codec != "flat" else 0
+    want = idx.search(q, 10, rerank=rr)
+    for mmap in (True, False):
+        got = Index.load(path, mmap=mmap).search(q, 10, rerank=rr)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    loaded = Index.load(path)
+    assert isinstance(loaded.codes, np.memmap) and loaded.bytes_in_ram() == idx.bytes_in_ram()
+    extra = clustered(100, 48, seed=9)
+    loaded.add(extra)     # adding to a memory-mapped index copies it in; the file is untouched
+    assert loaded.ntotal == idx.ntotal + 100
+    assert Index.load(path).ntotal == idx.ntotal
+    _, I = loaded.search(extra[:5], 1, rerank=rr)
+    np.testing.assert_array_equal(I[:, 0], np.arange(idx.ntotal, idx.ntotal + 5))
+
+
+def test_concurrent_searches_equal_serial(data, built):
+    _, q = data
+    idx = built["sq8"]
+    want = idx.search(q, 10, rerank=32)
+    results = [None] * 4
+
+    def run(t):
+        results[t] = idx.search(q, 10, rerank=32)
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for r in results:
+        np.testing.assert_array_equal(r[1], want[1])
+    np.testing.assert_array_equal(idx.search(q, 10, rerank=32, threads=4)[1], want[1])
+
+
+def _saved(tmp_path, built):
+    p = tmp_path / "i.qkit"
+    built["sq8"].save(p)
+    return p
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path, built):
+    p = _saved(tmp_path, built)
+    raw = bytearray(p.read_bytes())
+    bad = tmp_path / "bad.qkit"
+    for what, blob, msg in [
+        ("flip data", raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:], "checksum"),
+        ("flip header", raw[:40] + bytes([raw[40] ^ 1]) + raw[41:], "checksum"),
+        ("truncated", raw[: len(raw) // 2], "truncated|past the end"),
+        ("tiny", raw[:10], "too short"),
+        ("foreign", b"PK\x03\x04" + raw[4:], "not a qkit index"),
+        ("newer", raw[:8] + (99).to_bytes(4, "little") + raw[12:], "version 99"),
+    ]:
+        bad.write_bytes(bytes(blob))
+        with pytest.raises(FormatError, match=msg):
+            Index.load(bad)
+    with pytest.raises(FormatError, match="qkit vectors file"):
+        Index.load(vectors_path(p))
+    with pytest.raises(InputError, match="no such"):
+        Index.load(tmp_path / "missing.qkit")
+    # a vectors file from another save is refused: other count, or same count and other vectors
+    x = clustered(1000, 48, seed=11)
+    for other_rows, msg in ((slice(0, 400), "does not match"), (slice(500, 1000), "different save")):
+        a, b = Index(48, codec="sq8", ef_construction=20), Index(48, codec="sq8", ef_construction=20)
+        a.add(x[:500])
+        b.add(x[other_rows])
+        a.save(tmp_path / "a.qkit")
+        b.save(tmp_path / "b.qkit")
+        vectors_path(tmp_path / "a.qkit").write_bytes(vectors_path(tmp_path / "b.qkit").read_bytes())
+        with pytest.raises(FormatError, match=msg):
+            Index.load(tmp_path / "a.qkit")
+
+
+def test_valid_checksums_but_bad_links_are_refused(tmp_path, built):
+    """A crafted file with correct checksums must not reach the C walk with out-of-range ids."""
+    p = _saved(tmp_path, built)
+    c = ff.read_file(p, ff.MAGIC_INDEX, ff.INDEX_FIELDS.size, mmap=False)
+    arrays = {k: np.array(v) for k, v in c.arrays.items()}
+    meta = {k: v for k, v in c.meta.items() if k != "arrays"}
+    arrays["links0"][3, 1] = 10 ** 6
+    ff.write_file(tmp_path / "evil.qkit", ff.MAGIC_INDEX, c.fixed, meta, arrays)
+    with pytest.raises(FormatError, match="neighbour ids out of range"):
+        Index.load(tmp_path / "evil.qkit")
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_messages(built, data):
+    x, q = data
+    idx = built["sq8"]
+    with pytest.raises(InputError, match=r"shape \(n, 48\)"):
+        idx.search(q[:, :10], 5)
+    with pytest.raises(UsageError, match="larger than the index"):
+        idx.search(q, len(x) + 1)
+    qn = q[:3].copy()
+    qn[1, 4] = np.nan
+    with pytest.raises(InputError, match="row 1 contains NaN"):
+        idx.search(qn, 5)
+    with pytest.raises(UsageError, match="empty"):
+        Index(48, codec="sq8").search(q, 5)
+    with pytest.raises(UsageError, match="unknown codec 'pq'"):
+        Index(48, codec="pq")
+    with pytest.raises(UsageError, match="unknown metric"):
+        Index(48, metric="hamming")
+    with pytest.raises(UsageError, match="M must be"):
+        Index(48, M=1)
+    with pytest.raises(UsageError, match="rerank needs"):
+        i2 = Index(48, codec="sq8", keep_vectors=False)
+        i2.add(x[:100])
+        i2.search(q, 5, rerank=10)
+    with pytest.raises(InputError, match="NaN"):
+        Index(48).add(np.full((2, 48), np.inf, np.float32))
+
+
+def test_sq_without_kept_vectors_builds_on_codes(data):
+    x, q = data
+    idx = Index(48, "l2", "sq8", keep_vectors=False, ef_construction=100)
+    idx.add(x[:3000])
+    assert idx.vectors is None
+    _, I = idx.search(q, 10, ef=64)
+    assert recall(I, brute_force(x[:3000], q, 10, "l2")) >= 0.9
