@@ -97,6 +97,10 @@ cli.add_command(quantize_cmd)
 cli.add_command(imatrix_cmd)
 cli.add_command(eval_group)
 
+from qkit.cli.ann import ann_group  # noqa: E402
+
+cli.add_command(ann_group)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)

