@@ -12,10 +12,17 @@ Distances here are "smaller is nearer": squared L2, or minus the inner
 product for "ip" (cosine is inner product on unit vectors; the index
 normalizes). The Index turns them into what users expect.
 
-Codecs in this module:
-    flat  float32 as is (4 bytes per dimension)
-    sq8   affine grid per dimension, 8 bits: x ~ vmin + step * c, c in 0..255
-    sq4   the same with 4 bits, two dimensions per byte (low nibble first)
+Codecs in this module (names used everywhere: CLI, files, JSON):
+    flat           float32 as is (4 bytes per dimension)
+    sq8            affine grid per dimension, 8 bits: x ~ vmin + step * c, c in 0..255
+    sq4            the same with 4 bits, two dimensions per byte (low nibble first)
+    rabitq1..9     RaBitQ with 1..9 total bits per dimension (qkit.rabitq)
+    tq1..8         TurboQuant, MSE variant, b bits per coordinate (qkit.turboquant)
+    tqp2..8        TurboQuant, inner-product variant (b-1 MSE bits + 1-bit QJL residual)
+    qjl            1-bit quantized JL sketch, m = dim, inner products (qkit.qjl)
+The graph walks on the codecs with a compiled distance (``GRAPH_CODECS``);
+the others serve brute-force scans (qkit.eval.bench_codecs) until their
+kernels enter the graph.
 The per-dimension grid is qkit.affine's (block = one whole column, float zero),
 fitted on the vectors the index is trained on; later vectors outside that
 range are clipped to it, as faiss's ScalarQuantizer does.
@@ -210,12 +217,132 @@ class SQ4Codec(SQCodec):
         return self.dequantize(unpack_nibbles(np.asarray(codes), self.dim))
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
+class WrappedCodec(Codec):
+    """A quantizer from qkit (RaBitQ, TurboQuant, QJL) seen through the codec interface (no graph kernel yet)."""
+
+    c_kind = None
+    family: ClassVar[str]
+
+    def __init__(self, dim: int, metric: str = "l2", bits: int = 1, *, seed: int = 0):
+        super().__init__(dim, metric)
+        self.bits = int(bits)
+        self.seed = int(seed)
+        self.q = self._make()
+
+    def _make(self):
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}{self.bits}" if self.family != "qjl" else "qjl"
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return self.q.bytes_per_vector
+
+    @property
+    def is_trained(self) -> bool:
+        return self.q.is_trained
+
+    def fit(self, X):
+        self.q.fit(np.asarray(X, np.float32))
+        return self
+
+    def encode(self, X):
+        return self.q.encode(np.asarray(X, np.float32))
+
+    def decode(self, codes):
+        return self.q.decode(codes)
+
+    def distances(self, query, codes):
+        return self.q.distances(query, codes, inner_metric(self.metric))
+
+    def c_params(self):
+        raise UsageError(f"codec {self.name} has no compiled graph distance yet; the graph walks on "
+                         f"{', '.join(GRAPH_CODECS)}")
+
+    def state(self):
+        params, arrays = self.q.state()
+        return dict(params, seed=self.seed), arrays
 
 
-def make_codec(name: str, dim: int, metric: str = "l2") -> Codec:
-    try:
-        cls = CODECS[name]
-    except KeyError:
-        raise UsageError(f"unknown codec {name!r}: expected one of {', '.join(CODECS)}") from None
-    return cls(dim, metric)
+class RaBitQCodec(WrappedCodec):
+    family = "rabitq"
+
+    def _make(self):
+        from qkit.rabitq import RaBitQ
+
+        return RaBitQ(self.dim, self.bits, query_bits=4 if self.bits == 1 else None, seed=self.seed)
+
+    def distances_many(self, Q, codes):
+        """(nq, n) estimates with float queries, for brute-force scans."""
+        return self.q.distances_many(Q, codes, inner_metric(self.metric))
+
+    @classmethod
+    def from_state(cls, dim, metric, params, arrays):
+        from qkit.rabitq import RaBitQ
+
+        c = cls.__new__(cls)
+        Codec.__init__(c, dim, metric)
+        c.q = RaBitQ.from_state(dim, params, arrays)
+        c.bits, c.seed = c.q.bits, c.q.rot.seed
+        return c
+
+
+class QJLCodec(WrappedCodec):
+    family = "qjl"
+
+    def _make(self):
+        from qkit.qjl import QJL
+
+        return QJL(self.dim, seed=self.seed, metric=self.metric)
+
+    def distances(self, query, codes):
+        return self.q.distances(query, codes)
+
+    @classmethod
+    def from_state(cls, dim, metric, params, arrays):
+        from qkit.qjl import QJL
+
+        c = cls.__new__(cls)
+        Codec.__init__(c, dim, metric)
+        c.q = QJL.from_state(dim, metric, params, arrays)
+        c.bits, c.seed = 1, int(params.get("seed", 0))
+        return c
+
+
+GRAPH_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
+_FAMILIES: dict[str, tuple[type[WrappedCodec], range]] = {"rabitq": (RaBitQCodec, range(1, 10)),
+                                                          "qjl": (QJLCodec, range(1, 2))}
+
+
+def codec_names() -> list[str]:
+    names = list(GRAPH_CODECS)
+    for fam, (_, bits) in _FAMILIES.items():
+        names += ["qjl"] if fam == "qjl" else [f"{fam}{b}" for b in bits]
+    return names
+
+
+def _parse(name: str) -> tuple[type[Codec], int | None]:
+    if name in GRAPH_CODECS:
+        return GRAPH_CODECS[name], None
+    for fam in sorted(_FAMILIES, key=len, reverse=True):   # "tqp" before "tq"
+        cls, bits = _FAMILIES[fam]
+        rest = name[len(fam):]
+        if name.startswith(fam) and (fam == "qjl" and rest == "" or rest.isdigit() and int(rest) in bits):
+            return cls, (1 if fam == "qjl" else int(rest))
+    raise UsageError(f"unknown codec {name!r}: expected one of {', '.join(codec_names())}")
+
+
+def codec_class(name: str) -> type[Codec]:
+    return _parse(name)[0]
+
+
+def make_codec(name: str, dim: int, metric: str = "l2", *, seed: int = 0) -> Codec:
+    cls, bits = _parse(name)
+    if bits is None:
+        return cls(dim, metric)
+    return cls(dim, metric, bits, seed=seed)
+
+
+CODECS = GRAPH_CODECS   # what an Index can hold today

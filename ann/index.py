@@ -62,6 +62,10 @@ class Index:
         if metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
         self.metric = metric
+        if codec not in CODECS:
+            make_codec(codec, self.dim)   # an unknown name fails here with the full list
+            raise UsageError(f"codec {codec!r} is not walkable by the graph yet; the index takes "
+                             f"{', '.join(CODECS)} (qkit.eval.bench_codecs scans the others)")
         self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric))
         self.ef_construction = _check_int("ef_construction", ef_construction, 1)
         self.graph = Graph(_check_int("M", M, 2, 1024), seed=seed)
