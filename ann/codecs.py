@@ -90,6 +90,14 @@ class Codec(ABC):
             return ((X - q) ** 2).sum(axis=1).astype(np.float32)
         return (-(X @ q)).astype(np.float32)
 
+    def distances_many(self, Q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """(nq, n) estimates for many queries: decode once, one matrix product (brute-force scans)."""
+        X = self.decode(codes).astype(np.float32)
+        Q = np.asarray(Q, np.float32)
+        if inner_metric(self.metric) == "l2":
+            return ((X * X).sum(1)[None, :] - 2 * Q @ X.T + (Q * Q).sum(1)[:, None]).astype(np.float32)
+        return (-(Q @ X.T)).astype(np.float32)
+
     # ---- what the compiled graph and the file format need
     def c_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The two float32 per-dimension arrays the C distance reads (None for flat)."""
