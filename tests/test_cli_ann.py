@@ -96,3 +96,17 @@ def test_bench_help_and_bad_dataset(capsys):
     assert main(["ann", "bench", "--help"]) == 0
     assert "hnswlib" in capsys.readouterr().out
     assert main(["ann", "bench", "sift-1m"]) == 2
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_fashion_mnist_end_to_end(tmp_path, capsys):
+    """The issue's workflow on real data: build sq4 with 2 threads, search the held-out queries by name."""
+    idx = tmp_path / "fm.qkit"
+    assert main(["ann", "build", "fashion-mnist", "--codec", "sq4", "--threads", "2", "-o", str(idx)]) == 0
+    assert main(["ann", "search", str(idx), "fashion-mnist", "-k", "10", "--ef", "64", "--rerank", "32",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["n_queries"] == 10_000 and s["recall_at_k"] >= 0.97
+    # the graph, 4-bit codes and the float re-rank store: 784 * 4 + 392 bytes plus links per vector
+    assert 3000 * 60_000 < s["index_bytes_in_ram"] < 4500 * 60_000
