@@ -308,6 +308,10 @@ class QJLCodec(WrappedCodec):
     def distances(self, query, codes):
         return self.q.distances(query, codes)
 
+    def distances_many(self, Q, codes):
+        # QJL's l2 uses the stored norm (not the decoded vector's): one query at a time
+        return np.stack([self.q.distances(q, codes) for q in np.asarray(Q, np.float32)])
+
     @classmethod
     def from_state(cls, dim, metric, params, arrays):
         from qkit.qjl import QJL
@@ -319,8 +323,42 @@ class QJLCodec(WrappedCodec):
         return c
 
 
+class TurboQuantCodec(WrappedCodec):
+    """tq{b}: TurboQuant MSE; tqp{b}: TurboQuant inner product (qkit.turboquant)."""
+
+    family = "tq"
+
+    def _make(self):
+        from qkit import turboquant
+
+        return turboquant.make(f"{self.family}{self.bits}", self.dim, self.metric, seed=self.seed)
+
+    def distances(self, query, codes):
+        return self.q.distances(query, codes)
+
+    def distances_many(self, Q, codes):
+        return self.q.distances(np.asarray(Q, np.float32), codes)
+
+    @classmethod
+    def from_state(cls, dim, metric, params, arrays):
+        from qkit import turboquant
+
+        c = cls.__new__(cls)
+        Codec.__init__(c, dim, metric)
+        kind = turboquant.TurboQuantProd if cls.family == "tqp" else turboquant.TurboQuantMSE
+        c.q = kind.from_state(dim, metric, params, arrays)
+        c.bits, c.seed = int(params.get("bits", 0)), int(params.get("seed", 0))
+        return c
+
+
+class TurboQuantProdCodec(TurboQuantCodec):
+    family = "tqp"
+
+
 GRAPH_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
 _FAMILIES: dict[str, tuple[type[WrappedCodec], range]] = {"rabitq": (RaBitQCodec, range(1, 10)),
+                                                          "tq": (TurboQuantCodec, range(1, 9)),
+                                                          "tqp": (TurboQuantProdCodec, range(2, 9)),
                                                           "qjl": (QJLCodec, range(1, 2))}
 
 
