@@ -27,8 +27,11 @@ import time
 
 import numpy as np
 
-DEFAULT_QKIT = ("sq8", "sq4", "rabitq1", "rabitq2", "rabitq3", "rabitq4", "rabitq5", "rabitq7", "rabitq9", "qjl")
-DEFAULT_FAISS = ("rabitq1", "rabitq4")
+DEFAULT_QKIT = ("sq8", "sq4", "rabitq1", "rabitq2", "rabitq3", "rabitq4", "rabitq5", "rabitq7", "rabitq9",
+                "tq1", "tq2", "tq3", "tq4", "tq5", "tq6", "tq7", "tq8", "tqp2", "tqp3", "tqp4", "qjl")
+# faiss 1.15.1 has TurboQuant MSE types for b = 1..4 and 8 only (SQtqmse5..7 do not exist)
+DEFAULT_FAISS = ("rabitq1", "rabitq2", "rabitq3", "rabitq4", "rabitq5", "rabitq7", "rabitq9",
+                 "tq1", "tq2", "tq3", "tq4", "tq8")
 RERANKS = (0, 50, 100)
 TOP = 100
 
