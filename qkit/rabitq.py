@@ -138,6 +138,24 @@ def _codes_window(A, L, n_t):
                 best, bj = v, j
         lo = t0 * ratio ** (bj - 2) if bj > 1 else 0.0
         hi = t0 * ratio ** (bj + 2)
+        # narrow the window with two finer grids, so the exact walk below sees few steps even for large L
+        for _ in range(2):
+            if lo <= 0:
+                break
+            r2 = (hi / lo) ** (1.0 / 15)
+            best2, bk = -1.0, 0
+            for j in range(16):
+                t = lo * r2 ** j
+                S1 = 0.0
+                S2 = 0.0
+                for i in range(D):
+                    m = min(math.floor(t * a[i]), L - 1)
+                    S1 += a[i] * (m + 0.5)
+                    S2 += (m + 0.5) * (m + 0.5)
+                v = S1 / math.sqrt(S2)
+                if v > best2:
+                    best2, bk = v, j
+            lo, hi = lo * r2 ** max(bk - 1, 0), lo * r2 ** min(bk + 1, 15)
         # state just above lo, then every step inside (lo, hi]
         S1 = 0.0
         S2 = 0.0
