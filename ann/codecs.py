@@ -41,7 +41,7 @@ from qkit.packing import pack_nibbles, unpack_nibbles
 METRICS = ("l2", "ip", "cosine")
 
 # kinds shared with ext/csrc/qk_hnsw.h
-KIND_F32, KIND_SQ8, KIND_SQ4 = 0, 1, 2
+KIND_F32, KIND_SQ8, KIND_SQ4, KIND_SQ8F, KIND_SQ4F = 0, 1, 2, 3, 4
 
 
 def inner_metric(metric: str) -> str:
@@ -193,10 +193,98 @@ class SQCodec(Codec):
         return c
 
 
-class SQ8Codec(SQCodec):
+def quantize_query(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """w on a symmetric int8 grid of one scale: (int8 codes, delta), w ~= delta * codes."""
+    wmax = float(np.abs(w).max()) if w.size else 0.0
+    delta = np.float32(wmax / 127.0) if wmax > 0 else np.float32(1.0)
+    qi = np.clip(np.rint(w.astype(np.float32) / delta), -127, 127).astype(np.int8)
+    return qi, float(delta)
+
+
+class _SQWalk(SQCodec):
+    """SQ codes as the graph walks them: codes, then float32 ||x_hat||^2, and an 8-bit query.
+
+    <q, x_hat> = <q, vmin> + sum_j (q_j step_j) c_j with w = q * step rounded to int8 (one scale per
+    query), so the sum is an integer dot product (ext/csrc/codec_dist.c); l2 adds the stored norm."""
+
+    def _packed(self, X) -> np.ndarray:
+        raise NotImplementedError
+
+    def _codes_of(self, codes) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def _cb(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return self._cb + 4
+
+    def encode(self, X):
+        packed = self._packed(X)
+        xh = self.dequantize(self._codes_of(packed)).astype(np.float64)
+        n2 = (xh * xh).sum(1).astype(np.float32)
+        return np.ascontiguousarray(np.concatenate([packed, n2[:, None].view(np.uint8)], axis=1))
+
+    def decode(self, codes):
+        return self.dequantize(self._codes_of(np.asarray(codes)[:, : self._cb]))
+
+    def distances(self, query, codes):
+        """The walk's estimate, in numpy (the compiled distance equals it)."""
+        codes = np.asarray(codes)
+        q = np.asarray(query, np.float32)
+        qi, delta = quantize_query(q * self.step)
+        c = self._codes_of(codes[:, : self._cb]).astype(np.int64)
+        ip = float(q.astype(np.float64) @ self.vmin) + delta * (c @ qi.astype(np.int64)).astype(np.float64)
+        if inner_metric(self.metric) == "l2":
+            n2 = np.ascontiguousarray(codes[:, self._cb:]).view(np.float32)[:, 0]
+            return (float(q.astype(np.float64) @ q) + n2 - 2 * ip).astype(np.float32)
+        return (-ip).astype(np.float32)
+
+    def distances_many(self, Q, codes):
+        return np.stack([self.distances(q, codes) for q in np.asarray(Q, np.float32)])
+
+
+class SQ8Codec(_SQWalk):
     name = "sq8"
     bits = 8
     c_kind = KIND_SQ8
+
+    @property
+    def _cb(self) -> int:
+        return self.dim
+
+    def _packed(self, X):
+        return self.quantize(X)
+
+    def _codes_of(self, codes):
+        return np.asarray(codes)
+
+
+class SQ4Codec(_SQWalk):
+    name = "sq4"
+    bits = 4
+    c_kind = KIND_SQ4
+
+    @property
+    def _cb(self) -> int:
+        return (self.dim + 1) // 2
+
+    def _packed(self, X):
+        return pack_nibbles(self.quantize(X))
+
+    def _codes_of(self, codes):
+        return unpack_nibbles(np.ascontiguousarray(codes), self.dim)
+
+
+# ------------------------------------------------------------------ re-rank stores
+class SQ8Store(SQCodec):
+    """An 8-bit per-dimension store for re-ranking: float query, no rounding (kind SQ8F)."""
+
+    name = "sq8"
+    bits = 8
+    c_kind = KIND_SQ8F
 
     @property
     def bytes_per_vector(self) -> int:
@@ -209,20 +297,36 @@ class SQ8Codec(SQCodec):
         return self.dequantize(np.asarray(codes))
 
 
-class SQ4Codec(SQCodec):
-    name = "sq4"
-    bits = 4
-    c_kind = KIND_SQ4
+class U8Store(SQ8Store):
+    """The source's own uint8 values (e.g. Fashion-MNIST pixels): exact, one byte per dimension."""
 
-    @property
-    def bytes_per_vector(self) -> int:
-        return (self.dim + 1) // 2
+    name = "u8"
+
+    def fit(self, X):
+        self.vmin = np.zeros(self.dim, np.float32)
+        self.step = np.ones(self.dim, np.float32)
+        return self
 
     def encode(self, X):
-        return np.ascontiguousarray(pack_nibbles(self.quantize(X)))
+        X = np.asarray(X, np.float32)
+        if X.size and (X.min() < 0 or X.max() > 255 or not np.array_equal(X, np.rint(X))):
+            raise UsageError("the u8 re-rank store holds integers 0..255 only; these vectors are not")
+        return np.ascontiguousarray(X.astype(np.uint8))
 
-    def decode(self, codes):
-        return self.dequantize(unpack_nibbles(np.asarray(codes), self.dim))
+
+class FloatStore(FlatCodec):
+    """float32 vectors: exact re-ranking, 4 bytes per dimension."""
+
+    name = "float"
+
+
+STORES: dict[str, type[Codec]] = {"float": FloatStore, "u8": U8Store, "sq8": SQ8Store}
+
+
+def is_u8_data(X: np.ndarray) -> bool:
+    """All values integers in 0..255 (the data's own bytes can serve as an exact store)."""
+    X = np.asarray(X)
+    return X.size > 0 and bool(X.min() >= 0 and X.max() <= 255 and np.array_equal(X, np.rint(X)))
 
 
 class WrappedCodec(Codec):

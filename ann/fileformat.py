@@ -22,7 +22,9 @@ fsync, rename).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -39,9 +41,10 @@ ALIGN = 64
 MAGIC_INDEX = b"QKITANN\0"
 MAGIC_VECTORS = b"QKITVEC\0"
 _PRE = struct.Struct("<8sIIIIII")  # magic, version, header_crc, header_len, meta_len, data_crc, reserved
-# index: dim, metric, M, M0, ef_construction, ntotal, n_upper, entry, max_level, seed, codec, has_vectors
+# index: dim, metric, M, M0, ef_construction, ntotal, n_upper, entry, max_level, seed, codec, store
+# (store: 0 none, 1 float, 2 u8, 3 sq8 -- the re-rank store in PATH.vectors)
 INDEX_FIELDS = struct.Struct("<IB3xIIIQQqi4xQ16sB7x")
-VECTOR_FIELDS = struct.Struct("<I4xQ")  # dim, n
+VECTOR_FIELDS = struct.Struct("<IIQ")  # dim, store kind, n
 METRIC_CODES = {"l2": 0, "ip": 1, "cosine": 2}
 _DTYPES = {"<i4": np.int32, "<i8": np.int64, "<f4": np.float32, "|u1": np.uint8}
 MAX_META = 1 << 20
@@ -51,10 +54,15 @@ def _align(x: int) -> int:
     return (x + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _crc_arrays(arrays: list[np.ndarray]) -> int:
+def _bytes(a: np.ndarray) -> memoryview:
+    """The array's bytes (empty arrays included: memoryview.cast refuses a zero in the shape)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def crc_arrays(arrays: list[np.ndarray]) -> int:
     crc = 0
     for a in arrays:
-        mv = memoryview(np.ascontiguousarray(a)).cast("B")
+        mv = _bytes(a)
         for s in range(0, len(mv), 1 << 24):
             crc = zlib.crc32(mv[s: s + (1 << 24)], crc)
     return crc
@@ -62,6 +70,24 @@ def _crc_arrays(arrays: list[np.ndarray]) -> int:
 
 def write_file(path, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, np.ndarray], *, inputs=()) -> int:
     """Write one container atomically; returns its size in bytes."""
+    return write_files([(path, magic, fixed, meta, arrays)], inputs=inputs)
+
+
+def write_files(files, *, inputs=()) -> int:
+    """Write containers [(path, magic, fixed, meta, arrays), ...] to temporary names, then rename them
+    in order, last one last: a failure while writing leaves every old file in place. Returns bytes."""
+    total = 0
+    with contextlib.ExitStack() as stack:
+        # ExitStack unwinds in reverse: enter the last file first so it is renamed last
+        tmps = [None] * len(files)
+        for i in reversed(range(len(files))):
+            tmps[i] = stack.enter_context(atomic_path(files[i][0], inputs=inputs))
+        for tmp, (_, magic, fixed, meta, arrays) in zip(tmps, files):
+            total += _write_container(tmp, magic, fixed, meta, arrays)
+    return total
+
+
+def _write_container(tmp, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, np.ndarray]) -> int:
     table, offset = [], 0
     ordered = [(k, np.ascontiguousarray(v)) for k, v in arrays.items()]
     # offsets are relative to header_len, fixed after the JSON length is known: two passes
@@ -74,7 +100,7 @@ def write_file(path, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, n
     meta = dict(meta, arrays=table)
     blob = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
     header_len = _align(_PRE.size + len(fixed) + len(blob))
-    data_crc = _crc_arrays([a for _, a in ordered])
+    data_crc = crc_arrays([a for _, a in ordered])
     body = fixed + blob
     head = bytearray(header_len)
     struct.pack_into("<IIII", head, 12 + 4, header_len, len(blob), data_crc, 0)
@@ -82,23 +108,21 @@ def write_file(path, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, n
     head[0:8] = magic
     struct.pack_into("<I", head, 8, VERSION)
     struct.pack_into("<I", head, 12, zlib.crc32(bytes(head[16:header_len])))
-    with atomic_path(path, inputs=inputs) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            pos = header_len
-            for (name, a), t in zip(ordered, table):
-                start = header_len + t["offset"]
-                if start > pos:
-                    f.write(b"\0" * (start - pos))
-                f.write(memoryview(a).cast("B"))
-                pos = start + a.nbytes
-            end = header_len + offset
-            if end > pos:
-                f.write(b"\0" * (end - pos))
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-    return size
+    with open(tmp, "wb") as f:
+        f.write(head)
+        pos = header_len
+        for (name, a), t in zip(ordered, table):
+            start = header_len + t["offset"]
+            if start > pos:
+                f.write(b"\0" * (start - pos))
+            f.write(_bytes(a))
+            pos = start + a.nbytes
+        end = header_len + offset
+        if end > pos:
+            f.write(b"\0" * (end - pos))
+        f.flush()
+        os.fsync(f.fileno())
+    return os.path.getsize(tmp)
 
 
 @dataclass
@@ -108,6 +132,7 @@ class Container:
     meta: dict
     arrays: dict[str, np.ndarray]
     size: int
+    data_crc: int
 
 
 def read_file(path, magic: bytes, fixed_size: int, *, mmap: bool = True, verify: bool = True) -> Container:
@@ -147,7 +172,7 @@ def read_file(path, magic: bytes, fixed_size: int, *, mmap: bool = True, verify:
         raise FormatError(f"{path}: header table is corrupt ({type(e).__name__})") from None
     arrays = {}
     for name, dt, shape, off in specs:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        nbytes = math.prod(shape) * np.dtype(dt).itemsize   # Python ints: no overflow on crafted shapes
         if off < 0 or off % ALIGN or any(s < 0 for s in shape) or header_len + off + nbytes > size:
             raise FormatError(f"{path}: truncated: array {name!r} runs past the end of the file")
         if nbytes == 0:
@@ -158,6 +183,6 @@ def read_file(path, magic: bytes, fixed_size: int, *, mmap: bool = True, verify:
             with open(path, "rb") as f:
                 f.seek(header_len + off)
                 arrays[name] = np.fromfile(f, dtype=dt, count=nbytes // np.dtype(dt).itemsize).reshape(shape)
-    if verify and _crc_arrays(list(arrays.values())) != data_crc:
+    if verify and crc_arrays(list(arrays.values())) != data_crc:
         raise FormatError(f"{path}: data checksum mismatch (file is corrupt)")
-    return Container(path, fixed, meta, arrays, size)
+    return Container(path, fixed, meta, arrays, size, data_crc)

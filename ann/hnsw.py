@@ -99,11 +99,11 @@ class Graph:
                   first, last, int(ef_construction), int(threads))
 
     def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
-               exact: np.ndarray | None = None, deleted: np.ndarray | None = None):
+               store=None, deleted: np.ndarray | None = None):
         p0, p1 = codec.c_params()
         return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, deleted,
                             self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1,
-                            isa_code(), queries, int(k), int(ef), int(rerank), exact)
+                            isa_code(), queries, int(k), int(ef), int(rerank), store)
 
     # ---- sizes and checks
     def arrays(self) -> dict[str, np.ndarray]:
@@ -124,6 +124,10 @@ class Graph:
                     level) -> "Graph":
         """Rebuild from stored arrays, checking every id the C walk would follow (a bad file must not crash it)."""
         g = cls(M, M0=M0, seed=seed)
+        for name, a, dt in (("links0", links0, np.int32), ("upper", upper, np.int32),
+                            ("upper_off", upper_off, np.int64), ("level", level, np.int32)):
+            if a.dtype != dt:
+                raise FormatError(f"graph array {name} has dtype {a.dtype}, expected {np.dtype(dt)}")
         n = len(links0)
         if links0.shape != (n, g.M0 + 1) or upper.ndim != 2 or upper.shape[1] != g.M + 1:
             raise FormatError("graph arrays have the wrong shape for M/M0")
@@ -131,29 +135,26 @@ class Graph:
             raise FormatError("per-node graph arrays do not match the node count")
         rows = len(upper)
         if n == 0:
-            if entry != -1:
-                raise FormatError("empty graph with an entry point")
+            if entry != -1 or rows:
+                raise FormatError("empty graph with an entry point or links")
         else:
             if not (0 <= entry < n) or max_level != int(level[entry]):
                 raise FormatError("graph entry point is out of range or not on the top layer")
             if (level < 0).any() or (level > MAX_LEVEL).any() or int(level.max()) != max_level:
                 raise FormatError("graph levels out of range")
-            has = level > 0
-            if (upper_off[~has] != -1).any() or (upper_off[has] < 0).any() or \
-                    (upper_off[has] + level[has] > rows).any():
-                raise FormatError("graph upper-layer offsets out of range")
+            # the only layout reserve() writes: nodes' upper rows back to back, in id order, no gaps or overlap
+            lv = np.where(level > 0, level, 0).astype(np.int64)
+            want_off = np.where(level > 0, np.cumsum(lv) - lv, -1)
+            if int(lv.sum()) != rows or not np.array_equal(upper_off, want_off):
+                raise FormatError("graph upper-layer offsets are not the node-by-node layout")
             _check_links(links0, n, "layer 0")
             if rows:
                 _check_links(upper, n, "upper layers")
                 # a link on layer l must reach a node that has layer l, or the walk reads a row it does not have
-                owner = np.flatnonzero(has)
-                row_layer = np.zeros(rows, np.int64)
-                starts = upper_off[owner]
-                lv = level[owner].astype(np.int64)
-                idx = np.repeat(starts, lv) + (np.arange(lv.sum()) - np.repeat(np.cumsum(lv) - lv, lv))
-                row_layer[idx] = np.arange(lv.sum()) - np.repeat(np.cumsum(lv) - lv, lv) + 1
-                width = g.M
-                used = np.arange(width)[None, :] < upper[:, :1]
+                owner = np.flatnonzero(level > 0)
+                row_layer = np.concatenate([np.arange(1, int(level[i]) + 1) for i in owner]) if len(owner) \
+                    else np.zeros(0, np.int64)
+                used = np.arange(g.M)[None, :] < upper[:, :1]
                 tgt = upper[:, 1:][used]
                 need = np.broadcast_to(row_layer[:, None], used.shape)[used]
                 if tgt.size and (level[tgt] < need).any():

@@ -15,23 +15,34 @@ Without re-ranking they are the codec's estimates; with ``rerank=R`` the best R
 candidates by codec distance are re-scored exactly from the full-precision
 vectors and the distances are exact.
 
-Full-precision vectors are kept (``keep_vectors``, default on for every codec
-but flat, whose codes are the vectors) for two uses: the graph is built on
-them, so a coarse codec does not coarsen the graph, and they serve re-ranking.
-On disk they live beside the index in ``PATH.vectors`` and are memory-mapped.
+A re-rank store (``store``) keeps a second, finer copy of every vector for
+two uses: the graph is built on it, so a coarse codec does not coarsen the
+graph, and it re-scores the best candidates. Stores:
+    "float"  float32 vectors (exact), 4 bytes per dimension
+    "u8"     the source's own uint8 values (exact when the data are integers 0..255, as
+             Fashion-MNIST's pixels are), 1 byte per dimension
+    "sq8"    an 8-bit grid per dimension (near exact), 1 byte per dimension
+    "auto"   (default) u8 when the first vectors added are all integers 0..255, else float
+    None     no store: the graph is built on the codes, and rerank is refused
+The flat codec needs none (its codes are the vectors). On disk the store
+lives beside the index in ``PATH.vectors`` and is memory-mapped.
+
+Threads: one index may be searched from many threads at once; add() takes
+the index exclusively (a search waits for a running add and vice versa).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
-import struct
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from qkit.ann import fileformat as ff
-from qkit.ann.codecs import CODECS, METRICS, Codec, FlatCodec, inner_metric, make_codec
+from qkit.ann.codecs import (CODECS, METRICS, STORES, Codec, FlatCodec, FloatStore, inner_metric, is_u8_data,
+                             make_codec)
 from qkit.ann.hnsw import Graph
 from qkit.errors import FormatError, InputError, UsageError
 
@@ -48,16 +59,52 @@ def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; zero rows stay zero."""
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.where(n > 0, x / np.where(n > 0, n, 1), 0).astype(np.float32)
+    """Rows scaled to unit L2 norm (computed in float64: no overflow or underflow); zero rows stay zero."""
+    x64 = np.asarray(x, np.float64)
+    n = np.linalg.norm(x64, axis=1, keepdims=True)
+    return np.where(n > 0, x64 / np.where(n > 0, n, 1), 0).astype(np.float32)
+
+
+class _RWLock:
+    """Many searches or one add: the C search reads arrays an add reallocates and writes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 class Index:
     """HNSW over a vector codec, with optional exact re-ranking."""
 
     def __init__(self, dim: int, metric: str = "l2", codec: str = "sq8", M: int = 16, ef_construction: int = 200,
-                 *, keep_vectors: bool | None = None, seed: int = 0):
+                 *, store: str | None = "auto", keep_vectors: bool | None = None, seed: int = 0):
         self.dim = _check_int("dim", dim, 1, 1 << 20)
         if metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -69,11 +116,19 @@ class Index:
         self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric))
         self.ef_construction = _check_int("ef_construction", ef_construction, 1)
         self.graph = Graph(_check_int("M", M, 2, 1024), seed=seed)
-        self.keep_vectors = (codec != "flat") if keep_vectors is None else bool(keep_vectors)
+        if keep_vectors is not None:   # the older switch: True is a float store, False none
+            store = "float" if keep_vectors else None
+        if codec == "flat":
+            store = None
+        if store is not None and store != "auto" and store not in STORES:
+            raise UsageError(f"unknown re-rank store {store!r}: expected auto, {', '.join(STORES)} or None")
+        self.store_mode = store
+        self.store: Codec | None = None        # chosen at the first add for "auto"
+        self._store_codes: np.ndarray | None = None
         self.ef = DEFAULT_EF
         self._codes = np.zeros((0, self.codec.bytes_per_vector), np.uint8)
-        self._vectors = np.zeros((0, self.dim), np.float32) if self.keep_vectors else None
         self._labels = np.zeros(0, np.int64)
+        self._lock = _RWLock()
         self.path: Path | None = None
 
     # ---------------------------------------------------------------- properties
@@ -97,9 +152,18 @@ class Index:
         return self._codes[: self.ntotal]
 
     @property
+    def keep_vectors(self) -> bool:
+        return self.store_mode is not None
+
+    @property
+    def store_codes(self) -> np.ndarray | None:
+        """The re-rank store's rows (uint8 bytes), or None."""
+        return None if self._store_codes is None else self._store_codes[: self.ntotal]
+
+    @property
     def vectors(self) -> np.ndarray | None:
-        """Full-precision vectors as indexed (normalized for cosine), or None when not kept."""
-        return None if self._vectors is None else self._vectors[: self.ntotal]
+        """The store's vectors as floats (normalized for cosine), or None when there is no store."""
+        return None if self.store is None or self._store_codes is None else self.store.decode(self.store_codes)
 
     @property
     def labels(self) -> np.ndarray:
@@ -112,13 +176,14 @@ class Index:
     def bytes_in_ram(self, rerank: bool = False) -> int:
         """What search reads: codes, graph, id map, and the full-precision vectors when it re-ranks."""
         b = self.codes.nbytes + self.graph.nbytes() + self.labels.nbytes
-        if rerank and self.vectors is not None and not isinstance(self.codec, FlatCodec):
-            b += self.vectors.nbytes
+        if rerank and self.store_codes is not None:
+            b += self.store_codes.nbytes
         return b
 
     def __repr__(self) -> str:
+        store = self.store.name if self.store is not None else self.store_mode
         return (f"Index(dim={self.dim}, metric={self.metric!r}, codec={self.codec.name!r}, M={self.M}, "
-                f"ef_construction={self.ef_construction}, ntotal={self.ntotal})")
+                f"ef_construction={self.ef_construction}, store={store!r}, ntotal={self.ntotal})")
 
     # ---------------------------------------------------------------- input checks
     def _as_vectors(self, x, what: str) -> np.ndarray:
@@ -151,36 +216,55 @@ class Index:
         threads: worker threads for the insertion (each locks one node's links at a time).
         progress: optional callable(done, total) called between chunks."""
         threads = _check_int("threads", threads, 1, 1024)
+        raw = x
         x = self._as_vectors(x, "vectors")
         n = len(x)
         if n == 0:
             return
-        labels = self._new_labels(ids, n)
-        if not self.codec.is_trained:
-            self.codec.fit(x)
-        self._make_writeable()
-        first, last = self.graph.reserve(n)
-        self._codes = _fit_rows(self._codes, last)
-        self._labels = _fit_rows(self._labels, last)
-        self._labels[first:last] = labels
-        # encode and link in chunks, so progress can be reported and memory for codes stays bounded
-        chunk = max(1024, min(n, 65536))
-        if self._vectors is not None:
-            self._vectors = _fit_rows(self._vectors, last)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            self._codes[first + s: first + e] = self.codec.encode(x[s:e])
-            if self._vectors is not None:
-                self._vectors[first + s: first + e] = x[s:e]
-            bc, bcodes = self._build_codec()
-            self.graph.insert(bc, bcodes, first + s, first + e, self.ef_construction, threads)
-            if progress is not None:
-                progress(e, n)
+        if self.ntotal + n >= 2**31 - 1:
+            raise UsageError("an index holds fewer than 2^31 vectors (node ids are int32)")
+        with self._lock.write():
+            labels = self._new_labels(ids, n)
+            if not self.codec.is_trained:
+                self.codec.fit(x)
+            if self.store is None and self.store_mode is not None:
+                self.store = self._choose_store(raw, x)
+                self._store_codes = np.zeros((0, self.store.bytes_per_vector), np.uint8)
+            self._make_writeable()
+            first, last = self.graph.reserve(n)
+            self._codes = _fit_rows(self._codes, last)
+            self._labels = _fit_rows(self._labels, last)
+            self._labels[first:last] = labels
+            if self.store is not None:
+                self._store_codes = _fit_rows(self._store_codes, last)
+            # encode and link in chunks, so progress can be reported and memory for codes stays bounded
+            chunk = max(1024, min(n, 65536))
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                self._codes[first + s: first + e] = self.codec.encode(x[s:e])
+                if self.store is not None:
+                    self._store_codes[first + s: first + e] = self.store.encode(x[s:e])
+                bc, bcodes = self._build_codec()
+                self.graph.insert(bc, bcodes, first + s, first + e, max(self.ef_construction, self.M),
+                                  min(threads, e - s))
+                if progress is not None:
+                    progress(e, n)
+
+    def _choose_store(self, raw, x) -> Codec:
+        mode = self.store_mode
+        if mode == "auto":
+            mode = "u8" if self.metric != "cosine" and is_u8_data(x) else "float"
+        st = STORES[mode](self.dim, self.codec.metric)
+        if mode == "sq8":
+            st.fit(x)
+        elif mode == "u8":
+            st.fit(x)
+        return st
 
     def _build_codec(self) -> tuple[Codec, np.ndarray]:
-        """The graph is built on full-precision vectors when kept, else on the codes themselves."""
-        if self._vectors is not None and not isinstance(self.codec, FlatCodec):
-            return FlatCodec(self.dim, self.codec.metric), self._vectors.view(np.uint8)
+        """The graph is built on the re-rank store when there is one (exact or near), else on the codes."""
+        if self.store is not None:
+            return self.store, self._store_codes
         return self.codec, self._codes
 
     def _new_labels(self, ids, n: int) -> np.ndarray:
@@ -202,7 +286,7 @@ class Index:
 
     def _make_writeable(self) -> None:
         """After a memory-mapped load, adding copies the arrays into memory once."""
-        for name in ("_codes", "_labels", "_vectors"):
+        for name in ("_codes", "_labels", "_store_codes"):
             a = getattr(self, name)
             if a is not None and not a.flags.writeable:
                 setattr(self, name, np.array(a))
@@ -222,19 +306,23 @@ class Index:
         ef = self.ef if ef is None else _check_int("ef", ef, 1)
         rerank = _check_int("rerank", rerank, 0)
         threads = _check_int("threads", threads, 1, 1024)
-        exact = None
         if rerank and not isinstance(self.codec, FlatCodec):
-            if self.vectors is None:
-                raise UsageError("rerank needs the full-precision vectors, which this index does not keep")
-            rerank = max(rerank, k)
-            exact = self.vectors
+            if self.store is None:
+                raise UsageError("rerank needs a re-rank store, which this index does not keep")
+            rerank = min(max(rerank, k), self.ntotal)
         else:
             rerank = 0
-        ef = max(ef, k, rerank)
+        ef = min(max(ef, k, rerank), max(self.ntotal, k))   # a beam wider than the index finds nothing more
         xq = self._as_vectors(xq, "queries")
 
         def run(q):
-            return self.graph.search(self.codec, self.codes, q, k, ef, rerank, exact)
+            with self._lock.read():   # arrays are read under the lock: an add may reallocate them
+                store = None
+                if rerank:
+                    p0, p1 = self.store.c_params()
+                    store = (self.store.c_kind, self.store_codes, p0, p1)
+                D, I = self.graph.search(self.codec, self.codes, q, k, ef, rerank, store)
+                return D, np.where(I >= 0, self.labels[np.where(I >= 0, I, 0)], -1)
 
         if threads == 1 or len(xq) < 2 * threads:
             D, I = run(xq)
@@ -245,32 +333,42 @@ class Index:
             D = np.concatenate([r[0] for r in res])
             I = np.concatenate([r[1] for r in res])
         found = I >= 0
-        I = np.where(found, self.labels[np.where(found, I, 0)], -1)
         if self.codec.metric == "ip":   # internal distances are -ip: return the similarity
             D = np.where(found, -D, -np.inf).astype(np.float32)
         return D, I
 
     # ---------------------------------------------------------------- files
-    def save(self, path) -> int:
-        """Write the index (and PATH.vectors when vectors are kept) atomically; returns bytes on disk."""
+    def save(self, path, *, inputs=()) -> int:
+        """Write the index (and PATH.vectors when it has a re-rank store); returns bytes on disk.
+
+        Both files are written to temporary names first and renamed together (the store, then
+        the index), so a failed save leaves the previous pair as it was. `inputs` are paths that
+        must not be overwritten (the CLI passes the vectors it read)."""
         path = Path(path)
         if self.ntotal == 0:
             raise UsageError("refusing to save an empty index")
-        vec_crc, total = None, 0
-        if self.vectors is not None:
-            vpath = vectors_path(path)
-            fixed = ff.VECTOR_FIELDS.pack(self.dim, self.ntotal)
-            total += ff.write_file(vpath, ff.MAGIC_VECTORS, fixed, {}, {"vectors": self.vectors})
-            vec_crc = _data_crc(vpath)
-        params, carrays = self.codec.state()
-        g = self.graph
-        fixed = ff.INDEX_FIELDS.pack(self.dim, ff.METRIC_CODES[self.metric], g.M, g.M0, self.ef_construction,
-                                     self.ntotal, g.n_upper, g.entry, g.max_level, g.seed,
-                                     self.codec.name.encode(), int(self.vectors is not None))
-        arrays = dict(g.arrays(), labels=self.labels, codes=self.codes,
-                      **{f"codec.{k}": v for k, v in carrays.items()})
-        meta = {"codec_params": params, "vectors_crc": vec_crc, "ef": self.ef}
-        total += ff.write_file(path, ff.MAGIC_INDEX, fixed, meta, arrays)
+        with self._lock.read():
+            files = []
+            store_code, vec_crc, sarrays = 0, None, {}
+            if self.store is not None:
+                store_code = STORE_CODES[self.store.name]
+                vfixed = ff.VECTOR_FIELDS.pack(self.dim, store_code, self.ntotal)
+                varrays = {"codes": self.store_codes}
+                vec_crc = ff.crc_arrays(list(varrays.values()))
+                files.append((vectors_path(path), ff.MAGIC_VECTORS, vfixed, {"store": self.store.name}, varrays))
+                if self.store.name == "sq8":
+                    _, st = self.store.state()
+                    sarrays = {f"store.{k}": v for k, v in st.items()}
+            params, carrays = self.codec.state()
+            g = self.graph
+            fixed = ff.INDEX_FIELDS.pack(self.dim, ff.METRIC_CODES[self.metric], g.M, g.M0, self.ef_construction,
+                                         self.ntotal, g.n_upper, g.entry, g.max_level, g.seed,
+                                         self.codec.name.encode(), store_code)
+            arrays = dict(g.arrays(), labels=self.labels, codes=self.codes,
+                          **{f"codec.{k}": v for k, v in carrays.items()}, **sarrays)
+            meta = {"codec_params": params, "vectors_crc": vec_crc, "ef": self.ef}
+            files.append((path, ff.MAGIC_INDEX, fixed, meta, arrays))
+            total = ff.write_files(files, inputs=inputs)
         self.path = path
         return total
 
@@ -279,13 +377,16 @@ class Index:
         """Open an index written by save(); memory-mapped read-only when mmap (adding copies it in)."""
         c = ff.read_file(path, ff.MAGIC_INDEX, ff.INDEX_FIELDS.size, mmap=mmap, verify=verify)
         (dim, metric_code, M, M0, efc, ntotal, n_upper, entry, max_level, seed, codec_b,
-         has_vectors) = ff.INDEX_FIELDS.unpack(c.fixed)
+         store_code) = ff.INDEX_FIELDS.unpack(c.fixed)
         metrics = {v: k for k, v in ff.METRIC_CODES.items()}
+        stores = {v: k for k, v in STORE_CODES.items()}
         codec_name = codec_b.rstrip(b"\0").decode("ascii", "replace")
         if metric_code not in metrics or codec_name not in CODECS or not (1 <= dim <= 1 << 20) or \
-                not (2 <= M <= 1024) or M0 < M or efc < 1:
-            raise FormatError(f"{path}: header fields out of range (metric {metric_code}, codec {codec_name!r})")
-        idx = cls(dim, metrics[metric_code], codec_name, M, efc, keep_vectors=bool(has_vectors), seed=seed)
+                not (2 <= M <= 1024) or M0 < M or efc < 1 or (store_code and store_code not in stores):
+            raise FormatError(f"{path}: header fields out of range (metric {metric_code}, codec {codec_name!r}, "
+                              f"store {store_code})")
+        store_name = stores.get(store_code)
+        idx = cls(dim, metrics[metric_code], codec_name, M, efc, store=store_name, seed=seed)
         a = c.arrays
         try:
             carrays = {k[len("codec."):]: v for k, v in a.items() if k.startswith("codec.")}
@@ -293,6 +394,13 @@ class Index:
             codes, labels = a["codes"], a["labels"]
             idx.graph = Graph.from_arrays(M, M0, seed, entry, max_level, a["links0"], a["upper"], a["upper_off"],
                                           a["level"])
+            ef = c.meta.get("ef", DEFAULT_EF)
+            if isinstance(ef, bool) or not isinstance(ef, int) or not 1 <= ef <= 1 << 20:
+                raise FormatError(f"search ef {ef!r} out of range")
+            idx.ef = ef
+            if store_name is not None:
+                sarrays = {k[len("store."):]: v for k, v in a.items() if k.startswith("store.")}
+                idx.store = _load_store(store_name, dim, idx.codec.metric, sarrays)
         except KeyError as e:
             raise FormatError(f"{path}: missing array {e.args[0]!r}") from None
         except FormatError as e:
@@ -301,19 +409,31 @@ class Index:
                 or labels.shape != (ntotal,) or codes.dtype != np.uint8 or labels.dtype != np.int64:
             raise FormatError(f"{path}: array sizes do not match the header")
         idx._codes, idx._labels = codes, labels
-        idx.ef = int(c.meta.get("ef", DEFAULT_EF))
-        if has_vectors:
+        if store_name is not None:
             vpath = vectors_path(path)
             v = ff.read_file(vpath, ff.MAGIC_VECTORS, ff.VECTOR_FIELDS.size, mmap=mmap, verify=verify)
-            vdim, vn = ff.VECTOR_FIELDS.unpack(v.fixed)
-            vec = v.arrays.get("vectors")
-            if vdim != dim or vn != ntotal or vec is None or vec.shape != (ntotal, dim) or vec.dtype != np.float32:
-                raise FormatError(f"{vpath}: does not match its index (dim/count)")
-            if c.meta.get("vectors_crc") not in (None, _data_crc(vpath)):
+            vdim, vkind, vn = ff.VECTOR_FIELDS.unpack(v.fixed)
+            sc = v.arrays.get("codes")
+            want = (ntotal, idx.store.bytes_per_vector)
+            if vdim != dim or vn != ntotal or vkind != store_code or sc is None or sc.shape != want or \
+                    sc.dtype != np.uint8:
+                raise FormatError(f"{vpath}: does not match its index (dim/count/store)")
+            if c.meta.get("vectors_crc") != v.data_crc:
                 raise FormatError(f"{vpath}: belongs to a different save of the index")
-            idx._vectors = vec
+            idx._store_codes = sc
         idx.path = Path(path)
         return idx
+
+
+STORE_CODES = {"float": 1, "u8": 2, "sq8": 3}
+
+
+def _load_store(name: str, dim: int, metric: str, arrays: dict) -> Codec:
+    cls = STORES[name]
+    if name == "sq8":
+        return cls.from_state(dim, metric, {}, arrays)
+    st = cls(dim, metric)
+    return st.fit(np.zeros((1, dim), np.float32)) if name == "u8" else st
 
 
 def vectors_path(path) -> Path:
@@ -321,12 +441,9 @@ def vectors_path(path) -> Path:
     return Path(str(path) + ".vectors")
 
 
-def _data_crc(path: Path) -> int:
-    with open(path, "rb") as f:
-        return struct.unpack("<I", f.read(28)[24:28])[0]
-
-
-def _fit_rows(a: np.ndarray, rows: int) -> np.ndarray:
+def _fit_rows(a: np.ndarray | None, rows: int) -> np.ndarray:
+    if a is None:
+        raise AssertionError("no array to grow")
     if len(a) >= rows and a.flags.writeable:
         return a
     cap = max(rows, 2 * len(a), 16)

@@ -49,11 +49,12 @@ def ann_group() -> None:
               help="Neighbours per node and layer (layer 0 keeps 2M).")
 @click.option("--ef-construction", type=click.IntRange(1, None), default=200, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="Insertion threads.")
-@click.option("--keep-vectors/--no-keep-vectors", default=None,
-              help="Keep float32 vectors for building and re-ranking (default: yes unless --codec flat).")
+@click.option("--store", type=click.Choice(["auto", "float", "u8", "sq8", "none"]), default="auto", show_default=True,
+              help="Re-rank store in OUTPUT.vectors (the graph is built on it): float32, the data's own uint8 "
+                   "values, an 8-bit grid, or none; auto = u8 for integer 0..255 data, else float.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random levels.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the build summary as JSON.")
-def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, keep_vectors, seed, json_path):
+def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store, seed, json_path):
     """Build an index over VECTORS (.npy, .fvecs, .bvecs, ann-benchmarks .hdf5, or fashion-mnist / glove-50)."""
     from qkit.ann import CODECS, Index
     from qkit.eval import datasets
@@ -64,12 +65,17 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, keep_
     _check_out_dir(json_path, "--json")
     if Path(output).is_dir():
         raise UsageError(f"-o {output}: is a directory; give the index file's name")
+    inputs = (vectors,) if Path(vectors).exists() else ()
+    for out in (Path(output), Path(str(output) + ".vectors")):
+        if any(out.exists() and Path(i).exists() and out.resolve() == Path(i).resolve() for i in inputs):
+            raise UsageError(f"-o {output}: would overwrite the input {vectors}")
     X = datasets.read_vectors(vectors, role="base")
     if metric is None:
         metric = datasets.load_dataset(vectors).metric if vectors in datasets.DATASETS else "l2"
     if X.ndim != 2 or len(X) == 0:
         raise InputError(f"{vectors}: no vectors to index (shape {X.shape})")
-    index = Index(X.shape[1], metric, codec, M, ef_construction, keep_vectors=keep_vectors, seed=seed)
+    index = Index(X.shape[1], metric, codec, M, ef_construction, store=None if store == "none" else store,
+                  seed=seed)
     click.echo(f"{vectors}: {len(X)} x {X.shape[1]} ({metric}); codec {codec}, M={M}, "
                f"ef_construction={ef_construction}, {threads} thread(s)", err=True)
     from tqdm import tqdm
@@ -80,8 +86,9 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, keep_
             bar.update(done - bar.n)
         index.add(X, threads=threads, progress=progress)
     build_s = time.perf_counter() - t0
-    disk = index.save(output)
+    disk = index.save(output, inputs=inputs)
     rec = {"vectors": str(vectors), "n": int(len(X)), "dim": int(X.shape[1]), "metric": metric, "codec": codec,
+           "store": index.store.name if index.store is not None else None,
            "M": M, "ef_construction": ef_construction, "threads": threads, "build_s": round(build_s, 3),
            "index_bytes_on_disk": disk, "index_bytes_in_ram": index.bytes_in_ram(rerank=False),
            "index_bytes_in_ram_rerank": index.bytes_in_ram(rerank=True), "output": str(output)}
@@ -130,6 +137,12 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     _check_out_dir(json_path, "--json")
     if output and Path(output).suffix not in (".npy", ".npz"):
         raise UsageError(f"-o {output}: expected a .npy (ids) or .npz (distances and ids) file")
+    for opt, out in (("-o", output), ("--json", json_path)):
+        if out and Path(out).is_dir():
+            raise UsageError(f"{opt} {out}: is a directory")
+        if out and any(Path(i).exists() and Path(out).exists() and Path(out).resolve() == Path(i).resolve()
+                       for i in (index_path, queries, gt_path or "", str(index_path) + ".vectors")):
+            raise UsageError(f"{opt} {out}: would overwrite an input")
     index = Index.load(index_path, mmap=True)   # the checksum pass reads every page once: search starts warm
     Q = datasets.read_vectors(queries, role="queries")
     gt, gt_d = None, None
@@ -145,12 +158,13 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     D, I = index.search(Q, k, ef=ef, rerank=rerank)
     search_s = time.perf_counter() - t0
     qps = len(Q) / search_s if search_s > 0 else float("inf")
-    reranked = rerank > 0 and index.vectors is not None and index.codec_name != "flat"
+    reranked = rerank > 0 and index.store is not None and index.codec_name != "flat"
     disk = Path(index_path).stat().st_size
-    if index.vectors is not None:
+    if index.store is not None:
         disk += vectors_path(index_path).stat().st_size
     rec = {"index": str(index_path), "queries": str(queries), "n_queries": int(len(Q)), "k": k,
            "ef": max(ef, k, rerank if reranked else 0), "rerank": rerank if reranked else 0,
+           "store": index.store.name if index.store is not None else None,
            "codec": index.codec_name, "metric": index.metric, "ntotal": index.ntotal, "dim": index.dim,
            "qps": round(qps, 1), "search_s": round(search_s, 4), "threads": 1,
            "index_bytes_in_ram": index.bytes_in_ram(rerank=reranked), "index_bytes_on_disk": disk,

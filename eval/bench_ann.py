@@ -50,11 +50,11 @@ def _recall(ds, I, k=10):
     return datasets.recall_at_k(I, ds.gt, k, D=D, gt_D=ds.gt_D if D is not None else None)
 
 
-def bench_qkit(ds, codec, efs, reranks, M, efc, threads, repeats, k=10):
+def bench_qkit(ds, codec, efs, reranks, M, efc, threads, repeats, k=10, store="auto"):
     from qkit.ann import Index
 
     metric = ds.metric
-    idx = Index(ds.base.shape[1], metric, codec, M, efc)
+    idx = Index(ds.base.shape[1], metric, codec, M, efc, store=store)
     t0 = time.perf_counter()
     idx.add(ds.base, threads=threads)
     build_s = time.perf_counter() - t0
@@ -70,7 +70,8 @@ def bench_qkit(ds, codec, efs, reranks, M, efc, threads, repeats, k=10):
             (D, I), s = _timed_search(lambda: idx.search(ds.queries, k, ef=ef, rerank=rr), repeats)
             out.append({"impl": "qkit", "codec": codec, "ef": ef, "rerank": rr,
                         "recall_at_10": round(_recall(ds, I), 4), "qps": round(len(ds.queries) / s, 1),
-                        "bytes_in_ram": idx.bytes_in_ram(rerank=rr > 0), "build_s": round(build_s, 2)})
+                        "bytes_in_ram": idx.bytes_in_ram(rerank=rr > 0), "build_s": round(build_s, 2),
+                        "store": idx.store.name if idx.store is not None else None})
     return out
 
 
@@ -201,11 +202,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ef", type=_ints, default=[16, 32, 64, 128, 256], help="ef values to sweep")
     ap.add_argument("--rerank", type=_ints0, default=[0, 32],
                     help="qkit re-rank depths to sweep for sq codecs (0: none)")
+    ap.add_argument("--store", default="auto", choices=["auto", "float", "u8", "sq8"],
+                    help="qkit re-rank store (the graph is built on it)")
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2, help="build threads (search always uses one)")
     ap.add_argument("--nq", type=int, default=None, help="use the first NQ queries (default: all)")
-    ap.add_argument("--repeats", type=int, default=2, help="search runs per setting; the fastest counts")
+    ap.add_argument("--repeats", type=int, choices=range(1, 11), default=2, metavar="1..10",
+                    help="search runs per setting; the fastest counts")
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--plot", dest="plot_path", default=None)
     a = ap.parse_args(argv)
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
     for impl in impls:
         if impl == "qkit":
             for c in codecs:
-                records += bench_qkit(ds, c, a.ef, a.rerank, **common)
+                records += bench_qkit(ds, c, a.ef, a.rerank, store=a.store, **common)
                 print(f"# qkit {c} done", file=sys.stderr)
         elif impl == "hnswlib":
             records += bench_hnswlib(ds, a.ef, **common)

@@ -40,9 +40,9 @@ cdef extern from "qk_hnsw.h":
     int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int32_t ef_construction,
                     int n_threads) nogil
     int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                       int32_t ef, int32_t rerank, const float *exact, float *out_d, int64_t *out_i) nogil
+                       int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) nogil
 
-CODEC_F32, CODEC_SQ8, CODEC_SQ4 = 0, 1, 2
+CODEC_F32, CODEC_SQ8, CODEC_SQ4, CODEC_SQ8F, CODEC_SQ4F = 0, 1, 2, 3, 4
 METRIC_L2, METRIC_IP = 0, 1
 
 
@@ -76,7 +76,15 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
     c.p0 = NULL
     c.p1 = NULL
     c.isa = isa
-    cdef int64_t need = dim * 4 if kind == CODEC_F32 else (dim if kind == CODEC_SQ8 else (dim + 1) // 2)
+    cdef int64_t need
+    if kind == CODEC_F32:
+        need = dim * 4
+    elif kind == CODEC_SQ8 or kind == CODEC_SQ8F:
+        need = dim
+    else:
+        need = (dim + 1) // 2
+    if kind == CODEC_SQ8 or kind == CODEC_SQ4:
+        need += 4   # float32 ||x_hat||^2 after the codes
     if c.code_size != need:
         raise ValueError(f"codes: rows of {c.code_size} bytes, codec needs {need}")
     cdef cnp.ndarray a0, a1
@@ -145,7 +153,7 @@ def add(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.nda
 
 def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
            cnp.ndarray level, object deleted, cnp.ndarray state, int kind, int metric, int64_t dim,
-           cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object exact):
+           cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object store):
     """(D, I) of shape (nq, k): codec distances (or exact after re-ranking), smaller is nearer; internal ids."""
     cdef qk_hnsw g
     cdef qk_codec c
@@ -158,14 +166,15 @@ def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
         raise ValueError("fewer codes than nodes")
     if k < 1 or ef < k or rerank < 0:
         raise ValueError("need k >= 1, ef >= k, rerank >= 0")
-    cdef const float *ex = NULL
-    cdef cnp.ndarray xa
+    cdef qk_codec rcodec
+    cdef const qk_codec *rcp = NULL
     if rerank > 0:
-        xa = exact
-        _need(xa, 2, np.float32, "exact vectors")
-        if xa.shape[0] < n or xa.shape[1] != dim:
-            raise ValueError("exact vectors do not match the index")
-        ex = <const float *>cnp.PyArray_DATA(xa)
+        # store = (kind, codes, p0, p1): the re-rank codec (float vectors or a compact store)
+        rkind, rcodes, rp0, rp1 = store
+        _codec(&rcodec, rkind, metric, dim, rcodes, rp0, rp1, isa)
+        if rcodes.shape[0] < n:
+            raise ValueError("re-rank store shorter than the index")
+        rcp = &rcodec
     cdef int64_t nq = queries.shape[0]
     cdef cnp.ndarray D = np.empty((nq, k), dtype=np.float32)
     cdef cnp.ndarray I = np.empty((nq, k), dtype=np.int64)
@@ -174,7 +183,7 @@ def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
     cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(I)
     cdef int rc
     with nogil:
-        rc = qk_hnsw_search(&g, &c, qp, nq, k, ef, rerank, ex, dp, ip)
+        rc = qk_hnsw_search(&g, &c, qp, nq, k, ef, rerank, rcp, dp, ip)
     _rc(rc)
     return D, I
 

@@ -106,7 +106,7 @@ def test_sq4_pack_roundtrip_any_shape(n, d, seed):
     x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
     c = make_codec("sq4", d).fit(x)
     codes = c.encode(x)
-    assert codes.shape == (n, (d + 1) // 2) and codes.dtype == np.uint8
+    assert codes.shape == (n, (d + 1) // 2 + 4) and codes.dtype == np.uint8   # nibbles, then float32 norm
     np.testing.assert_array_equal(c.quantize(c.decode(codes)), c.quantize(x))
 
 
@@ -309,8 +309,8 @@ def test_bad_input_messages(built, data):
         Index(48, metric="hamming")
     with pytest.raises(UsageError, match="M must be"):
         Index(48, M=1)
-    with pytest.raises(UsageError, match="rerank needs"):
-        i2 = Index(48, codec="sq8", keep_vectors=False)
+    with pytest.raises(UsageError, match="rerank needs a re-rank store"):
+        i2 = Index(48, codec="sq8", store=None)
         i2.add(x[:100])
         i2.search(q, 5, rerank=10)
     with pytest.raises(InputError, match="NaN"):
@@ -319,8 +319,113 @@ def test_bad_input_messages(built, data):
 
 def test_sq_without_kept_vectors_builds_on_codes(data):
     x, q = data
-    idx = Index(48, "l2", "sq8", keep_vectors=False, ef_construction=100)
+    idx = Index(48, "l2", "sq8", store=None, ef_construction=100)
     idx.add(x[:3000])
     assert idx.vectors is None
     _, I = idx.search(q, 10, ef=64)
     assert recall(I, brute_force(x[:3000], q, 10, "l2")) >= 0.9
+
+
+# ------------------------------------------------------------------ re-rank stores
+@pytest.mark.parametrize("store", ["float", "u8", "sq8"])
+def test_stores_rerank_and_round_trip(tmp_path, store):
+    rng = np.random.default_rng(40)
+    x = np.clip(clustered(3000, 32, seed=41) * 8 + 128, 0, 255).round().astype(np.float32)   # uint8-valued data
+    q = np.clip(x[rng.integers(0, 3000, 60)] + rng.normal(size=(60, 32)) * 4, 0, 255).astype(np.float32)
+    idx = Index(32, "l2", "sq4", ef_construction=80, store=store)
+    idx.add(x)
+    assert idx.store.name == store
+    assert idx.store_codes.shape == (3000, 32 * (4 if store == "float" else 1))
+    D, I = idx.search(q, 10, ef=64, rerank=40)
+    assert recall(I, brute_force(x, q, 10, "l2")) >= 0.95
+    if store != "sq8":   # exact stores give exact distances
+        np.testing.assert_allclose(D, ((x[I] - q[:, None]) ** 2).sum(-1), rtol=1e-4)
+    idx.save(tmp_path / "s.qkit")
+    back = Index.load(tmp_path / "s.qkit")
+    assert back.store.name == store
+    np.testing.assert_array_equal(back.search(q, 10, ef=64, rerank=40)[1], I)
+
+
+def test_auto_store_picks_u8_for_byte_data_only():
+    x = np.random.default_rng(0).integers(0, 256, (200, 8)).astype(np.float32)
+    a = Index(8, codec="sq8", ef_construction=20)
+    a.add(x)
+    assert a.store.name == "u8"
+    b = Index(8, codec="sq8", ef_construction=20)
+    b.add(x + 0.5)
+    assert b.store.name == "float"
+    c = Index(8, "cosine", codec="sq8", ef_construction=20)
+    c.add(x)
+    assert c.store.name == "float"
+    with pytest.raises(UsageError, match="integers 0..255"):
+        a.add(x[:2] + 0.5)          # a u8 store cannot hold other values
+
+
+# ------------------------------------------------------------------ review findings
+def test_tiny_indexes_save_and_load(tmp_path):
+    for n in (1, 2, 3):
+        idx = Index(4, codec="sq8", ef_construction=10)
+        idx.add(np.arange(4 * n, dtype=np.float32).reshape(n, 4))
+        idx.save(tmp_path / f"t{n}.qkit")
+        back = Index.load(tmp_path / f"t{n}.qkit")
+        assert back.search(np.zeros(4, np.float32), n, rerank=n)[1].shape == (1, n)
+
+
+def test_overlapping_upper_rows_are_refused(tmp_path):
+    """Valid checksums, but two nodes sharing an upper row: the walk would read past the array."""
+    x = clustered(3000, 8, seed=50)
+    idx = Index(8, codec="flat", M=4, ef_construction=20)
+    idx.add(x)
+    idx.save(tmp_path / "g.qkit")
+    c = ff.read_file(tmp_path / "g.qkit", ff.MAGIC_INDEX, ff.INDEX_FIELDS.size, mmap=False)
+    arrays = {k: np.array(v) for k, v in c.arrays.items()}
+    meta = {k: v for k, v in c.meta.items() if k != "arrays"}
+    has = np.flatnonzero(arrays["level"] > 0)
+    arrays["upper_off"][has[1]] = arrays["upper_off"][has[0]]
+    ff.write_file(tmp_path / "evil.qkit", ff.MAGIC_INDEX, c.fixed, meta, arrays)
+    with pytest.raises(FormatError, match="node-by-node layout"):
+        Index.load(tmp_path / "evil.qkit")
+    meta["ef"] = "abc"
+    ff.write_file(tmp_path / "evil2.qkit", ff.MAGIC_INDEX, c.fixed, meta, c.arrays)
+    with pytest.raises(FormatError, match="ef"):
+        Index.load(tmp_path / "evil2.qkit")
+
+
+def test_add_while_searching_is_serialized():
+    x = clustered(6000, 16, seed=60)
+    idx = Index(16, codec="sq8", ef_construction=40)
+    idx.add(x[:1000])
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(30):
+                _, I = idx.search(x[:50], 5, rerank=10)
+                assert (I >= 0).all()
+        except Exception as e:   # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+
+    ts = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for s in range(1000, 6000, 500):
+        idx.add(x[s: s + 500])
+    for t in ts:
+        t.join()
+    assert not errors and idx.ntotal == 6000
+
+
+def test_small_ef_construction_is_raised_to_M():
+    x = clustered(3000, 16, seed=70)
+    q = x[:100] + 0.01
+    idx = Index(16, codec="flat", M=16, ef_construction=1)
+    idx.add(x)
+    _, I = idx.search(q, 1, ef=32)
+    assert np.mean(I[:, 0] == np.arange(100)) > 0.95
+
+
+def test_cosine_normalizes_in_float64():
+    idx = Index(2, "cosine", codec="flat")
+    idx.add(np.array([[1e20, 1e20], [1e-25, -1e-25]], np.float32))
+    D, I = idx.search(np.array([1.0, 1.0], np.float32), 1)
+    assert I[0, 0] == 0 and D[0, 0] == pytest.approx(1.0, abs=1e-6)

@@ -38,6 +38,7 @@ def test_build_then_search_with_gt_json_and_results(files, capsys):
                  "--threads", "2", "-o", str(idx), "--json", str(files / "build.json")]) == 0
     b = json.loads((files / "build.json").read_text())
     assert b["n"] == 3000 and b["codec"] == "sq8" and b["index_bytes_on_disk"] > 0 and b["build_s"] > 0
+    assert b["store"] == "float"
     assert Index.load(idx).ntotal == 3000
     for gt in ("gt.npy", "gt.ivecs"):
         out = files / "res.npz"
@@ -70,6 +71,9 @@ def test_build_then_search_with_gt_json_and_results(files, capsys):
     (["search", "{d}/y.qkit", "{d}/q.fvecs", "--gt", "{d}/x.npy"], 1, "integer ids"),
     (["search", "{d}/trunc.qkit", "{d}/q.fvecs"], 1, "truncated|checksum"),
     (["search", "{d}/y.qkit", "{d}/q.fvecs", "-o", "{d}/r.txt"], 2, ".npy"),
+    (["build", "{d}/x.npy", "-o", "{d}/x.npy"], 2, "overwrite the input"),
+    (["search", "{d}/y.qkit", "{d}/q8.npy", "-o", "{d}/q8.npy"], 2, "overwrite an input"),
+    (["search", "{d}/y.qkit", "{d}/q.fvecs", "--json", "{d}"], 2, "is a directory"),
 ])
 def test_bad_input_is_one_line(files, capsys, args, code, msg):
     d = files

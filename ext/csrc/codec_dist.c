@@ -4,13 +4,20 @@
  * sq8:  code = dim uint8, x = vmin + step * c   (affine grid per dimension, qkit.affine)
  * sq4:  code = ceil(dim/2) bytes, c_{2k} in the low nibble of byte k, c_{2k+1} in the high one.
  *
- * For sq the query is prepared once so the inner loop has no divisions:
+ * The graph walks SQ8/SQ4 with integers (the glass / faiss SQ-with-quantized-query idea):
+ *   <q, x> = <q, vmin> + sum_j (q_j step_j) c_j,   w = q * step quantized to int8 with one scale
+ *   delta = max|w| / 127, so the sum is delta * (int8 . uint8/uint4 dot) on AVX2 integer lanes;
+ *   l2 = ||q||^2 + ||x||^2 - 2 <q, x> with ||x||^2 stored after the codes (float32).
+ * Re-rank stores use the float-query kinds SQ8F/SQ4F below (no query rounding).
+ *
+ * For SQ8F/SQ4F the query is prepared once so the inner loop has no divisions:
  *   l2: qbuf = [q - vmin | step],  dist = sum (qm - step * c)^2          (2 FMA per dim)
  *   ip: qbuf = q * step, cst = -<q, vmin>,  dist = cst - sum qbuf * c     (1 FMA per dim)
  * The AVX2 versions live in functions compiled for AVX2+FMA and are picked at
  * run time through c->isa (qkit.ext checks the CPU); the scalar ones are the
  * portable fallback and the tests hold both to a numpy reference.
  */
+#include <math.h>
 #include <string.h>
 #include <immintrin.h>
 #include "qk_hnsw.h"
@@ -18,6 +25,18 @@
 #define AVX2 __attribute__((target("avx2,fma")))
 
 static inline int64_t pad8(int64_t d) { return (d + 7) & ~(int64_t)7; }
+static inline int64_t pad32(int64_t d) { return (d + 31) & ~(int64_t)31; }
+static inline int64_t sq_bytes(const qk_codec *c) {
+    return (c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ8F) ? c->dim : (c->dim + 1) / 2;
+}
+/* integer-query layout inside qbuf: int8 query (pad32(d) bytes, zero padded), then delta (float) */
+static inline const int8_t *qi8(const float *qbuf) { return (const int8_t *)qbuf; }
+static inline float qdelta(const qk_codec *c, const float *qbuf) { return qbuf[pad32(c->dim) / 4]; }
+static inline float tail_norm(const qk_codec *c, const uint8_t *code) {
+    float n2;
+    memcpy(&n2, code + sq_bytes(c), 4);
+    return n2;
+}
 
 int64_t qk_codec_qbuf_len(const qk_codec *c) { return 2 * pad8(c->dim); }
 
@@ -60,6 +79,29 @@ static float sq4_ip(const qk_codec *c, const float *q, float cst, const uint8_t 
     float s = 0.f;
     for (int64_t j = 0; j < c->dim; j++) s += q[j] * nib(code, j);
     return cst - s;
+}
+
+static int32_t dot_u8_i8(const uint8_t *c, const int8_t *q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; j++) s += (int32_t)c[j] * q[j];
+    return s;
+}
+static int32_t dot_u4_i8(const uint8_t *c, const int8_t *q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; j++) s += (int32_t)((c[j >> 1] >> ((j & 1) * 4)) & 15) * q[j];
+    return s;
+}
+static float sq8i_l2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst + tail_norm(c, code) - 2.f * qdelta(c, q) * (float)dot_u8_i8(code, qi8(q), c->dim);
+}
+static float sq8i_ip(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst - qdelta(c, q) * (float)dot_u8_i8(code, qi8(q), c->dim);
+}
+static float sq4i_l2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst + tail_norm(c, code) - 2.f * qdelta(c, q) * (float)dot_u4_i8(code, qi8(q), c->dim);
+}
+static float sq4i_ip(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst - qdelta(c, q) * (float)dot_u4_i8(code, qi8(q), c->dim);
 }
 
 /* ---------------- AVX2 + FMA ---------------- */
@@ -212,12 +254,63 @@ AVX2 static float sq4_ip_avx2(const qk_codec *c, const float *q, float cst, cons
     return cst - hsum8(_mm256_add_ps(a0, a1));
 }
 
+AVX2 static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+/* uint8 codes x int8 query: widen both to int16 and madd (no saturation: 2 * 255 * 127 < 2^31) */
+AVX2 static int32_t dot_u8_i8_avx2(const uint8_t *c, const int8_t *q, int64_t d) {
+    __m256i acc = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) {
+        __m256i cw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(c + j)));
+        __m256i qw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + j)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(cw, qw));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; j < d; j++) s += (int32_t)c[j] * q[j];
+    return s;
+}
+/* 4-bit codes x int8 query: 32 codes per step, maddubs is safe (2 * 15 * 127 < 2^15) */
+AVX2 static int32_t dot_u4_i8_avx2(const uint8_t *c, const int8_t *q, int64_t d) {
+    __m256i acc = _mm256_setzero_si256();
+    const __m128i m = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(c + j / 2));
+        __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+        __m256i p = _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i *)(q + j)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; j < d; j++) s += (int32_t)((c[j >> 1] >> ((j & 1) * 4)) & 15) * q[j];
+    return s;
+}
+AVX2 static float sq8i_l2_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst + tail_norm(c, code) - 2.f * qdelta(c, q) * (float)dot_u8_i8_avx2(code, qi8(q), c->dim);
+}
+AVX2 static float sq8i_ip_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst - qdelta(c, q) * (float)dot_u8_i8_avx2(code, qi8(q), c->dim);
+}
+AVX2 static float sq4i_l2_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst + tail_norm(c, code) - 2.f * qdelta(c, q) * (float)dot_u4_i8_avx2(code, qi8(q), c->dim);
+}
+AVX2 static float sq4i_ip_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    return cst - qdelta(c, q) * (float)dot_u4_i8_avx2(code, qi8(q), c->dim);
+}
+
 /* ---------------- dispatch ---------------- */
 int qk_codec_init(qk_codec *c) {
-    static const qk_dist_fn scalar[3][2] = {{f32_l2, f32_ip}, {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip}};
-    static const qk_dist_fn avx2[3][2] = {{f32_l2_avx2, f32_ip_avx2}, {sq8_l2_avx2, sq8_ip_avx2},
+    static const qk_dist_fn scalar[5][2] = {{f32_l2, f32_ip}, {sq8i_l2, sq8i_ip}, {sq4i_l2, sq4i_ip},
+                                            {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip}};
+    static const qk_dist_fn avx2[5][2] = {{f32_l2_avx2, f32_ip_avx2}, {sq8i_l2_avx2, sq8i_ip_avx2},
+                                          {sq4i_l2_avx2, sq4i_ip_avx2}, {sq8_l2_avx2, sq8_ip_avx2},
                                           {sq4_l2_avx2, sq4_ip_avx2}};
-    if (c->kind < 0 || c->kind > 2 || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
+    if (c->kind < 0 || c->kind > 4 || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
     if (c->kind != QK_CODEC_F32 && (!c->p0 || !c->p1)) return QK_H_EARG;
     c->dist = (c->isa ? avx2 : scalar)[c->kind][c->metric];
     return QK_H_OK;
@@ -229,6 +322,25 @@ void qk_codec_prepare(const qk_codec *c, const float *q, float *qbuf, float *cst
     *cst = 0.f;
     if (c->kind == QK_CODEC_F32) {
         memcpy(qbuf, q, sizeof(float) * d);
+        return;
+    }
+    if (c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ4) {
+        /* w = q * step on an int8 grid of one scale; the constant holds what does not depend on x */
+        float wmax = 0.f, qq = 0.f, qv = 0.f;
+        for (int64_t j = 0; j < d; j++) {
+            float w = q[j] * c->p1[j];
+            wmax = fmaxf(wmax, fabsf(w));
+            qq += q[j] * q[j];
+            qv += q[j] * c->p0[j];
+        }
+        float delta = wmax > 0.f ? wmax / 127.f : 1.f;
+        int8_t *qi = (int8_t *)qbuf;
+        for (int64_t j = 0; j < d; j++) {
+            float r = nearbyintf(q[j] * c->p1[j] / delta);
+            qi[j] = (int8_t)(r > 127.f ? 127.f : (r < -127.f ? -127.f : r));
+        }
+        qbuf[pad32(d) / 4] = delta;
+        *cst = c->metric == QK_METRIC_L2 ? qq - 2.f * qv : -qv;
         return;
     }
     if (c->metric == QK_METRIC_L2) {
@@ -244,14 +356,9 @@ void qk_codec_decode(const qk_codec *c, int64_t id, float *out) {
     const uint8_t *code = c->codes + id * c->code_size;
     const int64_t d = c->dim;
     if (c->kind == QK_CODEC_F32) { memcpy(out, code, sizeof(float) * d); return; }
+    int byte_codes = c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ8F;
     for (int64_t j = 0; j < d; j++) {
-        float v = c->kind == QK_CODEC_SQ8 ? (float)code[j] : nib(code, j);
+        float v = byte_codes ? (float)code[j] : nib(code, j);
         out[j] = c->p0[j] + c->p1[j] * v;
     }
-}
-
-float qk_exact_dist(int metric, const float *a, const float *b, int64_t dim, int isa) {
-    qk_codec c = {.kind = QK_CODEC_F32, .metric = metric, .dim = dim, .code_size = dim * 4, .isa = isa};
-    return isa ? (metric == QK_METRIC_L2 ? f32_l2_avx2 : f32_ip_avx2)(&c, a, 0.f, (const uint8_t *)b)
-               : (metric == QK_METRIC_L2 ? f32_l2 : f32_ip)(&c, a, 0.f, (const uint8_t *)b);
 }

@@ -140,8 +140,11 @@ static inline int32_t *links_at(const qk_hnsw *g, int64_t i, int l) {
 /* Neighbour list of i at layer l into out (count returned): under i's lock while building. */
 static inline int read_links(const qk_hnsw *g, pthread_mutex_t *locks, int64_t i, int l, int32_t *out) {
     const int32_t *p = links_at(g, i, l);
+    const int width = l == 0 ? g->M0 : g->M;
     if (locks) pthread_mutex_lock(&locks[i]);
     int cnt = p[0];
+    if (cnt < 0) cnt = 0;
+    if (cnt > width) cnt = width;   /* defence in depth: loaders check counts, the walk never trusts them */
     memcpy(out, p + 1, sizeof(int32_t) * (size_t)cnt);
     if (locks) pthread_mutex_unlock(&locks[i]);
     return cnt;
@@ -297,9 +300,20 @@ static int insert(build_ctx *b, scratch *s, int64_t i) {
         cand chosen[g->M0 + 1];
         int k = select_heuristic(c, s, s->res, m, g->M, chosen);
         int32_t *p = links_at(g, i, l);
+        int width = l == 0 ? g->M0 : g->M;
         pthread_mutex_lock(&b->locks[i]);
+        /* another thread may already have linked back to i at this layer (it found i through a lower
+         * layer's fresh links): keep those links after i's own choice, as room allows */
+        int old = p[0], nk = k;
+        int32_t prev[width > 0 ? width : 1];
+        memcpy(prev, p + 1, sizeof(int32_t) * (size_t)old);
         for (int j = 0; j < k; j++) p[1 + j] = chosen[j].id;
-        p[0] = k;
+        for (int j = 0; j < old && nk < width; j++) {
+            int dup = 0;
+            for (int t = 0; t < k; t++) dup |= chosen[t].id == prev[j];
+            if (!dup) p[1 + nk++] = prev[j];
+        }
+        p[0] = nk;
         pthread_mutex_unlock(&b->locks[i]);
         for (int j = 0; j < k; j++) {
             rc = connect_back(b, s, chosen[j].id, i, chosen[j].d, l);
@@ -376,14 +390,19 @@ int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int
 
 /* K-NN-SEARCH (Alg. 5) for a batch of queries, then optional exact re-ranking. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                   int32_t ef, int32_t rerank, const float *exact, float *out_d, int64_t *out_i) {
-    if (k < 1 || ef < k || rerank < 0 || (rerank > 0 && !exact)) return QK_H_EARG;
+                   int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) {
+    if (k < 1 || ef < k || rerank < 0 || (rerank > 0 && !rc)) return QK_H_EARG;
     if (rerank > ef) ef = rerank;
     for (int64_t i = 0; i < nq * k; i++) { out_d[i] = INFINITY; out_i[i] = -1; }
     if (g->entry < 0 || nq == 0) return QK_H_OK;
     scratch s;
     if (scratch_init(&s, g, sc, ef) != QK_H_OK) return QK_H_ENOMEM;
-    int rc = QK_H_OK;
+    float *rbuf = NULL;
+    if (rerank > 0 && !(rbuf = aligned_alloc(32, sizeof(float) * (size_t)qk_codec_qbuf_len(rc)))) {
+        scratch_free(&s);
+        return QK_H_ENOMEM;
+    }
+    int rc_ = QK_H_OK;
     cand *out = s.sel;
     for (int64_t qi = 0; qi < nq; qi++) {
         const float *q = queries + qi * sc->dim;
@@ -393,21 +412,23 @@ int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, i
         float dep = qk_codec_dist(sc, s.qbuf, cst, ep);
         for (int l = g->max_level; l > 0; l--) greedy(g, sc, NULL, &s, cst, l, &ep, &dep);
         int nr;
-        rc = search_layer(g, sc, NULL, &s, cst, ep, dep, ef, 0, &nr);
-        if (rc != QK_H_OK) break;
+        rc_ = search_layer(g, sc, NULL, &s, cst, ep, dep, ef, 0, &nr);
+        if (rc_ != QK_H_OK) break;
         int m = 0;
         for (int j = 0; j < nr; j++)
             if (!g->deleted || !g->deleted[s.res[j].id]) out[m++] = s.res[j];
         qsort(out, (size_t)m, sizeof(cand), cmp_cand);
         if (rerank > 0) {
+            float rcst;
             if (m > rerank) m = rerank;
-            for (int j = 0; j < m; j++)
-                out[j].d = qk_exact_dist(sc->metric, q, exact + (int64_t)out[j].id * sc->dim, sc->dim, sc->isa);
+            qk_codec_prepare(rc, q, rbuf, &rcst);
+            for (int j = 0; j < m; j++) out[j].d = qk_codec_dist(rc, rbuf, rcst, out[j].id);
             qsort(out, (size_t)m, sizeof(cand), cmp_cand);
         }
         int kk = m < k ? m : k;
         for (int j = 0; j < kk; j++) { out_d[qi * k + j] = out[j].d; out_i[qi * k + j] = out[j].id; }
     }
+    free(rbuf);
     scratch_free(&s);
-    return rc;
+    return rc_;
 }

@@ -19,7 +19,10 @@
 #include <stdint.h>
 
 enum { QK_METRIC_L2 = 0, QK_METRIC_IP = 1 };
-enum { QK_CODEC_F32 = 0, QK_CODEC_SQ8 = 1, QK_CODEC_SQ4 = 2 };
+/* F32: float vectors. SQ8/SQ4: per-dimension affine codes followed by float32 ||x_hat||^2, walked with
+ * an 8-bit quantized query and integer dot products. SQ8F/SQ4F: the same codes without the norm,
+ * float query (re-rank stores; with vmin = 0, step = 1, SQ8F is an exact uint8 store). */
+enum { QK_CODEC_F32 = 0, QK_CODEC_SQ8 = 1, QK_CODEC_SQ4 = 2, QK_CODEC_SQ8F = 3, QK_CODEC_SQ4F = 4 };
 enum { QK_H_OK = 0, QK_H_ENOMEM = -1, QK_H_EARG = -2, QK_H_ETHREAD = -3 };
 
 typedef struct qk_codec qk_codec;
@@ -49,8 +52,6 @@ void qk_codec_decode(const qk_codec *c, int64_t id, float *out);
 static inline float qk_codec_dist(const qk_codec *c, const float *qbuf, float cst, int64_t id) {
     return c->dist(c, qbuf, cst, c->codes + id * c->code_size);
 }
-/* exact distance between two float vectors under metric (for re-ranking) */
-float qk_exact_dist(int metric, const float *a, const float *b, int64_t dim, int isa);
 
 /* The graph. Layer 0: links0[i*(M0+1)] is node i's neighbour count, the next
  * M0 entries its neighbours. Layers l >= 1 of node i (1 <= l <= level[i]) live
@@ -76,9 +77,9 @@ int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int
 
 /* Search nq queries (float, dim each, already normalized for cosine). ef >= k.
  * rerank > 0: the best `rerank` candidates by codec distance are re-scored
- * exactly against float vectors `exact` (n x dim) before the top k are kept.
+ * with the re-rank codec rc (float vectors, or a compact store) before the top k are kept.
  * Writes out_d (nq x k, smaller is nearer) and out_i (nq x k internal ids, -1 padded).
  * Thread safe: any number of concurrent calls on a graph no one is adding to. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                   int32_t ef, int32_t rerank, const float *exact, float *out_d, int64_t *out_i);
+                   int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i);
 #endif
