@@ -99,11 +99,24 @@ class Graph:
                   first, last, int(ef_construction), int(threads))
 
     def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
-               store=None, deleted: np.ndarray | None = None):
+               store=None, passmask: np.ndarray | None = None):
         p0, p1 = codec.c_params()
-        return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, deleted,
+        return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
                             self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1,
                             isa_code(), queries, int(k), int(ef), int(rerank), store)
+
+    def repair(self, codec, codes: np.ndarray, dead: np.ndarray, threads: int = 1) -> None:
+        """Re-link live nodes away from dead ones (qk_hnsw_repair); the entry point moves to a live node."""
+        p0, p1 = codec.c_params()
+        _hnsw.repair(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
+                     codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1, isa_code(),
+                     np.ascontiguousarray(dead, np.uint8), int(threads))
+
+    def make_writeable(self) -> None:
+        for name in ("links0", "upper", "upper_off", "level"):
+            a = getattr(self, name)
+            if not a.flags.writeable:
+                setattr(self, name, np.array(a))
 
     # ---- sizes and checks
     def arrays(self) -> dict[str, np.ndarray]:
@@ -140,7 +153,7 @@ class Graph:
         else:
             if not (0 <= entry < n) or max_level != int(level[entry]):
                 raise FormatError("graph entry point is out of range or not on the top layer")
-            if (level < 0).any() or (level > MAX_LEVEL).any() or int(level.max()) != max_level:
+            if (level < 0).any() or (level > MAX_LEVEL).any() or int(level.max()) < max_level:
                 raise FormatError("graph levels out of range")
             # the only layout reserve() writes: nodes' upper rows back to back, in id order, no gaps or overlap
             lv = np.where(level > 0, level, 0).astype(np.int64)

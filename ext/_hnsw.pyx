@@ -29,7 +29,7 @@ cdef extern from "qk_hnsw.h":
         int32_t *upper
         const int64_t *upper_off
         const int32_t *level
-        const uint8_t *deleted
+        const uint8_t *pass_ "pass"
         int64_t entry
         int32_t max_level
     int qk_codec_init(qk_codec *c) nogil
@@ -39,6 +39,7 @@ cdef extern from "qk_hnsw.h":
     void qk_codec_decode(const qk_codec *c, int64_t id, float *out) nogil
     int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int32_t ef_construction,
                     int n_threads) nogil
+    int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_threads) nogil
     int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
                        int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) nogil
 
@@ -101,7 +102,7 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
 
 
 cdef int _graph(qk_hnsw *g, int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
-                cnp.ndarray level, object deleted, cnp.ndarray state) except -1:
+                cnp.ndarray level, object passmask, cnp.ndarray state) except -1:
     _need(links0, 2, np.int32, "links0")
     _need(upper, 2, np.int32, "upper")
     _need(upper_off, 1, np.int64, "upper_off")
@@ -118,14 +119,14 @@ cdef int _graph(qk_hnsw *g, int64_t n, int M, int M0, cnp.ndarray links0, cnp.nd
     g.upper = <int32_t *>cnp.PyArray_DATA(upper)
     g.upper_off = <const int64_t *>cnp.PyArray_DATA(upper_off)
     g.level = <const int32_t *>cnp.PyArray_DATA(level)
-    g.deleted = NULL
+    g.pass_ = NULL
     cdef cnp.ndarray dl
-    if deleted is not None:
-        dl = deleted
-        _need(dl, 1, np.uint8, "deleted")
+    if passmask is not None:
+        dl = passmask
+        _need(dl, 1, np.uint8, "pass mask")
         if dl.shape[0] < n:
-            raise ValueError("deleted flags shorter than n")
-        g.deleted = <const uint8_t *>cnp.PyArray_DATA(dl)
+            raise ValueError("pass mask shorter than n")
+        g.pass_ = <const uint8_t *>cnp.PyArray_DATA(dl)
     g.entry = state[0]
     g.max_level = <int32_t>state[1]
     return 0
@@ -151,13 +152,33 @@ def add(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.nda
     _rc(rc)
 
 
+def repair(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
+           cnp.ndarray level, cnp.ndarray state, int kind, int metric, int64_t dim, cnp.ndarray codes, p0, p1,
+           int isa, cnp.ndarray dead, int n_threads):
+    """Re-link every live node away from dead ones; state = [entry, max_level] is updated in place."""
+    cdef qk_hnsw g
+    cdef qk_codec c
+    _graph(&g, n, M, M0, links0, upper, upper_off, level, None, state)
+    _codec(&c, kind, metric, dim, codes, p0, p1, isa)
+    _need(dead, 1, np.uint8, "dead flags")
+    if dead.shape[0] < n or codes.shape[0] < n or n_threads < 1:
+        raise ValueError("dead flags or codes shorter than n")
+    cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(dead)
+    cdef int rc
+    with nogil:
+        rc = qk_hnsw_repair(&g, &c, dp, n_threads)
+    state[0] = g.entry
+    state[1] = g.max_level
+    _rc(rc)
+
+
 def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
-           cnp.ndarray level, object deleted, cnp.ndarray state, int kind, int metric, int64_t dim,
+           cnp.ndarray level, object passmask, cnp.ndarray state, int kind, int metric, int64_t dim,
            cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object store):
     """(D, I) of shape (nq, k): codec distances (or exact after re-ranking), smaller is nearer; internal ids."""
     cdef qk_hnsw g
     cdef qk_codec c
-    _graph(&g, n, M, M0, links0, upper, upper_off, level, deleted, state)
+    _graph(&g, n, M, M0, links0, upper, upper_off, level, passmask, state)
     _codec(&c, kind, metric, dim, codes, p0, p1, isa)
     _need(queries, 2, np.float32, "queries")
     if queries.shape[1] != dim:

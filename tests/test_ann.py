@@ -429,3 +429,55 @@ def test_cosine_normalizes_in_float64():
     idx.add(np.array([[1e20, 1e20], [1e-25, -1e-25]], np.float32))
     D, I = idx.search(np.array([1.0, 1.0], np.float32), 1)
     assert I[0, 0] == 0 and D[0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------ remove and filter
+def _live_recall(idx, x, q, live, k=10, **kw):
+    _, I = idx.search(q, k, **kw)
+    ids = np.flatnonzero(live)
+    gt = ids[brute_force(x[ids], q, k, "l2")]
+    return recall(I, gt, k), I
+
+
+@pytest.mark.parametrize("codec,rerank", [("flat", 0), ("sq4", 32)])
+def test_remove_ten_percent_keeps_recall(tmp_path, data, codec, rerank):
+    x, q = data
+    idx = Index(48, "l2", codec, M=16, ef_construction=100)
+    idx.add(x)
+    rng = np.random.default_rng(80)
+    gone = rng.choice(len(x), len(x) // 10, replace=False)
+    # remove the nearest neighbours of some queries too: the hard case for a graph
+    gone = np.unique(np.concatenate([gone, brute_force(x, q[:20], 3, "l2").reshape(-1)]))
+    assert idx.remove(gone, threads=2) == len(gone)
+    live = np.ones(len(x), bool)
+    live[gone] = False
+    rec, I = _live_recall(idx, x, q, live, ef=64, rerank=rerank)
+    assert rec >= 0.93 and not np.isin(I, gone).any()
+    assert idx.n_live == len(x) - len(gone)
+    g = idx.graph   # no live list points at a removed node
+    cnt = g.links0[: g.n, 0]
+    for i in np.flatnonzero(live)[::50]:
+        assert not np.isin(g.links0[i, 1: 1 + cnt[i]], gone).any()
+    idx.save(tmp_path / "r.qkit")
+    back = Index.load(tmp_path / "r.qkit")
+    np.testing.assert_array_equal(back.search(q, 10, ef=64, rerank=rerank)[1], I)
+    back.add(x[gone[:5]], ids=gone[:5])     # a removed id may come back
+    assert back.search(x[gone[:5]], 1, rerank=rerank)[1][:, 0].tolist() == gone[:5].tolist()
+    with pytest.raises(InputError, match="not in the index"):
+        idx.remove([gone[0]])
+
+
+def test_filtered_search_keeps_recall_and_respects_the_filter(data, built):
+    x, q = data
+    idx = built["sq8"]
+    rng = np.random.default_rng(81)
+    allowed = np.sort(rng.choice(len(x), len(x) // 10, replace=False))
+    live = np.zeros(len(x), bool)
+    live[allowed] = True
+    rec, I = _live_recall(idx, x, q, live, ef=64, rerank=32, filter=allowed)
+    assert rec >= 0.9 and np.isin(I, allowed).all()
+    mask = np.zeros(len(x), bool)
+    mask[allowed] = True
+    np.testing.assert_array_equal(idx.search(q, 10, ef=64, rerank=32, filter=mask)[1], I)
+    _, I1 = idx.search(q[:3], 5, filter=[7, 9])       # fewer matches than k: -1 padding
+    assert set(I1[:, :2].reshape(-1)) == {7, 9} and (I1[:, 2:] == -1).all()

@@ -166,14 +166,16 @@ static void greedy(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *locks, 
 }
 
 /* SEARCH-LAYER (Alg. 2): the ef nearest found from ep at layer l, left in s->res (a max-heap of *nres). */
+/* pass (NULL: all): only passing nodes enter the results; the others are still expanded, so a
+ * selective filter costs more distance evaluations, not recall. */
 static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *locks, scratch *s, float cst,
-                        int64_t ep, float dep, int ef, int l, int *nres) {
+                        int64_t ep, float dep, int ef, int l, const uint8_t *pass, int *nres) {
     int nc = 0, nr = 0;
     new_tag(s);
     s->visited[ep] = s->tag;
     cand x = {dep, (int32_t)ep};
     minh_push(s->cands, &nc, x);
-    maxh_push(s->res, &nr, x);
+    if (!pass || pass[ep]) maxh_push(s->res, &nr, x);
     while (nc > 0) {
         cand cur = s->cands[0];
         if (nr >= ef && cur.d > s->res[0].d) break;   /* nearest candidate farther than the worst result */
@@ -189,8 +191,10 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
                 if (nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
                 cand y = {d, e};
                 minh_push(s->cands, &nc, y);
-                maxh_push(s->res, &nr, y);
-                if (nr > ef) maxh_pop(s->res, &nr);
+                if (!pass || pass[e]) {
+                    maxh_push(s->res, &nr, y);
+                    if (nr > ef) maxh_pop(s->res, &nr);
+                }
             }
         }
     }
@@ -291,7 +295,7 @@ static int insert(build_ctx *b, scratch *s, int64_t i) {
     int rc = QK_H_OK;
     for (int l = (L < Lmax ? L : Lmax); l >= 0; l--) {
         int nr;
-        rc = search_layer(g, c, b->locks, s, cst, ep, dep, b->ef, l, &nr);
+        rc = search_layer(g, c, b->locks, s, cst, ep, dep, b->ef, l, NULL, &nr);
         if (rc != QK_H_OK) break;
         /* W sorted nearest first (drop i itself should it be there) */
         int m = 0;
@@ -388,6 +392,112 @@ int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int
     return rc;
 }
 
+typedef struct {
+    qk_hnsw *g;
+    const qk_codec *c;
+    const uint8_t *dead;
+    pthread_mutex_t *locks;
+    int64_t next;
+    int err;
+} repair_ctx;
+
+/* re-select node u's links at layer l when one of them is dead */
+static int repair_node(repair_ctx *r, scratch *s, int64_t u, int l) {
+    qk_hnsw *g = r->g;
+    const qk_codec *c = r->c;
+    int width = l == 0 ? g->M0 : g->M;
+    int32_t own[width > 0 ? width : 1];
+    int cnt = read_links(g, r->locks, u, l, own), any = 0;
+    for (int j = 0; j < cnt; j++) any |= r->dead[own[j]];
+    if (!any) return QK_H_OK;
+    float cst;
+    qk_codec_decode(c, u, s->vec);
+    qk_codec_prepare(c, s->vec, s->qbuf, &cst);
+    new_tag(s);
+    s->visited[u] = s->tag;
+    int n = 0;
+    /* candidates: u's live links, and the live links of its dead neighbours (two hops) */
+    for (int j = 0; j < cnt; j++) {
+        int32_t e = own[j];
+        if (r->dead[e]) {
+            int c2 = read_links(g, r->locks, e, l, s->nbr);
+            for (int t = 0; t < c2; t++) {
+                int32_t f = s->nbr[t];
+                if (r->dead[f] || s->visited[f] == s->tag) continue;
+                s->visited[f] = s->tag;
+                if (n + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
+                s->cands[n++] = (cand){qk_codec_dist(c, s->qbuf, cst, f), f};
+            }
+        } else if (s->visited[e] != s->tag) {
+            s->visited[e] = s->tag;
+            if (n + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
+            s->cands[n++] = (cand){qk_codec_dist(c, s->qbuf, cst, e), e};
+        }
+    }
+    qsort(s->cands, (size_t)n, sizeof(cand), cmp_cand);
+    if (n > 2 * width) n = 2 * width;   /* the heuristic keeps near ones first: the far tail never wins */
+    cand kept[width > 0 ? width : 1];
+    int k = select_heuristic(c, s, s->cands, n, width, kept);
+    int32_t *p = links_at(g, u, l);
+    pthread_mutex_lock(&r->locks[u]);
+    for (int j = 0; j < k; j++) p[1 + j] = kept[j].id;
+    p[0] = k;
+    pthread_mutex_unlock(&r->locks[u]);
+    return QK_H_OK;
+}
+
+static void *repair_worker(void *arg) {
+    repair_ctx *r = arg;
+    scratch s;
+    if (scratch_init(&s, r->g, r->c, r->g->M0 * (r->g->M0 + 1)) != QK_H_OK) {
+        __atomic_store_n(&r->err, QK_H_ENOMEM, __ATOMIC_SEQ_CST);
+        return NULL;
+    }
+    for (;;) {
+        int64_t u = __atomic_fetch_add(&r->next, 1, __ATOMIC_SEQ_CST);
+        if (u >= r->g->n || __atomic_load_n(&r->err, __ATOMIC_SEQ_CST)) break;
+        if (r->dead[u]) continue;
+        for (int l = 0; l <= r->g->level[u]; l++) {
+            int rc = repair_node(r, &s, u, l);
+            if (rc != QK_H_OK) { __atomic_store_n(&r->err, rc, __ATOMIC_SEQ_CST); break; }
+        }
+    }
+    scratch_free(&s);
+    return NULL;
+}
+
+int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_threads) {
+    if (n_threads < 1 || !dead) return QK_H_EARG;
+    repair_ctx r = {.g = g, .c = bc, .dead = dead, .next = 0, .err = 0};
+    r.locks = malloc(sizeof(pthread_mutex_t) * (size_t)(g->n > 0 ? g->n : 1));
+    if (!r.locks) return QK_H_ENOMEM;
+    for (int64_t i = 0; i < g->n; i++) pthread_mutex_init(&r.locks[i], NULL);
+    int rc = QK_H_OK;
+    if (n_threads == 1) {
+        repair_worker(&r);
+    } else {
+        pthread_t th[n_threads];
+        int started = 0;
+        for (int t = 0; t < n_threads; t++) {
+            if (pthread_create(&th[t], NULL, repair_worker, &r) != 0) break;
+            started++;
+        }
+        if (started == 0) rc = QK_H_ETHREAD;
+        for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
+    }
+    if (rc == QK_H_OK) rc = r.err;
+    for (int64_t i = 0; i < g->n; i++) pthread_mutex_destroy(&r.locks[i]);
+    free(r.locks);
+    if (rc != QK_H_OK) return rc;
+    /* a live entry point on the highest level any live node has */
+    int64_t best = -1;
+    for (int64_t i = 0; i < g->n; i++)
+        if (!dead[i] && (best < 0 || g->level[i] > g->level[best])) best = i;
+    g->entry = best;
+    g->max_level = best >= 0 ? g->level[best] : -1;
+    return QK_H_OK;
+}
+
 /* K-NN-SEARCH (Alg. 5) for a batch of queries, then optional exact re-ranking. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
                    int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) {
@@ -412,11 +522,11 @@ int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, i
         float dep = qk_codec_dist(sc, s.qbuf, cst, ep);
         for (int l = g->max_level; l > 0; l--) greedy(g, sc, NULL, &s, cst, l, &ep, &dep);
         int nr;
-        rc_ = search_layer(g, sc, NULL, &s, cst, ep, dep, ef, 0, &nr);
+        rc_ = search_layer(g, sc, NULL, &s, cst, ep, dep, ef, 0, g->pass, &nr);
         if (rc_ != QK_H_OK) break;
         int m = 0;
         for (int j = 0; j < nr; j++)
-            if (!g->deleted || !g->deleted[s.res[j].id]) out[m++] = s.res[j];
+            if (!g->pass || g->pass[s.res[j].id]) out[m++] = s.res[j];
         qsort(out, (size_t)m, sizeof(cand), cmp_cand);
         if (rerank > 0) {
             float rcst;

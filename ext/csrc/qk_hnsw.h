@@ -63,7 +63,8 @@ typedef struct {
     int32_t *upper;         /* rows x (M+1) */
     const int64_t *upper_off;
     const int32_t *level;
-    const uint8_t *deleted; /* NULL, or n flags: deleted nodes are walked through but never returned */
+    const uint8_t *pass;    /* NULL, or n flags: search returns only nodes whose flag is set (a filter,
+                             * removed nodes cleared); others are still walked through at layer 0 */
     int64_t entry;          /* -1 when empty */
     int32_t max_level;
 } qk_hnsw;
@@ -74,6 +75,12 @@ typedef struct {
  * g->n must already be >= last. */
 int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int32_t ef_construction,
                 int n_threads);
+
+/* After nodes are marked dead: every live node that links to a dead one re-selects its links (per
+ * layer) with the heuristic from its live links and the dead neighbours' live links (hnswlib's
+ * repairConnectionsForUpdate idea), so no live list points at a dead node afterwards. The entry
+ * point moves to a live node of the highest level. bc: the codec the graph is built on. */
+int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_threads);
 
 /* Search nq queries (float, dim each, already normalized for cosine). ef >= k.
  * rerank > 0: the best `rerank` candidates by codec distance are re-scored
