@@ -41,7 +41,7 @@ from qkit.packing import pack_nibbles, unpack_nibbles
 METRICS = ("l2", "ip", "cosine")
 
 # kinds shared with ext/csrc/qk_hnsw.h
-KIND_F32, KIND_SQ8, KIND_SQ4, KIND_SQ8F, KIND_SQ4F = 0, 1, 2, 3, 4
+KIND_F32, KIND_SQ8, KIND_SQ4, KIND_SQ8F, KIND_SQ4F, KIND_RQ1, KIND_RQ4, KIND_RQ8 = range(8)
 
 
 def inner_metric(metric: str) -> str:
@@ -99,6 +99,23 @@ class Codec(ABC):
         return (-(Q @ X.T)).astype(np.float32)
 
     # ---- what the compiled graph and the file format need
+    @property
+    def walk_dim(self) -> int:
+        """Length of the query the compiled walk sees (the rotated dimension for RaBitQ)."""
+        return self.dim
+
+    @property
+    def walk_bytes(self) -> int:
+        """Bytes per vector of the codes the graph stores (walk_encode)."""
+        return self.bytes_per_vector
+
+    def walk_encode(self, X) -> np.ndarray:
+        return self.encode(X)
+
+    def walk_queries(self, Q: np.ndarray) -> np.ndarray:
+        """Queries as the compiled walk takes them (float32, walk_dim each)."""
+        return np.ascontiguousarray(Q, np.float32)
+
     def c_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The two float32 per-dimension arrays the C distance reads (None for flat)."""
         return None, None
@@ -379,7 +396,54 @@ class WrappedCodec(Codec):
 
 
 class RaBitQCodec(WrappedCodec):
+    """rabitq{B}. The graph walks B <= 8 on unsigned grid codes u = y + (2^B - 1)/2 (bits for B = 1,
+    nibbles for 2..4, bytes for 5..8) followed by r and w, with the centred, rotated query on an
+    int8 grid (ext/csrc/codec_dist.c, kinds RQ1/RQ4/RQ8); B = 9 is for brute-force scans only."""
+
     family = "rabitq"
+
+    @property
+    def c_kind(self):
+        if self.bits == 1:
+            return KIND_RQ1
+        return KIND_RQ4 if self.bits <= 4 else (KIND_RQ8 if self.bits <= 8 else None)
+
+    @property
+    def walk_dim(self) -> int:
+        return self.q.D
+
+    @property
+    def _walk_code_bytes(self) -> int:
+        D = self.q.D
+        return (D + 7) // 8 if self.bits == 1 else ((D + 1) // 2 if self.bits <= 4 else D)
+
+    @property
+    def walk_bytes(self) -> int:
+        return self._walk_code_bytes + 8
+
+    def walk_encode(self, X) -> np.ndarray:
+        from qkit.packing import pack_bits, unpack_bits
+
+        codes = self.encode(X)
+        sp, mp, _, _ = self.q.split(codes)
+        D, B = self.q.D, self.bits
+        L = 2 ** (B - 1)
+        signs = unpack_bits(np.ascontiguousarray(sp), 1, D).astype(bool)
+        m = unpack_bits(np.ascontiguousarray(mp), B - 1, D).astype(np.int32) if mp is not None else 0
+        u = np.where(signs, L + m, L - 1 - m).astype(np.uint8)
+        packed = pack_bits(u, 1) if B == 1 else (pack_bits(u, 4) if B <= 4 else u)
+        return np.ascontiguousarray(np.concatenate([packed, codes[:, -8:]], axis=1))
+
+    def walk_queries(self, Q):
+        Q = np.asarray(Q, np.float32)
+        V = Q - self.q.centroid if inner_metric(self.metric) == "l2" else Q
+        return np.ascontiguousarray(self.q.rotate_query(V), np.float32)
+
+    def c_params(self):
+        if self.c_kind is None:
+            raise UsageError("rabitq9 has no compiled graph distance (codes up to 8 bits); use it in scans")
+        c_rot = self.q.rotate_query(self.q.centroid.astype(np.float64)).astype(np.float32)
+        return np.ascontiguousarray(c_rot), np.array([(2 ** self.bits - 1) / 2], np.float32)
 
     def _make(self):
         from qkit.rabitq import RaBitQ
@@ -460,6 +524,7 @@ class TurboQuantProdCodec(TurboQuantCodec):
 
 
 GRAPH_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
+GRAPH_CODECS.update({f"rabitq{b}": RaBitQCodec for b in range(1, 9)})
 _FAMILIES: dict[str, tuple[type[WrappedCodec], range]] = {"rabitq": (RaBitQCodec, range(1, 10)),
                                                           "tq": (TurboQuantCodec, range(1, 9)),
                                                           "tqp": (TurboQuantProdCodec, range(2, 9)),
@@ -467,14 +532,14 @@ _FAMILIES: dict[str, tuple[type[WrappedCodec], range]] = {"rabitq": (RaBitQCodec
 
 
 def codec_names() -> list[str]:
-    names = list(GRAPH_CODECS)
+    names = ["flat", "sq8", "sq4"]
     for fam, (_, bits) in _FAMILIES.items():
         names += ["qjl"] if fam == "qjl" else [f"{fam}{b}" for b in bits]
     return names
 
 
 def _parse(name: str) -> tuple[type[Codec], int | None]:
-    if name in GRAPH_CODECS:
+    if name in ("flat", "sq8", "sq4"):
         return GRAPH_CODECS[name], None
     for fam in sorted(_FAMILIES, key=len, reverse=True):   # "tqp" before "tq"
         cls, bits = _FAMILIES[fam]

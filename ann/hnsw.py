@@ -95,21 +95,21 @@ class Graph:
         """Link nodes [first, last) whose codes (under `codec`) are rows first..last-1 of `codes`."""
         p0, p1 = codec.c_params()
         _hnsw.add(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
-                  codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1, isa_code(),
+                  codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1, isa_code(),
                   first, last, int(ef_construction), int(threads))
 
     def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
                store=None, passmask: np.ndarray | None = None):
         p0, p1 = codec.c_params()
         return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
-                            self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1,
+                            self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1,
                             isa_code(), queries, int(k), int(ef), int(rerank), store)
 
     def repair(self, codec, codes: np.ndarray, dead: np.ndarray, threads: int = 1) -> None:
         """Re-link live nodes away from dead ones (qk_hnsw_repair); the entry point moves to a live node."""
         p0, p1 = codec.c_params()
         _hnsw.repair(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
-                     codec.c_kind, 0 if codec.metric == "l2" else 1, codec.dim, codes, p0, p1, isa_code(),
+                     codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1, isa_code(),
                      np.ascontiguousarray(dead, np.uint8), int(threads))
 
     def make_writeable(self) -> None:

@@ -112,8 +112,10 @@ class Index:
         if codec not in CODECS:
             make_codec(codec, self.dim)   # an unknown name fails here with the full list
             raise UsageError(f"codec {codec!r} is not walkable by the graph yet; the index takes "
-                             f"{', '.join(CODECS)} (qkit.eval.bench_codecs scans the others)")
-        self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric))
+                             f"{', '.join(CODECS)} (qkit.eval.bench_codecs scans every codec)")
+        self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric), seed=seed)
+        if self.codec.c_kind not in (0, 1, 2) and store is None:
+            raise UsageError(f"codec {codec} needs a re-rank store (the graph is built on it)")
         self.ef_construction = _check_int("ef_construction", ef_construction, 1)
         self.graph = Graph(_check_int("M", M, 2, 1024), seed=seed)
         if keep_vectors is not None:   # the older switch: True is a float store, False none
@@ -126,7 +128,7 @@ class Index:
         self.store: Codec | None = None        # chosen at the first add for "auto"
         self._store_codes: np.ndarray | None = None
         self.ef = DEFAULT_EF
-        self._codes = np.zeros((0, self.codec.bytes_per_vector), np.uint8)
+        self._codes = np.zeros((0, self.codec.walk_bytes), np.uint8)
         self._labels = np.zeros(0, np.int64)
         self._dead = np.zeros(0, np.uint8)     # 1: removed (never returned, unlinked from the graph)
         self._lock = _RWLock()
@@ -254,7 +256,7 @@ class Index:
             chunk = max(1024, min(n, 65536))
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
-                self._codes[first + s: first + e] = self.codec.encode(x[s:e])
+                self._codes[first + s: first + e] = self.codec.walk_encode(x[s:e])
                 if self.store is not None:
                     self._store_codes[first + s: first + e] = self.store.encode(x[s:e])
                 bc, bcodes = self._build_codec()
@@ -382,8 +384,9 @@ class Index:
                 store = None
                 if rerank:
                     p0, p1 = self.store.c_params()
-                    store = (self.store.c_kind, self.store_codes, p0, p1)
-                D, I = self.graph.search(self.codec, self.codes, q, k, ef, rerank, store, passmask)
+                    store = (self.store.c_kind, self.store_codes, p0, p1, q)
+                D, I = self.graph.search(self.codec, self.codes, self.codec.walk_queries(q), k, ef, rerank, store,
+                                         passmask)
                 return D, np.where(I >= 0, self.labels[np.where(I >= 0, I, 0)], -1)
 
         if threads == 1 or len(xq) < 2 * threads:
@@ -467,7 +470,7 @@ class Index:
             raise FormatError(f"{path}: missing array {e.args[0]!r}") from None
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
-        if idx.graph.n != ntotal or len(idx.graph.upper) != n_upper or codes.shape != (ntotal, idx.codec.bytes_per_vector) \
+        if idx.graph.n != ntotal or len(idx.graph.upper) != n_upper or codes.shape != (ntotal, idx.codec.walk_bytes) \
                 or labels.shape != (ntotal,) or codes.dtype != np.uint8 or labels.dtype != np.int64:
             raise FormatError(f"{path}: array sizes do not match the header")
         idx._codes, idx._labels = codes, labels

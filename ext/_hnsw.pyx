@@ -41,9 +41,10 @@ cdef extern from "qk_hnsw.h":
                     int n_threads) nogil
     int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_threads) nogil
     int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                       int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) nogil
+                       int32_t ef, int32_t rerank, const qk_codec *rc, const float *rqueries, float *out_d,
+                       int64_t *out_i) nogil
 
-CODEC_F32, CODEC_SQ8, CODEC_SQ4, CODEC_SQ8F, CODEC_SQ4F = 0, 1, 2, 3, 4
+CODEC_F32, CODEC_SQ8, CODEC_SQ4, CODEC_SQ8F, CODEC_SQ4F, CODEC_RQ1, CODEC_RQ4, CODEC_RQ8 = range(8)
 METRIC_L2, METRIC_IP = 0, 1
 
 
@@ -78,14 +79,20 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
     c.p1 = NULL
     c.isa = isa
     cdef int64_t need
+    if kind < 0 or kind > CODEC_RQ8:
+        raise ValueError(f"unknown codec kind {kind}")
     if kind == CODEC_F32:
         need = dim * 4
-    elif kind == CODEC_SQ8 or kind == CODEC_SQ8F:
+    elif kind == CODEC_SQ8 or kind == CODEC_SQ8F or kind == CODEC_RQ8:
         need = dim
+    elif kind == CODEC_RQ1:
+        need = (dim + 7) // 8
     else:
         need = (dim + 1) // 2
     if kind == CODEC_SQ8 or kind == CODEC_SQ4:
         need += 4   # float32 ||x_hat||^2 after the codes
+    elif kind >= CODEC_RQ1:
+        need += 8   # float32 r, w
     if c.code_size != need:
         raise ValueError(f"codes: rows of {c.code_size} bytes, codec needs {need}")
     cdef cnp.ndarray a0, a1
@@ -93,7 +100,7 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
         a0, a1 = p0, p1
         _need(a0, 1, np.float32, "codec p0")
         _need(a1, 1, np.float32, "codec p1")
-        if a0.shape[0] != dim or a1.shape[0] != dim:
+        if a0.shape[0] != dim or a1.shape[0] < (1 if kind >= CODEC_RQ1 else dim):
             raise ValueError("codec parameters must have one value per dimension")
         c.p0 = <const float *>cnp.PyArray_DATA(a0)
         c.p1 = <const float *>cnp.PyArray_DATA(a1)
@@ -189,13 +196,19 @@ def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
         raise ValueError("need k >= 1, ef >= k, rerank >= 0")
     cdef qk_codec rcodec
     cdef const qk_codec *rcp = NULL
+    cdef const float *rqp = NULL
+    cdef cnp.ndarray rq
     if rerank > 0:
-        # store = (kind, codes, p0, p1): the re-rank codec (float vectors or a compact store)
-        rkind, rcodes, rp0, rp1 = store
-        _codec(&rcodec, rkind, metric, dim, rcodes, rp0, rp1, isa)
+        # store = (kind, codes, p0, p1, raw queries): the re-rank codec (float vectors or a compact store)
+        rkind, rcodes, rp0, rp1, rq = store
+        _need(rq, 2, np.float32, "re-rank queries")
+        if rq.shape[0] != queries.shape[0]:
+            raise ValueError("one re-rank query per query")
+        _codec(&rcodec, rkind, metric, rq.shape[1], rcodes, rp0, rp1, isa)
         if rcodes.shape[0] < n:
             raise ValueError("re-rank store shorter than the index")
         rcp = &rcodec
+        rqp = <const float *>cnp.PyArray_DATA(rq)
     cdef int64_t nq = queries.shape[0]
     cdef cnp.ndarray D = np.empty((nq, k), dtype=np.float32)
     cdef cnp.ndarray I = np.empty((nq, k), dtype=np.int64)
@@ -204,7 +217,7 @@ def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
     cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(I)
     cdef int rc
     with nogil:
-        rc = qk_hnsw_search(&g, &c, qp, nq, k, ef, rerank, rcp, dp, ip)
+        rc = qk_hnsw_search(&g, &c, qp, nq, k, ef, rerank, rcp, rqp, dp, ip)
     _rc(rc)
     return D, I
 

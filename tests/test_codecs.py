@@ -57,6 +57,45 @@ def test_codec_contract(name, metric, data):
 def test_only_graph_codecs_enter_the_index():
     from qkit.ann import Index
 
-    assert set(GRAPH_CODECS) == {"flat", "sq8", "sq4"}
-    with pytest.raises(UsageError, match="not walkable by the graph yet"):
-        Index(16, codec="rabitq4")
+    assert set(GRAPH_CODECS) == {"flat", "sq8", "sq4"} | {f"rabitq{b}" for b in range(1, 9)}
+    for name in ("rabitq9", "tq4", "tqp3", "qjl"):
+        with pytest.raises(UsageError, match="not walkable by the graph yet"):
+            Index(16, codec=name)
+    with pytest.raises(UsageError, match="needs a re-rank store"):
+        Index(16, codec="rabitq4", store=None)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rabitq_walk_distance_equals_the_estimator(bits, metric, data):
+    """The graph's compiled RaBitQ distance (int8 query over u codes) against qkit.rabitq's float estimator."""
+    from qkit.ext import _hnsw, cpu_flags
+
+    x, q = data
+    c = make_codec(f"rabitq{bits}", 40, metric).fit(x)
+    walk = c.walk_encode(x)
+    assert walk.shape == (len(x), c.walk_bytes)
+    p0, p1 = c.c_params()
+    ref = c.q.distances_many(q[:4], c.encode(x), metric)
+    for isa in [0] + ([1] if cpu_flags().get("avx2") else []):
+        for i in range(4):
+            d = _hnsw.codec_distances(c.c_kind, 0 if metric == "l2" else 1, c.walk_dim, walk, p0, p1, isa,
+                                      c.walk_queries(q[i: i + 1])[0])
+            # the only difference is the query's int8 rounding (coarser for ip: the query is not centred)
+            tol = 0.01 if metric == "l2" else 0.03
+            assert np.abs(d - ref[i]).mean() < tol * np.abs(ref[i]).mean() + 1e-3
+            assert np.corrcoef(d, ref[i])[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("name,rerank,want", [("rabitq4", 32, 0.95), ("rabitq8", 0, 0.95), ("rabitq2", 64, 0.95)])
+def test_rabitq_in_the_graph(name, rerank, want, data, tmp_path):
+    from qkit.ann import Index
+
+    x, q = data
+    idx = Index(40, "l2", name, ef_construction=80)
+    idx.add(x)
+    _, I = idx.search(q, 10, ef=64, rerank=rerank)
+    gt = brute_force(x, q, 10, "l2")
+    assert np.mean([len(set(I[i]) & set(gt[i])) / 10 for i in range(len(q))]) >= want
+    idx.save(tmp_path / "r.qkit")
+    np.testing.assert_array_equal(Index.load(tmp_path / "r.qkit").search(q, 10, ef=64, rerank=rerank)[1], I)

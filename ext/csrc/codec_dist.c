@@ -27,7 +27,24 @@
 static inline int64_t pad8(int64_t d) { return (d + 7) & ~(int64_t)7; }
 static inline int64_t pad32(int64_t d) { return (d + 31) & ~(int64_t)31; }
 static inline int64_t sq_bytes(const qk_codec *c) {
-    return (c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ8F) ? c->dim : (c->dim + 1) / 2;
+    switch (c->kind) {
+    case QK_CODEC_SQ8: case QK_CODEC_SQ8F: case QK_CODEC_RQ8: return c->dim;
+    case QK_CODEC_RQ1: return (c->dim + 7) / 8;
+    default: return (c->dim + 1) / 2;
+    }
+}
+/* RaBitQ query constants after the int8 query: delta, sum v', ||v'||^2, <c', v'> */
+static inline const float *rq_consts(const qk_codec *c, const float *qbuf) { return qbuf + pad32(c->dim) / 4; }
+static inline void rq_tail(const qk_codec *c, const uint8_t *code, float *r, float *w) {
+    memcpy(r, code + sq_bytes(c), 4);
+    memcpy(w, code + sq_bytes(c) + 4, 4);
+}
+static inline float rq_dist(const qk_codec *c, const float *q, int32_t S, const uint8_t *code) {
+    const float *k = rq_consts(c, q);
+    float r, w;
+    rq_tail(c, code, &r, &w);
+    float est = w * (k[0] * (float)S - c->p1[0] * k[1]);
+    return c->metric == QK_METRIC_L2 ? r * r + k[2] - 2.f * r * est : -(k[3] + r * est);
 }
 /* integer-query layout inside qbuf: int8 query (pad32(d) bytes, zero padded), then delta (float) */
 static inline const int8_t *qi8(const float *qbuf) { return (const int8_t *)qbuf; }
@@ -102,6 +119,24 @@ static float sq4i_l2(const qk_codec *c, const float *q, float cst, const uint8_t
 }
 static float sq4i_ip(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
     return cst - qdelta(c, q) * (float)dot_u4_i8(code, qi8(q), c->dim);
+}
+
+static int32_t dot_b1_i8(const uint8_t *c, const int8_t *q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; j++) s += ((c[j >> 3] >> (j & 7)) & 1) ? q[j] : 0;
+    return s;
+}
+static float rq1_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_b1_i8(code, qi8(q), c->dim), code);
+}
+static float rq4_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u4_i8(code, qi8(q), c->dim), code);
+}
+static float rq8_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u8_i8(code, qi8(q), c->dim), code);
 }
 
 /* ---------------- AVX2 + FMA ---------------- */
@@ -303,14 +338,49 @@ AVX2 static float sq4i_ip_avx2(const qk_codec *c, const float *q, float cst, con
     return cst - qdelta(c, q) * (float)dot_u4_i8_avx2(code, qi8(q), c->dim);
 }
 
+/* 1-bit codes x int8 query: 32 bits -> 32 byte masks (shuffle each code byte to its 8 lanes, test its bit) */
+AVX2 static int32_t dot_b1_i8_avx2(const uint8_t *c, const int8_t *q, int64_t d) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        uint32_t w;
+        memcpy(&w, c + j / 8, 4);
+        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
+        __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(b, bits), bits);
+        __m256i qv = _mm256_and_si256(m, _mm256_loadu_si256((const __m256i *)(q + j)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qv), ones16));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; j < d; j++) s += ((c[j >> 3] >> (j & 7)) & 1) ? q[j] : 0;
+    return s;
+}
+AVX2 static float rq1_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_b1_i8_avx2(code, qi8(q), c->dim), code);
+}
+AVX2 static float rq4_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u4_i8_avx2(code, qi8(q), c->dim), code);
+}
+AVX2 static float rq8_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u8_i8_avx2(code, qi8(q), c->dim), code);
+}
+
 /* ---------------- dispatch ---------------- */
 int qk_codec_init(qk_codec *c) {
-    static const qk_dist_fn scalar[5][2] = {{f32_l2, f32_ip}, {sq8i_l2, sq8i_ip}, {sq4i_l2, sq4i_ip},
-                                            {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip}};
-    static const qk_dist_fn avx2[5][2] = {{f32_l2_avx2, f32_ip_avx2}, {sq8i_l2_avx2, sq8i_ip_avx2},
+    static const qk_dist_fn scalar[8][2] = {{f32_l2, f32_ip}, {sq8i_l2, sq8i_ip}, {sq4i_l2, sq4i_ip},
+                                            {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip}, {rq1_dist, rq1_dist},
+                                            {rq4_dist, rq4_dist}, {rq8_dist, rq8_dist}};
+    static const qk_dist_fn avx2[8][2] = {{f32_l2_avx2, f32_ip_avx2}, {sq8i_l2_avx2, sq8i_ip_avx2},
                                           {sq4i_l2_avx2, sq4i_ip_avx2}, {sq8_l2_avx2, sq8_ip_avx2},
-                                          {sq4_l2_avx2, sq4_ip_avx2}};
-    if (c->kind < 0 || c->kind > 4 || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
+                                          {sq4_l2_avx2, sq4_ip_avx2}, {rq1_dist_avx2, rq1_dist_avx2},
+                                          {rq4_dist_avx2, rq4_dist_avx2}, {rq8_dist_avx2, rq8_dist_avx2}};
+    if (c->kind < 0 || c->kind > 7 || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
     if (c->kind != QK_CODEC_F32 && (!c->p0 || !c->p1)) return QK_H_EARG;
     c->dist = (c->isa ? avx2 : scalar)[c->kind][c->metric];
     return QK_H_OK;
@@ -322,6 +392,22 @@ void qk_codec_prepare(const qk_codec *c, const float *q, float *qbuf, float *cst
     *cst = 0.f;
     if (c->kind == QK_CODEC_F32) {
         memcpy(qbuf, q, sizeof(float) * d);
+        return;
+    }
+    if (c->kind >= QK_CODEC_RQ1) {
+        /* v' on a symmetric int8 grid; constants: delta, sum v', ||v'||^2, <c', v'> */
+        float vmax = 0.f, sv = 0.f, vv = 0.f, cv = 0.f;
+        for (int64_t j = 0; j < d; j++) {
+            vmax = fmaxf(vmax, fabsf(q[j]));
+            sv += q[j];
+            vv += q[j] * q[j];
+            cv += q[j] * c->p0[j];
+        }
+        float delta = vmax > 0.f ? vmax / 127.f : 1.f;
+        int8_t *qi = (int8_t *)qbuf;
+        for (int64_t j = 0; j < d; j++) qi[j] = (int8_t)nearbyintf(q[j] / delta);
+        float *k = qbuf + pad32(d) / 4;
+        k[0] = delta; k[1] = sv; k[2] = vv; k[3] = cv;
         return;
     }
     if (c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ4) {
@@ -356,6 +442,7 @@ void qk_codec_decode(const qk_codec *c, int64_t id, float *out) {
     const uint8_t *code = c->codes + id * c->code_size;
     const int64_t d = c->dim;
     if (c->kind == QK_CODEC_F32) { memcpy(out, code, sizeof(float) * d); return; }
+    if (c->kind >= QK_CODEC_RQ1) { memset(out, 0, sizeof(float) * d); return; }  /* graphs build on a store */
     int byte_codes = c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ8F;
     for (int64_t j = 0; j < d; j++) {
         float v = byte_codes ? (float)code[j] : nib(code, j);

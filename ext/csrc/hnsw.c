@@ -500,8 +500,9 @@ int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_th
 
 /* K-NN-SEARCH (Alg. 5) for a batch of queries, then optional exact re-ranking. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                   int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i) {
-    if (k < 1 || ef < k || rerank < 0 || (rerank > 0 && !rc)) return QK_H_EARG;
+                   int32_t ef, int32_t rerank, const qk_codec *rc, const float *rqueries, float *out_d,
+                   int64_t *out_i) {
+    if (k < 1 || ef < k || rerank < 0 || (rerank > 0 && (!rc || !rqueries))) return QK_H_EARG;
     if (rerank > ef) ef = rerank;
     for (int64_t i = 0; i < nq * k; i++) { out_d[i] = INFINITY; out_i[i] = -1; }
     if (g->entry < 0 || nq == 0) return QK_H_OK;
@@ -531,7 +532,7 @@ int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, i
         if (rerank > 0) {
             float rcst;
             if (m > rerank) m = rerank;
-            qk_codec_prepare(rc, q, rbuf, &rcst);
+            qk_codec_prepare(rc, rqueries + qi * rc->dim, rbuf, &rcst);
             for (int j = 0; j < m; j++) out[j].d = qk_codec_dist(rc, rbuf, rcst, out[j].id);
             qsort(out, (size_t)m, sizeof(cand), cmp_cand);
         }

@@ -22,7 +22,11 @@ enum { QK_METRIC_L2 = 0, QK_METRIC_IP = 1 };
 /* F32: float vectors. SQ8/SQ4: per-dimension affine codes followed by float32 ||x_hat||^2, walked with
  * an 8-bit quantized query and integer dot products. SQ8F/SQ4F: the same codes without the norm,
  * float query (re-rank stores; with vmin = 0, step = 1, SQ8F is an exact uint8 store). */
-enum { QK_CODEC_F32 = 0, QK_CODEC_SQ8 = 1, QK_CODEC_SQ4 = 2, QK_CODEC_SQ8F = 3, QK_CODEC_SQ4F = 4 };
+enum { QK_CODEC_F32 = 0, QK_CODEC_SQ8 = 1, QK_CODEC_SQ4 = 2, QK_CODEC_SQ8F = 3, QK_CODEC_SQ4F = 4,
+       /* RaBitQ walk codes (qkit.rabitq): unsigned grid codes u (bits / nibbles / bytes), then float32 r, w.
+        * The query handed to the walk is already centred (l2) and rotated: v' = P^-1 v; p0 is the rotated
+        * centroid (ip), p1[0] = (2^B - 1) / 2. est <o, v> = w (<u, v'> - p1[0] sum v'). */
+       QK_CODEC_RQ1 = 5, QK_CODEC_RQ4 = 6, QK_CODEC_RQ8 = 7 };
 enum { QK_H_OK = 0, QK_H_ENOMEM = -1, QK_H_EARG = -2, QK_H_ETHREAD = -3 };
 
 typedef struct qk_codec qk_codec;
@@ -83,10 +87,12 @@ int qk_hnsw_add(qk_hnsw *g, const qk_codec *bc, int64_t first, int64_t last, int
 int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_threads);
 
 /* Search nq queries (float, dim each, already normalized for cosine). ef >= k.
+ * rqueries: the queries the re-rank codec sees (rc->dim each; may equal queries).
  * rerank > 0: the best `rerank` candidates by codec distance are re-scored
  * with the re-rank codec rc (float vectors, or a compact store) before the top k are kept.
  * Writes out_d (nq x k, smaller is nearer) and out_i (nq x k internal ids, -1 padded).
  * Thread safe: any number of concurrent calls on a graph no one is adding to. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
-                   int32_t ef, int32_t rerank, const qk_codec *rc, float *out_d, int64_t *out_i);
+                   int32_t ef, int32_t rerank, const qk_codec *rc, const float *rqueries, float *out_d,
+                   int64_t *out_i);
 #endif
