@@ -180,12 +180,23 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
         cand cur = s->cands[0];
         if (nr >= ef && cur.d > s->res[0].d) break;   /* nearest candidate farther than the worst result */
         minh_pop(s->cands, &nc);
+        if (nc > 0) __builtin_prefetch(links_at(g, s->cands[0].id, l));   /* the next expansion's list */
         int cnt = read_links(g, locks, cur.id, l, s->nbr);
+        /* first the unvisited neighbours, with their codes prefetched, then their distances: the
+         * memory loads overlap instead of queueing one after another */
+        int u = 0;
         for (int j = 0; j < cnt; j++) {
             int32_t e = s->nbr[j];
-            if (j + 1 < cnt) __builtin_prefetch(c->codes + (int64_t)s->nbr[j + 1] * c->code_size);
             if (s->visited[e] == s->tag) continue;
             s->visited[e] = s->tag;
+            const char *cp = (const char *)(c->codes + (int64_t)e * c->code_size);
+            __builtin_prefetch(cp);
+            if (c->code_size > 64) __builtin_prefetch(cp + 64);
+            if (c->code_size > 128) __builtin_prefetch(cp + 128);
+            s->nbr[u++] = e;
+        }
+        for (int j = 0; j < u; j++) {
+            int32_t e = s->nbr[j];
             float d = qk_codec_dist(c, s->qbuf, cst, e);
             if (nr < ef || d < s->res[0].d) {
                 if (nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
