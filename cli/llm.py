@@ -54,8 +54,11 @@ def _torch_threads(threads: int | None) -> None:
               help="A llama.cpp mix (Q4_K_M, Q6_K, ... case-insensitive): writes a GGUF with llama.cpp's bytes.")
 @click.option("--imatrix", "imatrix_path", type=click.Path(), default=None,
               help="Importance matrix (qkit imatrix or llama-imatrix GGUF) for the GGML quantizers.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
-              help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir).")
+@click.option("--format", "fmt", default=None,
+              type=click.Choice(["safetensors", "gguf", "gptq", "gptq_v2", "awq", "compressed-tensors"]),
+              help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir). "
+                   "gptq (v1: zeros stored minus 1, so asymmetric zeros are kept >= 1), gptq_v2, awq (GEMM, 4 bits) "
+                   "and compressed-tensors (pack-quantized) write packed checkpoints that `qkit eval ppl` reads back.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, calib,
@@ -114,19 +117,30 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
                 json.dump(asdict(g), f, indent=1)
         return
     if ggml_type or imatrix_path:
-        raise UsageError("--type and --imatrix write GGUF; drop --format safetensors")
+        raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
     _check_json_path(json_path)
     _torch_threads(threads)
+    # Scales are fp16 in every output (as every packed format stores them, and as bits/weight counts them), so
+    # the safetensors output and each packed export of the same run are the same model.
+    grid = {"scale_dtype": "float16", "min_zero": 0}
+    if fmt != "safetensors":
+        from qkit import export
+
+        grid = export.grid_requirements(fmt)
+        spec = export.ExportSpec(fmt, bits, None if group_size == -1 else group_size, sym,
+                                 act_order and method == "gptq", static_groups and method == "gptq")
+        export.get_format(fmt).check(spec)  # bits / act-order the format cannot hold: refused before any work
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
-                              method="mse" if clip_search else "minmax")
+                              method="mse" if clip_search else "minmax", **grid)
     ref = loader.resolve(model)
-    record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir)}
+    record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
+              "scale_dtype": "float16", "min_zero": grid["min_zero"]}
     samples = calib_desc = None
     if method == "gptq":
         gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
-                          static_groups=static_groups, damp=damp, clip_search=clip_search)
+                          static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
         chooser = GPTQ(gcfg)
         tok = loader.load_tokenizer(ref)
         body, calib_desc = load_text(calib, default=DEFAULT_CALIB)
@@ -141,11 +155,16 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     click.echo(f"quantizing {ref.name} with {method} W{bits} g{group_size} {'sym' if sym else 'asym'}"
                + (f" act-order" if act_order else "") + f" -> {output}"
                + (f"\ncalibration: {calib_desc}" if calib_desc else ""))
+    if fmt == "gptq" and not sym:
+        click.echo("gptq (v1) stores zero - 1: every zero is kept >= 1 at quantization time (a group whose zero "
+                   "would be 0 gets its grid widened by one step); --format gptq_v2 keeps the plain grid")
     s = pipeline.quantize_model(ref, output, chooser, samples=samples, calibration=calib_desc, progress=True,
-                                record=record)
+                                record=record, fmt=fmt)
+    stored = (f"; packed {fmt}: {s.extra['stored_bits_per_weight']:.3f} bits/weight as stored (g_idx, padding "
+              "included)" if fmt != "safetensors" else " (fake-quantized fp32)")
     click.echo(f"done: {s.layers} layers, {s.linears} linears, {s.quantized_params / 1e6:.1f}M weights at "
-               f"{s.bits_per_weight:.3f} bits/weight (codes + scales + zeros); {s.seconds:.1f} s, "
-               f"peak RSS {s.peak_rss_mb:.0f} MB; output {_fmt_bytes(s.output_bytes)} (fake-quantized fp32)")
+               f"{s.bits_per_weight:.3f} bits/weight (codes + fp16 scales + zeros); {s.seconds:.1f} s, "
+               f"peak RSS {s.peak_rss_mb:.0f} MB; output {_fmt_bytes(s.output_bytes)}{stored}")
     if json_path:
         from dataclasses import asdict
 

@@ -23,7 +23,16 @@ Grid conventions (the GPTQ reference's ``Quantizer.find_params`` and torchao's
   * zero domain "int" rounds zero to an integer (what GPTQ/AWQ checkpoints store),
     "float" keeps it real (q = round(x / scale + zero));
   * a block whose scale would be 0 (all zeros, or a range that underflows
-    float32) gets scale 1: its values round to 0 with error below scale / 2.
+    float32) gets scale 1: its values round to 0 with error below scale / 2;
+  * scale_dtype "float16" rounds every scale to the nearest float16 before the
+    zero and the codes are computed from it, so the grid is exactly the one a
+    checkpoint with fp16 scales (GPTQ, AWQ, compressed-tensors) stores; a scale
+    above float16's range is refused, one that underflows it becomes 1 as above;
+  * min_zero (asymmetric, integer zero) keeps every zero >= min_zero: GPTQ's v1
+    checkpoints store zero - 1 and cannot hold a zero of 0. A block whose zero
+    would round below min_zero gets its grid widened downwards instead,
+    scale = max(x_max / (2^bits - 1 - min_zero), -x_min / min_zero), so the
+    block's range still fits and zero = min_zero.
 Scale/zero come from min-max or from an MSE clip search that shrinks the range
 by factors 1, 1 - 1/grid, ... (GPTQ's ``mse`` option, norm 2.4 there, 2 here).
 
@@ -41,6 +50,7 @@ from qkit.errors import InputError, UsageError
 
 ZeroDomain = Literal["int", "float"]
 Method = Literal["minmax", "mse"]
+ScaleDType = Literal["float32", "float16"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class AffineConfig:
     symmetric: bool = False
     zero_domain: ZeroDomain = "int"
     method: Method = "minmax"
+    scale_dtype: ScaleDType = "float32"  # "float16": scales rounded to fp16 (what packed checkpoints store)
+    min_zero: int = 0  # 1 for GPTQ v1 checkpoints (they store zero - 1)
 
     def block_size(self, shape: Sequence[int]) -> tuple[int, ...]:
         return (1,) * (len(shape) - 1) + ((self.group_size or -1),)
@@ -150,7 +162,8 @@ def _check_bits(bits: int) -> int:
 
 # ------------------------------------------------------------------ qparams
 def qparams_from_range(xmin: np.ndarray, xmax: np.ndarray, bits: int, *, symmetric: bool = False,
-                       zero_domain: ZeroDomain = "int") -> tuple[np.ndarray, np.ndarray]:
+                       zero_domain: ZeroDomain = "int", scale_dtype: ScaleDType = "float32",
+                       min_zero: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero for blocks whose values span [xmin, xmax] (arrays of per-block extremes)."""
     maxq = 2**bits - 1
     ftype = np.result_type(xmin, np.float32)  # float32, or float64 for float64 input
@@ -159,25 +172,49 @@ def qparams_from_range(xmin: np.ndarray, xmax: np.ndarray, bits: int, *, symmetr
     xmax = np.maximum(np.asarray(xmax, np.float64), 0)
     if np.any(xmax - xmin > np.finfo(ftype).max):
         raise InputError(f"a block's range exceeds the largest {np.dtype(ftype).name}; cannot place a grid on it")
+    if not 0 <= min_zero < maxq:
+        raise UsageError(f"min_zero must lie in [0, {maxq - 1}] for {bits} bits, got {min_zero}")
     if symmetric:
         amax = np.maximum(-xmin, xmax)
-        scale = (2 * amax / maxq).astype(ftype)
-        scale = np.where(scale > 0, scale, 1).astype(ftype)
+        scale = 2 * amax / maxq
+    else:
+        scale = (xmax - xmin) / maxq
+        if min_zero:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                low = np.round(-xmin / np.where(scale > 0, scale, 1)) < min_zero
+            scale = np.where(low, np.maximum(xmax / (maxq - min_zero), -xmin / min_zero), scale)
+    scale = _round_scale(scale.astype(ftype), scale_dtype)
+    if symmetric:
         zero = np.full(scale.shape, (maxq + 1) // 2, dtype=ftype)
     else:
-        scale = ((xmax - xmin) / maxq).astype(ftype)
-        scale = np.where(scale > 0, scale, 1).astype(ftype)
         zero = (-xmin / scale).astype(ftype)
     if zero_domain == "int":
-        zero = np.clip(np.round(zero), 0, maxq).astype(np.int32)
-    elif zero_domain != "float":
+        zero = np.clip(np.round(zero), min_zero, maxq).astype(np.int32)
+    elif zero_domain == "float":
+        zero = np.maximum(zero, min_zero).astype(ftype, copy=False) if min_zero else zero
+    else:
         raise UsageError(f"zero_domain must be 'int' or 'float', got {zero_domain!r}")
     return scale, zero
 
 
+def _round_scale(scale: np.ndarray, scale_dtype: ScaleDType) -> np.ndarray:
+    """Zero scales become 1; with scale_dtype float16, every scale is rounded to the nearest float16 value."""
+    if scale_dtype == "float16":
+        with np.errstate(over="ignore"):
+            s16 = scale.astype(np.float16)
+        if np.isinf(s16).any():
+            raise InputError(f"a block's scale {float(scale.max()):.4g} exceeds float16's range (65504); "
+                             "the weights are too large for fp16 scales")
+        scale = s16.astype(scale.dtype)
+    elif scale_dtype != "float32":
+        raise UsageError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+    return np.where(scale > 0, scale, 1).astype(scale.dtype)
+
+
 def choose_qparams(x, bits: int, block_size, *, symmetric: bool = False, zero_domain: ZeroDomain = "int",
                    method: Method = "minmax", grid: int = 100, maxshrink: float = 0.8,
-                   norm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                   norm: float = 2.0, scale_dtype: ScaleDType = "float32",
+                   min_zero: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-block scale and zero for x.
 
     method="mse" tries the range shrunk by p = 1, 1 - 1/grid, ... down to
@@ -189,7 +226,8 @@ def choose_qparams(x, bits: int, block_size, *, symmetric: bool = False, zero_do
     bs = normalize_block_size(x.shape, block_size)
     xmin = block_reduce(np.minimum, x, bs)
     xmax = block_reduce(np.maximum, x, bs)
-    scale, zero = qparams_from_range(xmin, xmax, bits, symmetric=symmetric, zero_domain=zero_domain)
+    kw = dict(symmetric=symmetric, zero_domain=zero_domain, scale_dtype=scale_dtype, min_zero=min_zero)
+    scale, zero = qparams_from_range(xmin, xmax, bits, **kw)
     if method == "minmax":
         return scale, zero
     if method != "mse":
@@ -197,7 +235,7 @@ def choose_qparams(x, bits: int, block_size, *, symmetric: bool = False, zero_do
     best = np.full(scale.shape, np.inf, dtype=np.float64)
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
-        s1, z1 = qparams_from_range(p * xmin, p * xmax, bits, symmetric=symmetric, zero_domain=zero_domain)
+        s1, z1 = qparams_from_range(p * xmin, p * xmax, bits, **kw)
         err = np.abs(_grid_roundtrip(x, s1, z1, bits, bs) - x) ** norm
         err = block_reduce(np.add, err, bs)
         better = err < best

@@ -49,10 +49,13 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False  # MSE clip search for each group's range
+    scale_dtype: affine.ScaleDType = "float32"  # "float16": the grid a packed checkpoint stores
+    min_zero: int = 0  # 1 for GPTQ v1 checkpoints (zero - 1 stored)
 
     def affine(self) -> affine.AffineConfig:
         return affine.AffineConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                                   method="mse" if self.clip_search else "minmax")
+                                   method="mse" if self.clip_search else "minmax", scale_dtype=self.scale_dtype,
+                                   min_zero=self.min_zero)
 
 
 class AffineGrid:
@@ -67,8 +70,10 @@ class AffineGrid:
         import torch
 
         x = Wg.detach().cpu().numpy()
-        scale, zero = affine.choose_qparams(x, self.cfg.bits, (1, x.shape[1]), symmetric=self.cfg.symmetric,
-                                            zero_domain=self.cfg.zero_domain, method=self.cfg.method)
+        c = self.cfg
+        scale, zero = affine.choose_qparams(x, c.bits, (1, x.shape[1]), symmetric=c.symmetric,
+                                            zero_domain=c.zero_domain, method=c.method, scale_dtype=c.scale_dtype,
+                                            min_zero=c.min_zero)
         return (torch.from_numpy(np.asarray(scale)).to(Wg.dtype), torch.from_numpy(np.asarray(zero)).to(Wg.dtype))
 
     def quantize(self, w, p):

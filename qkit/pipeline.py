@@ -14,6 +14,12 @@ quantized, so each layer is fitted to the activations it will really see.
 
 Peak memory is about one layer plus the calibration activations (nsamples x
 seqlen x hidden, twice). Embeddings, norms and the LM head are kept in float.
+
+Output: a fake-quantized safetensors directory (fmt "safetensors": every weight
+the float32 values of its grid), or a packed checkpoint (fmt "gptq", "gptq_v2",
+"awq", "compressed-tensors", qkit.export): each layer's linears packed as the
+format stores them, written as the layer finishes, every other tensor copied as
+stored (dtype kept), and ``quantization_config`` added to config.json.
 Choosers are objects with ``needs_calibration``, ``quantize(name, W)`` and,
 when calibrated, ``add_batch(name, X)``; the grid is the chooser's business.
 """
@@ -206,8 +212,14 @@ RECORD = "qkit_quantization.json"
 
 
 def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
-                   progress: bool = False, record: dict | None = None) -> QuantizeSummary:
-    """Quantize every linear of every decoder layer of `ref` with `chooser`; write a safetensors directory."""
+                   progress: bool = False, record: dict | None = None, fmt: str = "safetensors") -> QuantizeSummary:
+    """Quantize every linear of every decoder layer of `ref` with `chooser`; write `fmt` into directory `out`.
+
+    fmt "safetensors" writes the fake-quantized float model; "gptq", "gptq_v2", "awq" and
+    "compressed-tensors" write packed checkpoints (qkit.export), which need a chooser with
+    fp16 scales (and, for "gptq" v1 with an asymmetric grid, min_zero=1): see
+    qkit.export.grid_requirements.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -216,28 +228,43 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     out = check_output_dir(Path(out), ref)
     if chooser.needs_calibration and samples is None:
         raise UsageError(f"method {chooser.name} needs calibration samples")
+    exporter = spec = None
+    if fmt != "safetensors":
+        from qkit import export
+
+        exporter = export.get_format(fmt)
+        export.check_chooser(fmt, chooser)
+        spec = export.ExportSpec.from_chooser(fmt, chooser)
+        exporter.check(spec)
     config = loader.load_config(ref)
     model = loader.empty_model(config)
-    store = ref.store()
     prefix, layers = decoder_layers(model, config)
+    if exporter is not None:
+        _check_exportable(exporter, spec, layers, prefix)
+    store = ref.store()
     tied = loader.tied_names(model)
     all_names = [n for n in loader.persistent_names(model) if n not in tied]
     outer = [n for n in all_names if not n.startswith(prefix)]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith(prefix)]
 
     tmp = make_tmp_dir(out)
     try:
-        writer = ShardedWriter(tmp, metadata={"qkit_method": chooser.name})
+        meta = {"qkit_method": chooser.name, **({"qkit_format": fmt} if exporter is not None else {})}
+        writer = ShardedWriter(tmp, metadata=meta)
         loader.place(model, outer, store)
-        sd = model.state_dict()
-        writer.write_shard({n: sd[n] for n in outer})
-        del sd
+        if exporter is not None:  # as stored: fp16 stays fp16
+            writer.write_shard({n: store.get(n) for n in outer})
+        else:
+            sd = model.state_dict()
+            writer.write_shard({n: sd[n] for n in outer})
+            del sd
         states = kws = None
         if chooser.needs_calibration:
             states, kws = capture_layer_inputs(model, layers, samples)
         _release(model, outer)  # embeddings and head are written: free them
         store.close()
         n_lin = n_par = 0
-        stored_bits = 0
+        stored_bits = packed_bytes = 0
         for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
             layer = layers[i]
             lp = f"{prefix}{i}."
@@ -257,6 +284,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 _run_layer(layer, states, kws[i])
                 for h in hooks:
                     h.remove()
+            packed = {}
             for name, mod, transposed in lins:
                 W = mod.weight.detach().numpy()
                 W = W.T if transposed else W
@@ -266,16 +294,29 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 n_lin += 1
                 n_par += W.size
                 stored_bits += _stored_bits(res)
+                if exporter is not None:
+                    packed[name + ".weight"] = exporter.pack(lp + name, res, spec)
             if chooser.needs_calibration:
                 states = _run_layer(layer, states, kws[i])
-            writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
+            if exporter is not None:
+                tensors = {}
+                for n in layer.state_dict():
+                    if n in packed:
+                        tensors.update(packed[n])
+                        packed_bytes += sum(np.asarray(t).nbytes for t in packed[n].values())
+                    else:
+                        tensors[lp + n] = store.get(lp + n)  # norms, biases: as stored
+                writer.write_shard(tensors)
+            else:
+                writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
             layer.to("meta")
             store.close()  # unmap: pages read through the memory map would otherwise stay resident
             trim_heap()
         writer.finish()
-        qcfg = {"quant_method": "qkit-fake", "method": chooser.name, "calibration": calibration,
-                **(record or {})}
+        qcfg = {"quant_method": fmt if exporter is not None else "qkit-fake", "method": chooser.name,
+                "calibration": calibration, **(record or {})}
         _copy_side_files(ref.dir, tmp)
+        _write_quantization_config(tmp, exporter.quantization_config(spec, ignore) if exporter is not None else None)
         with atomic_write(tmp / RECORD, "w") as f:
             json.dump(qcfg, f, indent=1)
         replace_dir(tmp, out)
@@ -283,8 +324,36 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    extra = {"format": fmt}
+    if exporter is not None:  # what the packed tensors really occupy (g_idx and word padding included)
+        extra["stored_bits_per_weight"] = packed_bytes * 8 / max(n_par, 1)
     return QuantizeSummary(str(out), chooser.name, len(layers), n_lin, n_par, stored_bits / max(n_par, 1),
-                           time.perf_counter() - t0, peak_rss_mb(), size, calibration)
+                           time.perf_counter() - t0, peak_rss_mb(), size, calibration, extra)
+
+
+def _check_exportable(exporter, spec, layers, prefix: str) -> None:
+    """Every linear's shape checked against the format before any layer is quantized (shapes from the skeleton)."""
+    for i, layer in enumerate(layers):
+        for name, mod, transposed in linear_modules(layer):
+            if transposed:
+                raise UsageError(f"{prefix}{i}.{name} is a transposed Conv1D (GPT-2 style); the packed exports "
+                                 "handle nn.Linear layers only: use --format safetensors")
+            exporter.check_shape(f"{prefix}{i}.{name}", mod.weight.shape[0], mod.weight.shape[1], spec)
+
+
+def _write_quantization_config(directory: Path, qcfg: dict | None) -> None:
+    """config.json says how the weights are stored: a packed format's entry, or none for float weights."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    had = cfg.pop("quantization_config", None)
+    if qcfg is None and had is None:
+        return
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
+    with atomic_write(path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def _libc():

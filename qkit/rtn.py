@@ -43,6 +43,7 @@ class RTN:
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
         c = self.cfg
         q = affine.quantize_affine(W, c.bits, c.block_size(W.shape), symmetric=c.symmetric,
-                                   zero_domain=c.zero_domain, method=c.method)
+                                   zero_domain=c.zero_domain, method=c.method, scale_dtype=c.scale_dtype,
+                                   min_zero=c.min_zero)
         return QuantResult(q.dequantize(), q.codes, q.scale, q.zero, group_index(W.shape[1], c.group_size), c.bits,
                            c.symmetric)

