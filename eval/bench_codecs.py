@@ -138,6 +138,17 @@ def run_faiss(ds, base, Q, metric, name, seed):
     raise ValueError(f"no faiss counterpart for {name}")
 
 
+def per_rerank(records) -> list[dict]:
+    """One JSON record per (dataset, impl, codec, rerank), recall_at_10 being that setting's recall."""
+    out = []
+    for r in records:
+        base = {k: v for k, v in r.items() if not k.startswith("recall_")}
+        for rr in RERANKS:
+            key = "recall_at_10" if rr == 0 else f"recall_rerank_{rr}"
+            out.append(dict(base, rerank=rr, recall_at_10=r[key], recall_at_10_per_seed=r[key + "_per_seed"]))
+    return out
+
+
 def table(records) -> str:
     head = f"{'dataset':14s} {'impl':6s} {'codec':8s} {'B/vec':>6s} {'enc Kvec/s':>10s} " \
            f"{'R@10':>7s} {'rr50':>7s} {'rr100':>7s} {'seeds':>5s}"
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
         from qkit.fileio import atomic_write
 
         with atomic_write(a.json_path, "w") as f:
-            json.dump({"machine": machine, "records": records}, f, indent=1)
+            json.dump({"machine": machine, "records": per_rerank(records)}, f, indent=1)
     return 0
 
 
