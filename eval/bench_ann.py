@@ -203,24 +203,18 @@ def plot(records, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _ints(s: str) -> list[int]:
+def _ints(s: str, lowest: int = 1) -> list[int]:
     try:
         v = [int(x) for x in s.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not v or min(v) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    if not v or min(v) < lowest:
+        raise argparse.ArgumentTypeError(f"expected integers >= {lowest}, got {s!r}")
     return v
 
 
 def _ints0(s: str) -> list[int]:
-    try:
-        v = [int(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not v or min(v) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {s!r}")
-    return v
+    return _ints(s, 0)
 
 
 def main(argv=None) -> int:

@@ -98,6 +98,18 @@ def _codes_exact(A, L):
     return M, cos
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _cos_at(a, t, L):
+    """<y, a> / ||y|| for y_i = min(floor(t a_i), L - 1) + 1/2 (the cosine up to ||a||)."""
+    S1 = 0.0
+    S2 = 0.0
+    for i in range(a.shape[0]):
+        m = min(math.floor(t * a[i]), L - 1)
+        S1 += a[i] * (m + 0.5)
+        S2 += (m + 0.5) * (m + 0.5)
+    return S1 / math.sqrt(S2)
+
+
 @numba.njit(cache=True, nogil=True)
 def _codes_window(A, L, n_t):
     """The same choice, fast: a coarse geometric grid of t finds the best neighbourhood, then every
@@ -126,14 +138,7 @@ def _codes_window(A, L, n_t):
         ratio = (t1 / t0) ** (1.0 / (n_t - 1))
         best, bj = -1.0, 0
         for j in range(n_t):
-            t = t0 * ratio ** j
-            S1 = 0.0
-            S2 = 0.0
-            for i in range(D):
-                m = min(math.floor(t * a[i]), L - 1)
-                S1 += a[i] * (m + 0.5)
-                S2 += (m + 0.5) * (m + 0.5)
-            v = S1 / math.sqrt(S2)
+            v = _cos_at(a, t0 * ratio ** j, L)
             if v > best:
                 best, bj = v, j
         lo = t0 * ratio ** (bj - 2) if bj > 1 else 0.0
@@ -145,14 +150,7 @@ def _codes_window(A, L, n_t):
             r2 = (hi / lo) ** (1.0 / 15)
             best2, bk = -1.0, 0
             for j in range(16):
-                t = lo * r2 ** j
-                S1 = 0.0
-                S2 = 0.0
-                for i in range(D):
-                    m = min(math.floor(t * a[i]), L - 1)
-                    S1 += a[i] * (m + 0.5)
-                    S2 += (m + 0.5) * (m + 0.5)
-                v = S1 / math.sqrt(S2)
+                v = _cos_at(a, lo * r2 ** j, L)
                 if v > best2:
                     best2, bk = v, j
             lo, hi = lo * r2 ** max(bk - 1, 0), lo * r2 ** min(bk + 1, 15)
