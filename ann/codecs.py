@@ -1,6 +1,6 @@
 """Vector codecs: how an index stores each vector, and the distance it estimates from a query.
 
-A codec (../shared/DESIGN.md, "Two uses") wraps a grid for one vector set:
+A codec wraps a grid for one vector set:
 ``fit(X)``, ``encode(X) -> codes`` (uint8 rows of ``bytes_per_vector``),
 ``decode(codes)``, and the asymmetric estimator ``distances(query, codes)``
 (float query, coded rows). The graph only sees a codec through its kind and
@@ -224,15 +224,18 @@ class _SQWalk(SQCodec):
     <q, x_hat> = <q, vmin> + sum_j (q_j step_j) c_j with w = q * step rounded to int8 (one scale per
     query), so the sum is an integer dot product (ext/csrc/codec_dist.c); l2 adds the stored norm."""
 
+    @abstractmethod
     def _packed(self, X) -> np.ndarray:
-        raise NotImplementedError
+        """Codes of X as stored (before the norm)."""
 
+    @abstractmethod
     def _codes_of(self, codes) -> np.ndarray:
-        raise NotImplementedError
+        """Per-dimension codes (uint8) from stored code bytes."""
 
     @property
+    @abstractmethod
     def _cb(self) -> int:
-        raise NotImplementedError
+        """Bytes of codes per vector (before the norm)."""
 
     @property
     def bytes_per_vector(self) -> int:
@@ -358,8 +361,9 @@ class WrappedCodec(Codec):
         self.seed = int(seed)
         self.q = self._make()
 
+    @abstractmethod
     def _make(self):
-        raise NotImplementedError
+        """The wrapped quantizer (qkit.rabitq, qkit.turboquant, qkit.qjl)."""
 
     @property
     def name(self) -> str:

@@ -15,7 +15,7 @@ size: level-0 block of links, vectors and labels, plus upper links); faiss's
 index as serialized. For faiss-ivfrabitq (IVF, 4-bit RaBitQ codes, qb = 4,
 exact refinement of 4k candidates) the "ef" column is nprobe.
 
-Reference points (../shared/README.md): ann-benchmarks, one thread,
+Reference points, read off ann-benchmarks' published plots (one thread),
 fashion-mnist-784 at recall 0.95: hnswlib ~8.4k QPS, faiss HNSW ~5.8k.
 """
 from __future__ import annotations
@@ -97,16 +97,23 @@ def bench_hnswlib(ds, efs, M, efc, threads, repeats, k=10):
     return out
 
 
-def bench_faiss(ds, kind, efs, M, efc, threads, repeats, k=10):
+def _faiss_inputs(ds):
+    """(dim, faiss metric, base, queries): cosine becomes inner product on L2-normalized copies."""
     import faiss
 
-    d = ds.base.shape[1]
     metric = faiss.METRIC_L2 if ds.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     X, Q = ds.base, ds.queries
     if ds.metric == "cosine":
         X, Q = X.copy(), Q.copy()
         faiss.normalize_L2(X)
         faiss.normalize_L2(Q)
+    return ds.base.shape[1], metric, X, Q
+
+
+def bench_faiss(ds, kind, efs, M, efc, threads, repeats, k=10):
+    import faiss
+
+    d, metric, X, Q = _faiss_inputs(ds)
     if kind == "faiss-hnsw":
         index = faiss.IndexHNSWFlat(d, M, metric)
         codec = "flat"
@@ -136,13 +143,7 @@ def bench_faiss_ivfrabitq(ds, efs, M, efc, threads, repeats, k=10):
     """faiss IVF + 4-bit RaBitQ codes (qb = 4) with exact refinement of 4k candidates; ef sweeps nprobe."""
     import faiss
 
-    d = ds.base.shape[1]
-    metric = faiss.METRIC_L2 if ds.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    X, Q = ds.base, ds.queries
-    if ds.metric == "cosine":
-        X, Q = X.copy(), Q.copy()
-        faiss.normalize_L2(X)
-        faiss.normalize_L2(Q)
+    d, metric, X, Q = _faiss_inputs(ds)
     nlist = int(4 * np.sqrt(len(X)))
     index = faiss.index_factory(d, f"IVF{nlist},RaBitQ4,Refine(Flat)", metric)
     faiss.omp_set_num_threads(threads)

@@ -32,6 +32,7 @@ Kinds
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from functools import lru_cache
 
 import numpy as np
@@ -115,7 +116,7 @@ def fwht(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ rotations
-class Rotation:
+class Rotation(ABC):
     """x -> x R^T for rows x of length dim_in (dim_out >= dim_in only for a padded Hadamard)."""
 
     kind: str
@@ -127,11 +128,13 @@ class Rotation:
         self.dim_out = int(dim)
         self.seed = int(seed)
 
+    @abstractmethod
     def apply(self, X: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Rows x -> x R^T."""
 
+    @abstractmethod
     def inverse(self, Y: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Rows y -> y R (the inverse of apply)."""
 
     def matrix(self) -> np.ndarray:
         """R as a dense (dim_out, dim_in) float64 matrix (for tests and for folding into weights)."""
