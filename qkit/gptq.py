@@ -85,18 +85,28 @@ class AffineGrid:
         return scale * (q - zero), q
 
 
-def hessian_update(H, n: int, X):
-    """Running H = (2 / n) sum x x^T over n tokens (the reference's add_batch); returns (H, n)."""
+def hessian_update(H, n: int, X, blocks: int = 4):
+    """Running H = (2 / n) sum x x^T over n tokens (the reference's add_batch); returns (H, n).
+
+    H is symmetric, so only its upper block triangle is multiplied out (`blocks` x `blocks`
+    column blocks: (blocks + 1) / (2 blocks) of the flops, 5/8 for 4) and mirrored; on the
+    default model this is a third of GPTQ's time, the rest being the two layer forwards.
+    """
     import torch
 
     X = X.reshape(-1, X.shape[-1]).to(torch.float32)
-    m = X.shape[0]
+    m, k = X.shape
     if H is None:
-        H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32)
+        H = torch.zeros(k, k, dtype=torch.float32)
     H.mul_(n / (n + m))
     n += m
     Xs = X * (2.0 / n) ** 0.5
-    H.addmm_(Xs.T, Xs)
+    e = [k * i // blocks for i in range(blocks + 1)]
+    for a in range(blocks):
+        if e[a] < e[a + 1]:
+            H[e[a]:e[a + 1], e[a]:].addmm_(Xs[:, e[a]:e[a + 1]].T, Xs[:, e[a]:])
+    for a in range(1, blocks):
+        H[e[a]:, e[a - 1]:e[a]] = H[e[a - 1]:e[a], e[a]:].T
     return H, n
 
 

@@ -156,3 +156,19 @@ def test_chooser_shares_hessians_of_a_shared_input():
     assert torch.allclose(ch.H["q"], full, atol=1e-5)
     r = ch.quantize("k", torch.randn(4, 32).numpy())
     assert r.weight.shape == (4, 32) and r.codes.max() <= 15
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 130, 577])
+def test_hessian_running_mean_over_batches_equals_2xtx_over_n(k):
+    """The block-triangular accumulation equals 2 X^T X / n over all tokens, and is exactly symmetric."""
+    g = torch.Generator().manual_seed(k)
+    H, n, seen = None, 0, []
+    for m in (5, 17, 3):
+        X = torch.randn(m, k, generator=g)
+        seen.append(X)
+        H, n = hessian_update(H, n, X)
+    A = torch.cat(seen).double()
+    ref = 2 * A.T @ A / A.shape[0]
+    assert n == A.shape[0]
+    assert torch.equal(H, H.T)
+    assert (H.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
