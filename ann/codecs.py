@@ -20,9 +20,10 @@ Codecs in this module (names used everywhere: CLI, files, JSON):
     tq1..8         TurboQuant, MSE variant, b bits per coordinate (qkit.turboquant)
     tqp2..8        TurboQuant, inner-product variant (b-1 MSE bits + 1-bit QJL residual)
     qjl            1-bit quantized JL sketch, m = dim, inner products (qkit.qjl)
-The graph walks on the codecs with a compiled distance (``GRAPH_CODECS``);
-the others serve brute-force scans (qkit.eval.bench_codecs) until their
-kernels enter the graph.
+Every codec walks the graph through a compiled distance (``GRAPH_CODECS``);
+qjl and tqp* estimate inner products, so they walk ip/cosine indexes only.
+Graph walk codes (``walk_encode``) are the codec's own codes re-laid for the
+kernels: see each class, and ext/csrc/qk_hnsw.h for the estimates.
 The per-dimension grid is qkit.affine's (block = one whole column, float zero),
 fitted on the vectors the index is trained on; later vectors outside that
 range are clipped to it, as faiss's ScalarQuantizer does.
@@ -41,7 +42,8 @@ from qkit.packing import pack_nibbles, unpack_nibbles
 METRICS = ("l2", "ip", "cosine")
 
 # kinds shared with ext/csrc/qk_hnsw.h
-KIND_F32, KIND_SQ8, KIND_SQ4, KIND_SQ8F, KIND_SQ4F, KIND_RQ1, KIND_RQ4, KIND_RQ8 = range(8)
+(KIND_F32, KIND_SQ8, KIND_SQ4, KIND_SQ8F, KIND_SQ4F, KIND_RQ1, KIND_RQ4, KIND_RQ8, KIND_LQ4, KIND_RQ16, KIND_TQP4,
+ KIND_TQP8) = range(12)
 
 
 def inner_metric(metric: str) -> str:
@@ -391,8 +393,8 @@ class WrappedCodec(Codec):
         return self.q.distances(query, codes, inner_metric(self.metric))
 
     def c_params(self):
-        raise UsageError(f"codec {self.name} has no compiled graph distance yet; the graph walks on "
-                         f"{', '.join(GRAPH_CODECS)}")
+        raise UsageError(f"codec {self.name} estimates inner products: it walks the graph of ip and cosine "
+                         "indexes only")
 
     def state(self):
         params, arrays = self.q.state()
@@ -402,7 +404,7 @@ class WrappedCodec(Codec):
 class RaBitQCodec(WrappedCodec):
     """rabitq{B}. The graph walks B <= 8 on unsigned grid codes u = y + (2^B - 1)/2 (bits for B = 1,
     nibbles for 2..4, bytes for 5..8) followed by r and w, with the centred, rotated query on an
-    int8 grid (ext/csrc/codec_dist.c, kinds RQ1/RQ4/RQ8); B = 9 is for brute-force scans only."""
+    int8 grid (ext/csrc/codec_dist.c, kinds RQ1/RQ4/RQ8); B = 9 walks uint16 codes (RQ16)."""
 
     family = "rabitq"
 
@@ -410,7 +412,7 @@ class RaBitQCodec(WrappedCodec):
     def c_kind(self):
         if self.bits == 1:
             return KIND_RQ1
-        return KIND_RQ4 if self.bits <= 4 else (KIND_RQ8 if self.bits <= 8 else None)
+        return KIND_RQ4 if self.bits <= 4 else (KIND_RQ8 if self.bits <= 8 else KIND_RQ16)
 
     @property
     def walk_dim(self) -> int:
@@ -419,7 +421,7 @@ class RaBitQCodec(WrappedCodec):
     @property
     def _walk_code_bytes(self) -> int:
         D = self.q.D
-        return (D + 7) // 8 if self.bits == 1 else ((D + 1) // 2 if self.bits <= 4 else D)
+        return (D + 7) // 8 if self.bits == 1 else ((D + 1) // 2 if self.bits <= 4 else D * (1 + (self.bits > 8)))
 
     @property
     def walk_bytes(self) -> int:
@@ -434,8 +436,12 @@ class RaBitQCodec(WrappedCodec):
         L = 2 ** (B - 1)
         signs = unpack_bits(np.ascontiguousarray(sp), 1, D).astype(bool)
         m = unpack_bits(np.ascontiguousarray(mp), B - 1, D).astype(np.int32) if mp is not None else 0
-        u = np.where(signs, L + m, L - 1 - m).astype(np.uint8)
-        packed = pack_bits(u, 1) if B == 1 else (pack_bits(u, 4) if B <= 4 else u)
+        u = np.where(signs, L + m, L - 1 - m)
+        if B <= 8:
+            u = u.astype(np.uint8)
+            packed = pack_bits(u, 1) if B == 1 else (pack_bits(u, 4) if B <= 4 else u)
+        else:   # little-endian uint16 per dimension
+            packed = u.astype("<u2").view(np.uint8).reshape(len(u), -1)
         return np.ascontiguousarray(np.concatenate([packed, codes[:, -8:]], axis=1))
 
     def walk_queries(self, Q):
@@ -444,8 +450,6 @@ class RaBitQCodec(WrappedCodec):
         return np.ascontiguousarray(self.q.rotate_query(V), np.float32)
 
     def c_params(self):
-        if self.c_kind is None:
-            raise UsageError("rabitq9 has no compiled graph distance (codes up to 8 bits); use it in scans")
         c_rot = self.q.rotate_query(self.q.centroid.astype(np.float64)).astype(np.float32)
         return np.ascontiguousarray(c_rot), np.array([(2 ** self.bits - 1) / 2], np.float32)
 
@@ -469,8 +473,57 @@ class RaBitQCodec(WrappedCodec):
         return c
 
 
+def u8_grid(centroids: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centroids on a uniform 8-bit grid over [-max|c|, max|c|]: (uint8 values T, step alpha), c ~ alpha (T - 127.5).
+
+    The walk kernels take integer codes against an int8 query; TurboQuant's Lloyd-Max centroids are not
+    uniformly spaced, so each is replaced by its nearest point of this 255-step grid (an error of at most
+    max|c| / 255, far below the spacing of a 1..7-bit codebook; at 8 bits neighbouring centroids near zero
+    may share a value). Symmetric codebooks map +-c to T and 255 - T.
+    """
+    cmax = float(np.abs(centroids).max())
+    alpha = 2.0 * cmax / 255.0 if cmax > 0 else 1.0
+    return np.clip(np.rint(np.asarray(centroids, np.float64) / alpha + 127.5), 0, 255).astype(np.uint8), alpha
+
+
+def _tail(*cols) -> np.ndarray:
+    """float32 columns as the little-endian bytes that follow a walk code."""
+    return np.stack(cols, 1).astype("<f4").view(np.uint8)
+
+
 class QJLCodec(WrappedCodec):
+    """qjl: sign bits of S x and ||x||. The graph walks it (ip/cosine) as 1-bit codes against S q (kind RQ1):
+    est = w (<s, v> - sum v / 2) with w = 2 sqrt(pi/2) / m ||x||, i.e. sqrt(pi/2) / m ||x|| <2 s - 1, S q>."""
+
     family = "qjl"
+
+    @property
+    def c_kind(self):
+        return KIND_RQ1 if inner_metric(self.metric) == "ip" else None
+
+    @property
+    def walk_dim(self) -> int:
+        return self.q.m
+
+    @property
+    def walk_bytes(self) -> int:
+        return (self.q.m + 7) // 8 + 8
+
+    def walk_encode(self, X) -> np.ndarray:
+        from qkit.qjl import SQRT_HALF_PI, code_norms
+
+        codes = self.encode(X)
+        m = self.q.m
+        w = 2.0 * SQRT_HALF_PI / m * code_norms(codes, m)
+        return np.ascontiguousarray(np.concatenate([codes[:, : (m + 7) // 8], _tail(np.ones_like(w), w)], axis=1))
+
+    def walk_queries(self, Q):
+        return np.ascontiguousarray(np.asarray(Q, np.float64) @ self.q.S.T, np.float32)
+
+    def c_params(self):
+        if self.c_kind is None:
+            return super().c_params()
+        return np.zeros(self.q.m, np.float32), np.array([0.5], np.float32)
 
     def _make(self):
         from qkit.qjl import QJL
@@ -496,9 +549,92 @@ class QJLCodec(WrappedCodec):
 
 
 class TurboQuantCodec(WrappedCodec):
-    """tq{b}: TurboQuant MSE; tqp{b}: TurboQuant inner product (qkit.turboquant)."""
+    """tq{b}: TurboQuant MSE; tqp{b}: TurboQuant inner product (qkit.turboquant).
+
+    The graph walks the rotated query v = Pi q against the codes re-laid for the kernels:
+      tq1      sign bits (RQ1), c = c1 (2 u - 1) exactly;
+      tq2..4   nibble indices into the 16-entry table T of u8_grid (LQ4; 4 bits per dimension in memory,
+               so tq2/tq3 take as much as tq4 in the graph);
+      tq5..8   the grid values T[idx] as bytes (RQ8).
+    Each is x_hat' = ||x|| alpha (g - p) in rotated coordinates, with r = ||x_hat'|| and w = ||x|| alpha / r,
+    so the kernel's l2 (r^2 + ||v||^2 - 2 r est) is the distance to the decoded vector, as the scan's is.
+      tqp{b}   (ip/cosine) the query is [Pi q, S Pi q]; codes: the (b-1)-bit part as LQ4 nibbles (b <= 5) or
+               T[idx] bytes, then the QJL sign bits; est = ||x|| alpha <T[idx] - 127.5, v1>
+               + ||x|| gamma sqrt(pi/2) / d <2 s - 1, v2>, the paper's estimator (kinds TQP4/TQP8).
+    """
 
     family = "tq"
+
+    @property
+    def _mse_bits(self) -> int:
+        return self.bits - (self.family == "tqp")
+
+    @property
+    def c_kind(self):
+        b = self._mse_bits
+        if self.family == "tqp":
+            return None if inner_metric(self.metric) == "l2" else (KIND_TQP4 if b <= 4 else KIND_TQP8)
+        return KIND_RQ1 if b == 1 else (KIND_LQ4 if b <= 4 else KIND_RQ8)
+
+    @property
+    def walk_dim(self) -> int:
+        return self.q.d * (2 if self.family == "tqp" else 1)
+
+    def _part1_bytes(self) -> int:
+        d, kind = self.q.d, self.c_kind
+        return (d + 7) // 8 if kind == KIND_RQ1 else ((d + 1) // 2 if kind in (KIND_LQ4, KIND_TQP4) else d)
+
+    @property
+    def walk_bytes(self) -> int:
+        return self._part1_bytes() + ((self.q.d + 7) // 8 if self.family == "tqp" else 0) + 8
+
+    def walk_encode(self, X) -> np.ndarray:
+        from qkit.packing import pack_bits
+        from qkit.turboquant import SQRT_HALF_PI, packed_length
+
+        if self.c_kind is None:
+            self.c_params()   # the error
+        q, kind = self.q, self.c_kind
+        codes = self.encode(X)
+        idx = q._idx(codes)
+        norms = q._floats(codes, 0)
+        T, alpha = u8_grid(q.centroids)
+        if kind == KIND_RQ1:
+            part1 = pack_bits(idx.astype(np.uint8), 1)
+        elif kind in (KIND_LQ4, KIND_TQP4):
+            part1 = pack_bits(idx.astype(np.uint8), 4)
+        else:
+            part1 = T[idx]
+        if self.family == "tqp":
+            nb = q._nb_idx()
+            signs = codes[:, nb: nb + packed_length(q.d, 1)]
+            w2 = 2.0 * SQRT_HALF_PI / q.d * norms * q._floats(codes, 1)
+            parts = [part1, signs, _tail(norms * alpha, w2)]
+        else:
+            if kind == KIND_RQ1:
+                dev = idx - 0.5
+                alpha = 2.0 * float(np.abs(q.centroids).max())
+            else:
+                dev = T[idx].astype(np.float64) - 127.5
+            nrm = np.sqrt(np.einsum("ij,ij->i", dev, dev))
+            parts = [part1, _tail(norms * alpha * nrm, 1.0 / nrm)]
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+    def walk_queries(self, Q):
+        Qr = self.q.rot.apply(np.asarray(Q, np.float64))
+        if self.family == "tqp":
+            Qr = np.concatenate([Qr, Qr @ self.q.S.T], axis=1)
+        return np.ascontiguousarray(Qr, np.float32)
+
+    def c_params(self):
+        kind = self.c_kind
+        if kind is None:
+            return super().c_params()
+        p1 = [0.5] if kind == KIND_RQ1 else [127.5]
+        if kind in (KIND_LQ4, KIND_TQP4):
+            T, _ = u8_grid(self.q.centroids)
+            p1 += list(T) + [0] * (16 - len(T))
+        return np.zeros(self.walk_dim, np.float32), np.array(p1, np.float32)
 
     def _make(self):
         from qkit import turboquant
@@ -527,8 +663,6 @@ class TurboQuantProdCodec(TurboQuantCodec):
     family = "tqp"
 
 
-GRAPH_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FlatCodec, SQ8Codec, SQ4Codec)}
-GRAPH_CODECS.update({f"rabitq{b}": RaBitQCodec for b in range(1, 9)})
 _FAMILIES: dict[str, tuple[type[WrappedCodec], range]] = {"rabitq": (RaBitQCodec, range(1, 10)),
                                                           "tq": (TurboQuantCodec, range(1, 9)),
                                                           "tqp": (TurboQuantProdCodec, range(2, 9)),
@@ -544,7 +678,7 @@ def codec_names() -> list[str]:
 
 def _parse(name: str) -> tuple[type[Codec], int | None]:
     if name in ("flat", "sq8", "sq4"):
-        return GRAPH_CODECS[name], None
+        return {"flat": FlatCodec, "sq8": SQ8Codec, "sq4": SQ4Codec}[name], None
     for fam in sorted(_FAMILIES, key=len, reverse=True):   # "tqp" before "tq"
         cls, bits = _FAMILIES[fam]
         rest = name[len(fam):]
@@ -564,4 +698,5 @@ def make_codec(name: str, dim: int, metric: str = "l2", *, seed: int = 0) -> Cod
     return cls(dim, metric, bits, seed=seed)
 
 
-CODECS = GRAPH_CODECS   # what an Index can hold today
+GRAPH_CODECS: dict[str, type[Codec]] = {n: codec_class(n) for n in codec_names()}
+CODECS = GRAPH_CODECS   # what an Index can hold (qjl and tqp*: ip and cosine only)

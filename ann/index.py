@@ -109,11 +109,10 @@ class Index:
         if metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
         self.metric = metric
-        if codec not in CODECS:
-            make_codec(codec, self.dim)   # an unknown name fails here with the full list
-            raise UsageError(f"codec {codec!r} is not walkable by the graph yet; the index takes "
-                             f"{', '.join(CODECS)} (qkit.eval.bench_codecs scans every codec)")
-        self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric), seed=seed)
+        self.codec: Codec = make_codec(codec, self.dim, inner_metric(metric), seed=seed)   # unknown: the list
+        if self.codec.c_kind is None:
+            raise UsageError(f"codec {codec} estimates inner products: use it with metric ip or cosine, "
+                             f"not {metric}")
         if self.codec.c_kind not in (0, 1, 2) and store is None:
             raise UsageError(f"codec {codec} needs a re-rank store (the graph is built on it)")
         self.ef_construction = _check_int("ef_construction", ef_construction, 1)

@@ -44,7 +44,8 @@ cdef extern from "qk_hnsw.h":
                        int32_t ef, int32_t rerank, const qk_codec *rc, const float *rqueries, float *out_d,
                        int64_t *out_i) nogil
 
-CODEC_F32, CODEC_SQ8, CODEC_SQ4, CODEC_SQ8F, CODEC_SQ4F, CODEC_RQ1, CODEC_RQ4, CODEC_RQ8 = range(8)
+(CODEC_F32, CODEC_SQ8, CODEC_SQ4, CODEC_SQ8F, CODEC_SQ4F, CODEC_RQ1, CODEC_RQ4, CODEC_RQ8, CODEC_LQ4, CODEC_RQ16,
+ CODEC_TQP4, CODEC_TQP8) = range(12)   # ext/csrc/qk_hnsw.h
 METRIC_L2, METRIC_IP = 0, 1
 
 
@@ -78,15 +79,23 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
     c.p0 = NULL
     c.p1 = NULL
     c.isa = isa
-    cdef int64_t need
-    if kind < 0 or kind > CODEC_RQ8:
+    cdef int64_t need, h = dim // 2
+    if kind < 0 or kind > CODEC_TQP8:
         raise ValueError(f"unknown codec kind {kind}")
+    if (kind == CODEC_TQP4 or kind == CODEC_TQP8) and (dim % 2 or metric != 1):
+        raise ValueError("TurboQuant_prod walk codes: inner product, queries of two halves")
     if kind == CODEC_F32:
         need = dim * 4
     elif kind == CODEC_SQ8 or kind == CODEC_SQ8F or kind == CODEC_RQ8:
         need = dim
     elif kind == CODEC_RQ1:
         need = (dim + 7) // 8
+    elif kind == CODEC_RQ16:
+        need = 2 * dim
+    elif kind == CODEC_TQP4:
+        need = (h + 1) // 2 + (h + 7) // 8
+    elif kind == CODEC_TQP8:
+        need = h + (h + 7) // 8
     else:
         need = (dim + 1) // 2
     if kind == CODEC_SQ8 or kind == CODEC_SQ4:
@@ -100,8 +109,9 @@ cdef int _codec(qk_codec *c, int kind, int metric, int64_t dim, cnp.ndarray code
         a0, a1 = p0, p1
         _need(a0, 1, np.float32, "codec p0")
         _need(a1, 1, np.float32, "codec p1")
-        if a0.shape[0] != dim or a1.shape[0] < (1 if kind >= CODEC_RQ1 else dim):
-            raise ValueError("codec parameters must have one value per dimension")
+        if a0.shape[0] != dim or a1.shape[0] < (17 if kind in (CODEC_LQ4, CODEC_TQP4) else
+                                                (1 if kind >= CODEC_RQ1 else dim)):
+            raise ValueError("codec parameters must have one value per dimension (17 for a table kind)")
         c.p0 = <const float *>cnp.PyArray_DATA(a0)
         c.p1 = <const float *>cnp.PyArray_DATA(a1)
     _rc(qk_codec_init(c))

@@ -26,11 +26,16 @@
 
 static inline int64_t pad8(int64_t d) { return (d + 7) & ~(int64_t)7; }
 static inline int64_t pad32(int64_t d) { return (d + 31) & ~(int64_t)31; }
+/* bytes of a code before its float tail */
 static inline int64_t sq_bytes(const qk_codec *c) {
+    const int64_t h = c->dim / 2;   /* TQP: codes of h dimensions, queries of 2h */
     switch (c->kind) {
     case QK_CODEC_SQ8: case QK_CODEC_SQ8F: case QK_CODEC_RQ8: return c->dim;
     case QK_CODEC_RQ1: return (c->dim + 7) / 8;
-    default: return (c->dim + 1) / 2;
+    case QK_CODEC_RQ16: return 2 * c->dim;
+    case QK_CODEC_TQP4: return (h + 1) / 2 + (h + 7) / 8;
+    case QK_CODEC_TQP8: return h + (h + 7) / 8;
+    default: return (c->dim + 1) / 2;   /* SQ4, SQ4F, RQ4, LQ4 */
     }
 }
 /* RaBitQ query constants after the int8 query: delta, sum v', ||v'||^2, <c', v'> */
@@ -46,6 +51,19 @@ static inline float rq_dist(const qk_codec *c, const float *q, int32_t S, const 
     float est = w * (k[0] * (float)S - c->p1[0] * k[1]);
     return c->metric == QK_METRIC_L2 ? r * r + k[2] - 2.f * r * est : -(k[3] + r * est);
 }
+/* LQ4's 16 uint8 grid values follow the four query constants */
+static inline const uint8_t *lut_of(const float *k) { return (const uint8_t *)(k + 4); }
+/* TQP: int8 v1 (pad32(h) bytes), int8 v2 (pad32(h)), then delta1, sum v1, delta2, sum v2, the table */
+static inline const float *tqp_consts(const qk_codec *c, const float *qbuf) {
+    return qbuf + 2 * pad32(c->dim / 2) / 4;
+}
+static inline float tqp_dist(const qk_codec *c, const float *q, int32_t S1, int32_t S2, const uint8_t *code) {
+    const float *k = tqp_consts(c, q);
+    float w1, w2;
+    memcpy(&w1, code + sq_bytes(c), 4);
+    memcpy(&w2, code + sq_bytes(c) + 4, 4);
+    return -(w1 * (k[0] * (float)S1 - c->p1[0] * k[1]) + w2 * (k[2] * (float)S2 - 0.5f * k[3]));
+}
 /* integer-query layout inside qbuf: int8 query (pad32(d) bytes, zero padded), then delta (float) */
 static inline const int8_t *qi8(const float *qbuf) { return (const int8_t *)qbuf; }
 static inline float qdelta(const qk_codec *c, const float *qbuf) { return qbuf[pad32(c->dim) / 4]; }
@@ -55,7 +73,8 @@ static inline float tail_norm(const qk_codec *c, const uint8_t *code) {
     return n2;
 }
 
-int64_t qk_codec_qbuf_len(const qk_codec *c) { return 2 * pad8(c->dim); }
+/* room for the float kinds' two rows, or an int8 query (two for TQP), constants and a table */
+int64_t qk_codec_qbuf_len(const qk_codec *c) { return 2 * pad8(c->dim) + 32; }
 
 /* ---------------- scalar ---------------- */
 static float f32_l2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
@@ -137,6 +156,39 @@ static float rq4_dist(const qk_codec *c, const float *q, float cst, const uint8_
 static float rq8_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
     (void)cst;
     return rq_dist(c, q, dot_u8_i8(code, qi8(q), c->dim), code);
+}
+static int32_t dot_l4_i8(const uint8_t *c, const uint8_t *t, const int8_t *q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; j++) s += (int32_t)t[(c[j >> 1] >> ((j & 1) * 4)) & 15] * q[j];
+    return s;
+}
+static int32_t dot_u16_i8(const uint8_t *c, const int8_t *q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; j++) {
+        uint16_t v;
+        memcpy(&v, c + 2 * j, 2);
+        s += (int32_t)v * q[j];
+    }
+    return s;
+}
+static float lq4_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_l4_i8(code, lut_of(rq_consts(c, q)), qi8(q), c->dim), code);
+}
+static float rq16_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u16_i8(code, qi8(q), c->dim), code);
+}
+static float tqp4_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    const int64_t h = c->dim / 2;
+    const int32_t S1 = dot_l4_i8(code, lut_of(tqp_consts(c, q)), qi8(q), h);
+    return tqp_dist(c, q, S1, dot_b1_i8(code + (h + 1) / 2, qi8(q) + pad32(h), h), code);
+}
+static float tqp8_dist(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    const int64_t h = c->dim / 2;
+    return tqp_dist(c, q, dot_u8_i8(code, qi8(q), h), dot_b1_i8(code + h, qi8(q) + pad32(h), h), code);
 }
 
 /* ---------------- AVX2 + FMA ---------------- */
@@ -370,44 +422,123 @@ AVX2 static float rq8_dist_avx2(const qk_codec *c, const float *q, float cst, co
     (void)cst;
     return rq_dist(c, q, dot_u8_i8_avx2(code, qi8(q), c->dim), code);
 }
+/* nibble indices -> uint8 grid values by one byte shuffle per 16 (the table fits one register), then the
+ * uint8 x int8 products widened to int16 pairs as in dot_u8_i8_avx2 (255 * 127 does not fit maddubs) */
+AVX2 static int32_t dot_l4_i8_avx2(const uint8_t *c, const uint8_t *t, const int8_t *q, int64_t d) {
+    __m256i acc = _mm256_setzero_si256();
+    const __m128i m = _mm_set1_epi8(15), tab = _mm_loadu_si128((const __m128i *)t);
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(c + j / 2));
+        __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        __m128i v0 = _mm_shuffle_epi8(tab, _mm_unpacklo_epi8(lo, hi));   /* dims j .. j+15 */
+        __m128i v1 = _mm_shuffle_epi8(tab, _mm_unpackhi_epi8(lo, hi));   /* dims j+16 .. j+31 */
+        __m256i q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + j)));
+        __m256i q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + j + 16)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(v0), q0));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(v1), q1));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; j < d; j++) s += (int32_t)t[(c[j >> 1] >> ((j & 1) * 4)) & 15] * q[j];
+    return s;
+}
+/* uint16 codes (< 2^15) x int8 query widened: madd on int16 pairs */
+AVX2 static int32_t dot_u16_i8_avx2(const uint8_t *c, const int8_t *q, int64_t d) {
+    __m256i acc = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) {
+        __m256i cw = _mm256_loadu_si256((const __m256i *)(c + 2 * j));
+        __m256i qw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + j)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(cw, qw));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; j < d; j++) {
+        uint16_t v;
+        memcpy(&v, c + 2 * j, 2);
+        s += (int32_t)v * q[j];
+    }
+    return s;
+}
+AVX2 static float lq4_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_l4_i8_avx2(code, lut_of(rq_consts(c, q)), qi8(q), c->dim), code);
+}
+AVX2 static float rq16_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    return rq_dist(c, q, dot_u16_i8_avx2(code, qi8(q), c->dim), code);
+}
+AVX2 static float tqp4_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    const int64_t h = c->dim / 2;
+    const int32_t S1 = dot_l4_i8_avx2(code, lut_of(tqp_consts(c, q)), qi8(q), h);
+    return tqp_dist(c, q, S1, dot_b1_i8_avx2(code + (h + 1) / 2, qi8(q) + pad32(h), h), code);
+}
+AVX2 static float tqp8_dist_avx2(const qk_codec *c, const float *q, float cst, const uint8_t *code) {
+    (void)cst;
+    const int64_t h = c->dim / 2;
+    return tqp_dist(c, q, dot_u8_i8_avx2(code, qi8(q), h), dot_b1_i8_avx2(code + h, qi8(q) + pad32(h), h), code);
+}
 
 /* ---------------- dispatch ---------------- */
 int qk_codec_init(qk_codec *c) {
-    static const qk_dist_fn scalar[8][2] = {{f32_l2, f32_ip}, {sq8i_l2, sq8i_ip}, {sq4i_l2, sq4i_ip},
-                                            {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip}, {rq1_dist, rq1_dist},
-                                            {rq4_dist, rq4_dist}, {rq8_dist, rq8_dist}};
-    static const qk_dist_fn avx2[8][2] = {{f32_l2_avx2, f32_ip_avx2}, {sq8i_l2_avx2, sq8i_ip_avx2},
-                                          {sq4i_l2_avx2, sq4i_ip_avx2}, {sq8_l2_avx2, sq8_ip_avx2},
-                                          {sq4_l2_avx2, sq4_ip_avx2}, {rq1_dist_avx2, rq1_dist_avx2},
-                                          {rq4_dist_avx2, rq4_dist_avx2}, {rq8_dist_avx2, rq8_dist_avx2}};
-    if (c->kind < 0 || c->kind > 7 || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
+    static const qk_dist_fn scalar[QK_CODEC_NKINDS][2] = {
+        {f32_l2, f32_ip}, {sq8i_l2, sq8i_ip}, {sq4i_l2, sq4i_ip}, {sq8_l2, sq8_ip}, {sq4_l2, sq4_ip},
+        {rq1_dist, rq1_dist}, {rq4_dist, rq4_dist}, {rq8_dist, rq8_dist}, {lq4_dist, lq4_dist},
+        {rq16_dist, rq16_dist}, {NULL, tqp4_dist}, {NULL, tqp8_dist}};
+    static const qk_dist_fn avx2[QK_CODEC_NKINDS][2] = {
+        {f32_l2_avx2, f32_ip_avx2}, {sq8i_l2_avx2, sq8i_ip_avx2}, {sq4i_l2_avx2, sq4i_ip_avx2},
+        {sq8_l2_avx2, sq8_ip_avx2}, {sq4_l2_avx2, sq4_ip_avx2}, {rq1_dist_avx2, rq1_dist_avx2},
+        {rq4_dist_avx2, rq4_dist_avx2}, {rq8_dist_avx2, rq8_dist_avx2}, {lq4_dist_avx2, lq4_dist_avx2},
+        {rq16_dist_avx2, rq16_dist_avx2}, {NULL, tqp4_dist_avx2}, {NULL, tqp8_dist_avx2}};
+    if (c->kind < 0 || c->kind >= QK_CODEC_NKINDS || c->metric < 0 || c->metric > 1 || c->dim <= 0) return QK_H_EARG;
     if (c->kind != QK_CODEC_F32 && (!c->p0 || !c->p1)) return QK_H_EARG;
+    if ((c->kind == QK_CODEC_TQP4 || c->kind == QK_CODEC_TQP8) && (c->dim % 2 || c->metric != QK_METRIC_IP))
+        return QK_H_EARG;   /* two halves; the QJL estimator is an inner product */
     c->dist = (c->isa ? avx2 : scalar)[c->kind][c->metric];
-    return QK_H_OK;
+    return c->dist ? QK_H_OK : QK_H_EARG;
+}
+
+/* v' on a symmetric int8 grid; k = delta, sum v', ||v'||^2, <c', v'> (c' = p0, or none) */
+static void rq_prepare(const float *q, const float *p0, int64_t d, int8_t *qi, float *k) {
+    float vmax = 0.f, sv = 0.f, vv = 0.f, cv = 0.f;
+    for (int64_t j = 0; j < d; j++) {
+        vmax = fmaxf(vmax, fabsf(q[j]));
+        sv += q[j];
+        vv += q[j] * q[j];
+        if (p0) cv += q[j] * p0[j];
+    }
+    float delta = vmax > 0.f ? vmax / 127.f : 1.f;
+    for (int64_t j = 0; j < d; j++) qi[j] = (int8_t)nearbyintf(q[j] / delta);
+    k[0] = delta; k[1] = sv; k[2] = vv; k[3] = cv;
+}
+static void put_lut(const qk_codec *c, float *k) {
+    uint8_t *t = (uint8_t *)(k + 4);
+    for (int i = 0; i < 16; i++) t[i] = (uint8_t)c->p1[1 + i];
 }
 
 void qk_codec_prepare(const qk_codec *c, const float *q, float *qbuf, float *cst) {
     const int64_t d = c->dim, dp = pad8(d);
-    memset(qbuf, 0, sizeof(float) * 2 * dp);
+    memset(qbuf, 0, sizeof(float) * (size_t)qk_codec_qbuf_len(c));
     *cst = 0.f;
     if (c->kind == QK_CODEC_F32) {
         memcpy(qbuf, q, sizeof(float) * d);
         return;
     }
-    if (c->kind >= QK_CODEC_RQ1) {
-        /* v' on a symmetric int8 grid; constants: delta, sum v', ||v'||^2, <c', v'> */
-        float vmax = 0.f, sv = 0.f, vv = 0.f, cv = 0.f;
-        for (int64_t j = 0; j < d; j++) {
-            vmax = fmaxf(vmax, fabsf(q[j]));
-            sv += q[j];
-            vv += q[j] * q[j];
-            cv += q[j] * c->p0[j];
-        }
-        float delta = vmax > 0.f ? vmax / 127.f : 1.f;
+    if (c->kind == QK_CODEC_TQP4 || c->kind == QK_CODEC_TQP8) {
+        const int64_t h = d / 2;
+        float a[4], b[4];
         int8_t *qi = (int8_t *)qbuf;
-        for (int64_t j = 0; j < d; j++) qi[j] = (int8_t)nearbyintf(q[j] / delta);
+        rq_prepare(q, NULL, h, qi, a);
+        rq_prepare(q + h, NULL, h, qi + pad32(h), b);
+        float *k = qbuf + 2 * pad32(h) / 4;
+        k[0] = a[0]; k[1] = a[1]; k[2] = b[0]; k[3] = b[1];
+        if (c->kind == QK_CODEC_TQP4) put_lut(c, k);
+        return;
+    }
+    if (c->kind >= QK_CODEC_RQ1) {
         float *k = qbuf + pad32(d) / 4;
-        k[0] = delta; k[1] = sv; k[2] = vv; k[3] = cv;
+        rq_prepare(q, c->p0, d, (int8_t *)qbuf, k);
+        if (c->kind == QK_CODEC_LQ4) put_lut(c, k);
         return;
     }
     if (c->kind == QK_CODEC_SQ8 || c->kind == QK_CODEC_SQ4) {

@@ -26,7 +26,13 @@ enum { QK_CODEC_F32 = 0, QK_CODEC_SQ8 = 1, QK_CODEC_SQ4 = 2, QK_CODEC_SQ8F = 3, 
        /* RaBitQ walk codes (qkit.rabitq): unsigned grid codes u (bits / nibbles / bytes), then float32 r, w.
         * The query handed to the walk is already centred (l2) and rotated: v' = P^-1 v; p0 is the rotated
         * centroid (ip), p1[0] = (2^B - 1) / 2. est <o, v> = w (<u, v'> - p1[0] sum v'). */
-       QK_CODEC_RQ1 = 5, QK_CODEC_RQ4 = 6, QK_CODEC_RQ8 = 7 };
+       QK_CODEC_RQ1 = 5, QK_CODEC_RQ4 = 6, QK_CODEC_RQ8 = 7,
+       /* The same estimate over other codes. LQ4: nibble indices into a 16-entry table of uint8 grid values
+        * (p1[1..16], TurboQuant's Lloyd-Max centroids on a uniform 8-bit grid). RQ16: uint16 codes (RaBitQ
+        * with 9 bits). TQP4/TQP8: inner product only, TurboQuant_prod: dim = 2h, the query holds the rotated
+        * query (h) then its QJL projection (h); codes are h LQ4 nibbles (TQP4) or h uint8 grid values (TQP8),
+        * then h sign bits, then float32 w1, w2: est = w1 (<u, v1> - p1[0] sum v1) + w2 (<s, v2> - sum v2 / 2). */
+       QK_CODEC_LQ4 = 8, QK_CODEC_RQ16 = 9, QK_CODEC_TQP4 = 10, QK_CODEC_TQP8 = 11, QK_CODEC_NKINDS = 12 };
 enum { QK_H_OK = 0, QK_H_ENOMEM = -1, QK_H_EARG = -2, QK_H_ETHREAD = -3 };
 
 typedef struct qk_codec qk_codec;
