@@ -99,11 +99,19 @@ class Graph:
                   first, last, int(ef_construction), int(threads))
 
     def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
-               store=None, passmask: np.ndarray | None = None):
+               store=None, passmask: np.ndarray | None = None, beside: np.ndarray | None = None):
         p0, p1 = codec.c_params()
         return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
                             self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1,
-                            isa_code(), queries, int(k), int(ef), int(rerank), store)
+                            isa_code(), queries, int(k), int(ef), int(rerank), store, beside)
+
+    def beside_codes(self, codes: np.ndarray) -> np.ndarray:
+        """The "beside" layout: row i = the codes of node i's layer-0 neighbours in list order, (n, M0 * bytes).
+
+        Slots past a node's count hold node 0's code (never read: the walk stops at the count)."""
+        n = self.n
+        ids = np.where(np.arange(self.M0)[None, :] < self.links0[:n, :1], self.links0[:n, 1:], 0)
+        return np.ascontiguousarray(codes[:n][ids].reshape(n, -1))
 
     def repair(self, codec, codes: np.ndarray, dead: np.ndarray, threads: int = 1) -> None:
         """Re-link live nodes away from dead ones (qk_hnsw_repair); the entry point moves to a live node."""
@@ -117,6 +125,83 @@ class Graph:
             a = getattr(self, name)
             if not a.flags.writeable:
                 setattr(self, name, np.array(a))
+
+    # ---- node order
+    def _layer0_adjacency(self):
+        from scipy.sparse import csr_matrix
+
+        n = self.n
+        cnt = self.links0[:n, 0].astype(np.int64)
+        used = np.arange(self.M0)[None, :] < cnt[:, None]
+        A = csr_matrix((np.ones(int(cnt.sum()), np.int8), (np.repeat(np.arange(n), cnt), self.links0[:n, 1:][used])),
+                       shape=(n, n))
+        return (A + A.T).tocsr()
+
+    def locality_order(self, method: str = "bfs", vectors: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+        """A node order that puts layer-0 neighbours near each other in memory; perm[new_id] = old_id.
+
+        Graph reordering for HNSW (Coleman et al., "Graph Reordering for Cache-Efficient Near Neighbor
+        Search", NeurIPS 2022): a node's neighbours, read right after it, then share cache lines and pages.
+          bfs     breadth-first from the entry point on the symmetrised layer-0 graph (scipy.sparse.csgraph),
+                  unreached nodes after it in id order;
+          rcm     reverse Cuthill-McKee on the same graph (scipy);
+          kmeans  nodes grouped by their cell among n/64 k-means centroids of `vectors` (faiss), so each
+                  ~64 neighbours in space are ~64 neighbours in memory (on Fashion-MNIST 40% of layer-0 links
+                  land within 64 ids, against 11% for bfs/rcm and 1.3% in insertion order).
+        """
+        from scipy.sparse.csgraph import breadth_first_order, reverse_cuthill_mckee
+
+        n = self.n
+        if method == "rcm":
+            return np.asarray(reverse_cuthill_mckee(self._layer0_adjacency(), symmetric_mode=True), np.int64)
+        if method == "bfs":
+            order = np.asarray(breadth_first_order(self._layer0_adjacency(), max(self.entry, 0), directed=False,
+                                                   return_predecessors=False), np.int64)
+            seen = np.zeros(n, bool)
+            seen[order] = True
+            return np.concatenate([order, np.flatnonzero(~seen)])
+        if method == "kmeans":
+            import faiss
+
+            if vectors is None or len(vectors) != n:
+                raise UsageError("kmeans reordering needs the index's vectors")
+            X = np.ascontiguousarray(vectors, np.float32)
+            k = max(1, n // 64)
+            km = faiss.Kmeans(X.shape[1], k, niter=10, seed=seed, max_points_per_centroid=64)
+            km.train(X)
+            _, cell = km.index.search(X, 1)
+            return np.argsort(cell[:, 0], kind="stable").astype(np.int64)
+        raise UsageError(f"unknown node order {method!r}: expected bfs, rcm or kmeans")
+
+    def permuted(self, perm: np.ndarray) -> "Graph":
+        """The same graph with node perm[i] renamed i: neighbour lists keep their order, upper rows are laid
+        out node by node in the new order (the layout reserve() writes and from_arrays checks)."""
+        n = self.n
+        perm = np.asarray(perm, np.int64)
+        if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
+            raise UsageError("a node order must be a permutation of the node ids")
+        inv = np.empty(n, np.int64)
+        inv[perm] = np.arange(n)
+
+        def renamed(block: np.ndarray, width: int) -> np.ndarray:
+            out = block.copy()
+            used = np.arange(width)[None, :] < out[:, :1]
+            out[:, 1:][used] = inv[out[:, 1:][used]]
+            return out
+
+        level = self.level[:n][perm]
+        lv = np.where(level > 0, level, 0).astype(np.int64)
+        old_off = self.upper_off[:n][perm]
+        # the upper rows of each node in the new order: its old rows old_off .. old_off + lv - 1
+        src = np.repeat(old_off, lv) + (np.arange(int(lv.sum())) - np.repeat(np.cumsum(lv) - lv, lv))
+        g = Graph(self.M, M0=self.M0, seed=self.seed)
+        g.links0 = renamed(self.links0[:n][perm], self.M0)
+        g.upper = renamed(self.upper[src], self.M) if len(src) else np.zeros((0, self.M + 1), np.int32)
+        g.upper_off = np.where(level > 0, np.cumsum(lv) - lv, -1).astype(np.int64)
+        g.level = level.astype(np.int32)
+        g.n, g.n_upper = n, int(lv.sum())
+        g.state = np.array([inv[self.entry] if self.entry >= 0 else -1, self.max_level], np.int64)
+        return g
 
     # ---- sizes and checks
     def arrays(self) -> dict[str, np.ndarray]:

@@ -27,8 +27,14 @@ graph, and it re-scores the best candidates. Stores:
 The flat codec needs none (its codes are the vectors). On disk the store
 lives beside the index in ``PATH.vectors`` and is memory-mapped.
 
-Threads: one index may be searched from many threads at once; add() takes
-the index exclusively (a search waits for a running add and vice versa).
+Threads: one index may be searched from many threads at once (the C search
+releases the GIL). add() and remove() take the index exclusively through a
+reader-writer lock: a search waits for a running add/remove and vice versa, and
+a waiting add/remove goes before searches that arrive after it. So every
+search runs against the index as it was between two writes: it never returns
+an id removed before it started, nor one not yet added. A search with
+``threads > 1`` locks per slice of queries, so its slices may see different
+states when writes interleave.
 """
 from __future__ import annotations
 
@@ -66,17 +72,21 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 class _RWLock:
-    """Many searches or one add: the C search reads arrays an add reallocates and writes."""
+    """Many searches or one add/remove: the C search reads arrays an add reallocates and writes.
+
+    Writers go first: once one waits, new searches wait behind it, so a steady stream of
+    searches from many threads cannot starve an add or a remove."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def read(self):
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -89,8 +99,12 @@ class _RWLock:
     @contextmanager
     def write(self):
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield
@@ -131,6 +145,7 @@ class Index:
         self._labels = np.zeros(0, np.int64)
         self._dead = np.zeros(0, np.uint8)     # 1: removed (never returned, unlinked from the graph)
         self._lock = _RWLock()
+        self._layout, self._beside = "ids", None
         self.path: Path | None = None
 
     # ---------------------------------------------------------------- properties
@@ -185,9 +200,60 @@ class Index:
     def is_trained(self) -> bool:
         return self.codec.is_trained
 
+    @property
+    def layout(self) -> str:
+        """Where the layer-0 walk reads neighbour codes: "ids" (codes contiguous by id, the default) or
+        "beside" (each node's neighbours' codes copied after its list, M0 x code bytes per node).
+
+        Both were measured (eval/bench_layout.py, README); "ids" is kept as the default, "beside" stays
+        available for search (rebuilt after every add or remove) so the comparison can be re-run."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if value not in ("ids", "beside"):
+            raise UsageError(f"layout must be 'ids' or 'beside', got {value!r}")
+        with self._lock.write():
+            self._layout = value
+            self._beside = None
+
+    def reorder(self, method: str = "bfs") -> None:
+        """Renumber the nodes inside the index so that layer-0 neighbours sit near each other in memory
+        (qkit.ann.hnsw.Graph.locality_order: "bfs", "rcm", or "kmeans" on the store's vectors): codes, graph
+        rows, store and id map are permuted together. User ids, results and the file format are unchanged;
+        a later add appends."""
+        with self._lock.write():
+            self._beside = None
+            n = self.ntotal
+            if n < 2:
+                return
+            self._make_writeable()
+            vec = None
+            if method == "kmeans":
+                vec = self.codes.view(np.float32) if self.store is None and self.codec.name == "flat" else \
+                    (self.store.decode(self.store_codes) if self.store is not None else
+                     self.codec.decode(self.codes))
+            perm = self.graph.locality_order(method, vec, seed=self.graph.seed)
+            self.graph = self.graph.permuted(perm)
+            self._codes = np.ascontiguousarray(self._codes[:n][perm])
+            self._labels = np.ascontiguousarray(self._labels[:n][perm])
+            self._dead = np.ascontiguousarray(self._dead[:n][perm])
+            if self._store_codes is not None:
+                self._store_codes = np.ascontiguousarray(self._store_codes[:n][perm])
+
+    def _beside_codes(self) -> np.ndarray | None:
+        if self._layout != "beside" or self.ntotal == 0:
+            return None
+        if self._beside is None:
+            self._beside = self.graph.beside_codes(self.codes)
+        return self._beside
+
     def bytes_in_ram(self, rerank: bool = False) -> int:
-        """What search reads: codes, graph, id map, and the full-precision vectors when it re-ranks."""
+        """What search reads: codes, graph, id map, and the full-precision vectors when it re-ranks
+        (and, in the "beside" layout, the copied neighbour codes)."""
         b = self.codes.nbytes + self.graph.nbytes() + self.labels.nbytes
+        if self._layout == "beside":
+            b += self.graph.n * self.graph.M0 * self.codes.shape[1]
         if rerank and self.store_codes is not None:
             b += self.store_codes.nbytes
         return b
@@ -236,6 +302,7 @@ class Index:
         if self.ntotal + n >= 2**31 - 1:
             raise UsageError("an index holds fewer than 2^31 vectors (node ids are int32)")
         with self._lock.write():
+            self._beside = None   # the graph or the codes change
             labels = self._new_labels(ids, n)
             if not self.codec.is_trained:
                 self.codec.fit(x)
@@ -316,6 +383,7 @@ class Index:
         if ids.size == 0:
             return 0
         with self._lock.write():
+            self._beside = None   # the graph or the codes change
             live = np.flatnonzero(self.removed == 0)
             order = np.argsort(self.labels[live], kind="stable")
             sorted_labels = self.labels[live][order]
@@ -385,7 +453,7 @@ class Index:
                     p0, p1 = self.store.c_params()
                     store = (self.store.c_kind, self.store_codes, p0, p1, q)
                 D, I = self.graph.search(self.codec, self.codes, self.codec.walk_queries(q), k, ef, rerank, store,
-                                         passmask)
+                                         passmask, self._beside_codes())
                 return D, np.where(I >= 0, self.labels[np.where(I >= 0, I, 0)], -1)
 
         if threads == 1 or len(xq) < 2 * threads:
@@ -450,6 +518,12 @@ class Index:
             raise FormatError(f"{path}: header fields out of range (metric {metric_code}, codec {codec_name!r}, "
                               f"store {store_code})")
         store_name = stores.get(store_code)
+        codes = c.arrays.get("codes")
+        # every codec spends at least one bit per dimension: a header dim past 8x the stored code width is
+        # corrupt, and is refused before building the codec (a rotation costs O(dim^2) memory)
+        if codes is None or codes.ndim != 2 or codes.shape[0] != ntotal or dim > 8 * codes.shape[1]:
+            raise FormatError(f"{path}: header dim {dim} / count {ntotal} do not match the stored codes "
+                              f"{None if codes is None else codes.shape}")
         idx = cls(dim, metrics[metric_code], codec_name, M, efc, store=store_name, seed=seed)
         a = c.arrays
         try:

@@ -44,7 +44,8 @@ def ann_group() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Index file to write (plus OUTPUT.vectors).")
 @click.option("--metric", type=click.Choice(["l2", "ip", "cosine"]), default=None,
               help="Distance (default: the dataset's own, else l2).")
-@click.option("--codec", default="sq8", show_default=True, help="Vector codec: flat, sq8, sq4.")
+@click.option("--codec", default="sq8", show_default=True,
+              help="Vector codec: flat, sq8, sq4, rabitq1..9, tq1..8; tqp2..8 and qjl for ip/cosine.")
 @click.option("--M", "M", type=click.IntRange(2, 1024), default=16, show_default=True,
               help="Neighbours per node and layer (layer 0 keeps 2M).")
 @click.option("--ef-construction", type=click.IntRange(1, None), default=200, show_default=True)
@@ -53,8 +54,10 @@ def ann_group() -> None:
               help="Re-rank store in OUTPUT.vectors (the graph is built on it): float32, the data's own uint8 "
                    "values, an 8-bit grid, or none; auto = u8 for integer 0..255 data, else float.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random levels.")
+@click.option("--reorder", type=click.Choice(["none", "bfs", "rcm", "kmeans"]), default="none", show_default=True,
+              help="Renumber nodes after the build so layer-0 neighbours sit near each other in memory.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the build summary as JSON.")
-def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store, seed, json_path):
+def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store, seed, reorder, json_path):
     """Build an index over VECTORS (.npy, .fvecs, .bvecs, ann-benchmarks .hdf5, or fashion-mnist / glove-50)."""
     from qkit.ann import CODECS, Index
     from qkit.eval import datasets
@@ -85,11 +88,14 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store
         def progress(done, total):
             bar.update(done - bar.n)
         index.add(X, threads=threads, progress=progress)
+    if reorder != "none":
+        index.reorder(reorder)
     build_s = time.perf_counter() - t0
     disk = index.save(output, inputs=inputs)
     rec = {"vectors": str(vectors), "n": int(len(X)), "dim": int(X.shape[1]), "metric": metric, "codec": codec,
            "store": index.store.name if index.store is not None else None,
-           "M": M, "ef_construction": ef_construction, "threads": threads, "build_s": round(build_s, 3),
+           "M": M, "ef_construction": ef_construction, "threads": threads, "reorder": reorder,
+           "build_s": round(build_s, 3),
            "index_bytes_on_disk": disk, "index_bytes_in_ram": index.bytes_in_ram(rerank=False),
            "index_bytes_in_ram_rerank": index.bytes_in_ram(rerank=True), "output": str(output)}
     click.echo(f"built in {build_s:.2f} s; {disk / 2**20:.1f} MiB on disk "

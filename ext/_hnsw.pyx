@@ -30,6 +30,7 @@ cdef extern from "qk_hnsw.h":
         const int64_t *upper_off
         const int32_t *level
         const uint8_t *pass_ "pass"
+        const uint8_t *nbcodes
         int64_t entry
         int32_t max_level
     int qk_codec_init(qk_codec *c) nogil
@@ -137,6 +138,7 @@ cdef int _graph(qk_hnsw *g, int64_t n, int M, int M0, cnp.ndarray links0, cnp.nd
     g.upper_off = <const int64_t *>cnp.PyArray_DATA(upper_off)
     g.level = <const int32_t *>cnp.PyArray_DATA(level)
     g.pass_ = NULL
+    g.nbcodes = NULL
     cdef cnp.ndarray dl
     if passmask is not None:
         dl = passmask
@@ -191,12 +193,20 @@ def repair(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
 
 def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
            cnp.ndarray level, object passmask, cnp.ndarray state, int kind, int metric, int64_t dim,
-           cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object store):
+           cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object store,
+           object nbcodes=None):
     """(D, I) of shape (nq, k): codec distances (or exact after re-ranking), smaller is nearer; internal ids."""
     cdef qk_hnsw g
     cdef qk_codec c
     _graph(&g, n, M, M0, links0, upper, upper_off, level, passmask, state)
     _codec(&c, kind, metric, dim, codes, p0, p1, isa)
+    cdef cnp.ndarray nb
+    if nbcodes is not None:
+        nb = nbcodes
+        _need(nb, 2, np.uint8, "beside codes")
+        if nb.shape[0] < n or nb.shape[1] != M0 * codes.shape[1]:
+            raise ValueError("beside codes must be (n, M0 * code bytes)")
+        g.nbcodes = <const uint8_t *>cnp.PyArray_DATA(nb)
     _need(queries, 2, np.float32, "queries")
     if queries.shape[1] != dim:
         raise ValueError(f"queries have {queries.shape[1]} dims, index has {dim}")

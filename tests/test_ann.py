@@ -481,3 +481,64 @@ def test_filtered_search_keeps_recall_and_respects_the_filter(data, built):
     np.testing.assert_array_equal(idx.search(q, 10, ef=64, rerank=32, filter=mask)[1], I)
     _, I1 = idx.search(q[:3], 5, filter=[7, 9])       # fewer matches than k: -1 padding
     assert set(I1[:, :2].reshape(-1)) == {7, 9} and (I1[:, 2:] == -1).all()
+
+
+@pytest.mark.parametrize("codec", ["flat", "sq4"])
+def test_beside_layout_walks_the_same_graph(data, built, codec):
+    """Codes copied beside each layer-0 list give exactly the results of codes by id (same distances, same order);
+    after an add the copy is rebuilt, and it is counted in bytes_in_ram."""
+    x, q = data
+    idx = built[codec]
+    want = idx.search(q, 10, ef=48, rerank=0, filter=np.arange(0, idx.ntotal, 2))
+    ids_bytes = idx.bytes_in_ram()
+    try:
+        idx.layout = "beside"
+        got = idx.search(q, 10, ef=48, rerank=0, filter=np.arange(0, idx.ntotal, 2))
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert idx.bytes_in_ram() == ids_bytes + idx.ntotal * idx.graph.M0 * idx.codes.shape[1]
+    finally:
+        idx.layout = "ids"
+    with pytest.raises(UsageError, match="layout must be"):
+        idx.layout = "rows"
+    small = Index(x.shape[1], "l2", codec, ef_construction=40)
+    small.add(x[:300])
+    small.layout = "beside"
+    small.add(x[300:600])   # the copy is stale now: search must rebuild it
+    ref = Index(x.shape[1], "l2", codec, ef_construction=40)
+    ref.add(x[:300])
+    ref.add(x[300:600])
+    np.testing.assert_array_equal(small.search(q, 5, ef=32)[1], ref.search(q, 5, ef=32)[1])
+
+
+@pytest.mark.parametrize("codec,rerank,method", [("flat", 0, "bfs"), ("flat", 0, "rcm"), ("sq4", 16, "kmeans")])
+def test_reorder_renumbers_nodes_without_changing_results(tmp_path, data, codec, rerank, method):
+    """RCM renumbering keeps every list and distance, so results are the same; ids, add, remove and files work."""
+    x, q = data
+    a = Index(x.shape[1], "l2", codec, ef_construction=60)
+    a.add(x[:3000], ids=np.arange(3000) * 7 + 5)
+    a.remove([5, 12, 7 * 100 + 5])
+    want = a.search(q, 10, ef=40, rerank=rerank)
+    b = Index.load(_saved_at(a, tmp_path / "a.qkit"), mmap=True)
+    b.reorder(method)
+    perm_moved = not np.array_equal(b.labels, a.labels)
+    assert perm_moved and np.array_equal(np.sort(b.labels), np.sort(a.labels))
+    got = b.search(q, 10, ef=40, rerank=rerank)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    # layer-0 neighbours are closer in id after the renumbering (the point of it)
+    def near(g):   # share of layer-0 links to a node within 64 ids
+        used = np.arange(g.M0)[None, :] < g.links0[: g.n, :1]
+        return np.mean(np.abs(g.links0[: g.n, 1:] - np.arange(g.n)[:, None])[used] < 64)
+    assert near(b.graph) > 1.5 * near(a.graph), (near(b.graph), near(a.graph))
+    c = Index.load(_saved_at(b, tmp_path / "b.qkit"))   # the permuted layout passes the loader's checks
+    np.testing.assert_array_equal(c.search(q, 10, ef=40, rerank=rerank)[1], want[1])
+    c.add(x[3000:3500], ids=np.arange(500) + 10**6)
+    c.remove([19])
+    _, I = c.search(q, 10, ef=40, rerank=rerank)
+    assert not np.isin(I, [5, 12, 705, 19]).any() and (I >= 0).all()
+
+
+def _saved_at(idx, path):
+    idx.save(path)
+    return path

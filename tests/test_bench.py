@@ -73,3 +73,22 @@ def test_bench_kquants_small(tmp_path, capsys):
     assert len(saved) == len(recs) and {r["type"] for r in saved} >= {"q4_K", "q6_K", "q8_0"}
     assert all({"type", "impl", "mb_per_s"} <= r.keys() and r["mb_per_s"] > 0 for r in saved)
     assert "q4_K" in capsys.readouterr().out
+
+
+def test_bench_layout_compares_layouts_on_identical_results():
+    """Every layout walks the same graph: the same recall, bytes differ only for 'beside'."""
+    import numpy as np
+
+    from qkit.eval import bench_layout, datasets
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2000, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    gt, gt_D = datasets.exact_knn(base, queries, 10, "l2")
+    ds = datasets.VectorDataset(name="synthetic", metric="l2", base=base, queries=queries, gt=gt, gt_D=gt_D)
+    recs = bench_layout.run(ds, ["sq4"], [16], 16, 16, 40, 1, 1, ("bfs", "kmeans"))
+    assert {r["layout"] for r in recs} == {"ids", "beside", "bfs", "kmeans"}
+    assert len({r["recall_at_10"] for r in recs}) == 1 and recs[0]["recall_at_10"] > 0.5
+    by = {r["layout"]: r for r in recs}
+    assert by["bfs"]["bytes_in_ram"] == by["ids"]["bytes_in_ram"] < by["beside"]["bytes_in_ram"]
+    assert "QPS beside" in bench_layout.table(recs)

@@ -57,6 +57,17 @@ def test_build_then_search_with_gt_json_and_results(files, capsys):
     assert np.load(files / "ids.npy").shape == (50, 5)
 
 
+def test_build_tq4_reordered_and_search(files, capsys):
+    """A TurboQuant codec in the graph, nodes renumbered after the build: same recall as brute force says."""
+    idx = files / "tq.qkit"
+    assert main(["ann", "build", str(files / "x.npy"), "--codec", "tq4", "--reorder", "bfs", "--ef-construction",
+                 "80", "-o", str(idx), "--json", str(files / "tq.json")]) == 0
+    assert json.loads((files / "tq.json").read_text())["reorder"] == "bfs"
+    assert main(["ann", "search", str(idx), str(files / "q.fvecs"), "-k", "10", "--ef", "64", "--rerank", "32",
+                 "--gt", str(files / "gt.npy"), "--json", str(files / "tqs.json")]) == 0
+    assert json.loads((files / "tqs.json").read_text())["recall_at_k"] >= 0.95
+
+
 @pytest.mark.parametrize("args,code,msg", [
     (["build", "{d}/missing.npy", "-o", "{d}/m.qkit"], 1, "no such file"),
     (["build", "{d}/x.npy", "--codec", "pq", "-o", "{d}/m.qkit"], 2, "unknown codec 'pq'"),

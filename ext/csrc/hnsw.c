@@ -182,6 +182,28 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
         minh_pop(s->cands, &nc);
         if (nc > 0) __builtin_prefetch(links_at(g, s->cands[0].id, l));   /* the next expansion's list */
         int cnt = read_links(g, locks, cur.id, l, s->nbr);
+        if (l == 0 && g->nbcodes && !locks) {
+            /* "beside" layout: the neighbours' codes are one block after the list (glass, SymphonyQG) */
+            const int64_t cs = c->code_size;
+            const uint8_t *blk = g->nbcodes + cur.id * (int64_t)g->M0 * cs;
+            if (nc > 0) __builtin_prefetch(g->nbcodes + s->cands[0].id * (int64_t)g->M0 * cs);
+            for (int j = 0; j < cnt; j++) {
+                int32_t e = s->nbr[j];
+                if (s->visited[e] == s->tag) continue;
+                s->visited[e] = s->tag;
+                float d = c->dist(c, s->qbuf, cst, blk + j * cs);
+                if (nr < ef || d < s->res[0].d) {
+                    if (nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
+                    cand y = {d, e};
+                    minh_push(s->cands, &nc, y);
+                    if (!pass || pass[e]) {
+                        maxh_push(s->res, &nr, y);
+                        if (nr > ef) maxh_pop(s->res, &nr);
+                    }
+                }
+            }
+            continue;
+        }
         /* first the unvisited neighbours, with their codes prefetched, then their distances: the
          * memory loads overlap instead of queueing one after another */
         int u = 0;

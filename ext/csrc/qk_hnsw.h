@@ -75,6 +75,9 @@ typedef struct {
     const int32_t *level;
     const uint8_t *pass;    /* NULL, or n flags: search returns only nodes whose flag is set (a filter,
                              * removed nodes cleared); others are still walked through at layer 0 */
+    const uint8_t *nbcodes; /* NULL, or the "beside" layout (search only): n x M0 codes, row i holding the
+                             * walk codes of links0[i]'s neighbours in list order, so expanding a node at
+                             * layer 0 reads one contiguous block instead of M0 scattered codes */
     int64_t entry;          /* -1 when empty */
     int32_t max_level;
 } qk_hnsw;
