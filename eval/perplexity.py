@@ -7,6 +7,10 @@ negative log-likelihood over all predicted tokens. With llamacpp=True only the
 second half of each window is scored, as llama.cpp's llama-perplexity does
 (its first-half tokens serve as context).
 
+A model loaded from a W8A8 checkpoint (compressed-tensors int-quantized with dynamic per-token
+input activations) runs with its activations quantized (qkit.actquant hooks attached by
+qkit.model.loader.load_model); the result names that scheme.
+
 With a base model, the same windows also give the mean KL divergence
 KL(p_base || p_model) of the next-token distributions over the scored
 positions, and top-1 agreement (how often both models' argmax agree).
@@ -29,6 +33,7 @@ class PerplexityResult:
     kl: float | None = None
     top1: float | None = None
     base_ppl: float | None = None
+    activations: str | None = None  # the activation quantization the model ran with, if any
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -76,7 +81,9 @@ def perplexity(model, ids, ctx: int = 512, *, llamacpp: bool = False, base=None,
                 kl += (blogp.exp() * (blogp - logp)).sum(-1).double().sum().item()
                 agree += int((blogp.argmax(-1) == logp.argmax(-1)).sum())
     mean = nll / count
-    res = PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=win.shape[0], ctx=ctx)
+    acts = getattr(model, "qkit_activations", None)
+    res = PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=win.shape[0], ctx=ctx,
+                           activations=f"int{acts.bits} per-token dynamic" if acts is not None else None)
     if base is not None:
         res.kl = kl / count
         res.top1 = agree / count

@@ -22,6 +22,21 @@ format stores them, written as the layer finishes, every other tensor copied as
 stored (dtype kept), and ``quantization_config`` added to config.json.
 Choosers are objects with ``needs_calibration``, ``quantize(name, W)`` and,
 when calibrated, ``add_batch(name, X)``; the grid is the chooser's business.
+Two optional methods give a chooser a layer-level step (AWQ, SmoothQuant):
+
+    prepare(config)                             before any work: check the model (architecture table)
+    transform_layer(layer, inputs, prefix)      after the calibration pass over layer i, before its
+                                                linears are quantized: change the layer in float
+                                                (scales folded into norms and linears, clipping)
+                                                without changing what it computes; `inputs` is a
+                                                LayerInputs (the layer's calibration inputs and
+                                                keyword arguments, and a way to run its submodules)
+
+A chooser without them (RTN, GPTQ) runs exactly as before. A chooser with
+``propagate_float = True`` (AWQ) hands the next layer the float layer's outputs
+from the calibration pass instead of running the quantized layer again. When a layer was
+transformed, a packed export writes its other tensors (norms, biases) as the
+layer now holds them, cast to their stored dtype; otherwise as stored.
 """
 from __future__ import annotations
 
@@ -155,20 +170,41 @@ def capture_layer_inputs(model, layers, samples):
     return torch.cat(states), kws
 
 
-def _run_layer(layer, states, kw, batch: int = 8):
+def run_module(module, states, kw, batch: int = 8, *, layer_kwargs: bool = True):
+    """module(states) in batches of `batch` samples, with the layer's keyword arguments when layer_kwargs.
+
+    A decoder layer or its attention takes the arguments the model handed the layer (mask, position
+    embeddings); an MLP or a linear takes none. A tuple output gives its first element.
+    """
     import torch
 
-    args = kw.get("__args__", ())
-    kwargs = {k: v for k, v in kw.items() if k != "__args__"}
+    args = kw.get("__args__", ()) if layer_kwargs else ()
+    kwargs = {k: v for k, v in kw.items() if k != "__args__"} if layer_kwargs else {}
     outs = []
     with torch.inference_mode():
         for i in range(0, states.shape[0], batch):
             h = states[i:i + batch]
             kws = {k: (v.expand(h.shape[0], *v.shape[1:]) if isinstance(v, torch.Tensor) and v.dim() > 0
                        and v.shape[0] == 1 and k == "attention_mask" else v) for k, v in kwargs.items()}
-            o = layer(h, *args, **kws)
+            o = module(h, *args, **kws)
             outs.append(o[0] if isinstance(o, tuple) else o)
     return torch.cat(outs)
+
+
+def _run_layer(layer, states, kw, batch: int = 8):
+    return run_module(layer, states, kw, batch)
+
+
+@dataclass
+class LayerInputs:
+    """One decoder layer's calibration inputs, for a chooser's transform_layer."""
+
+    states: object  # torch (nsamples, seqlen, hidden): the layer's inputs, from the already-quantized layers
+    kwargs: dict  # what the model hands the layer (attention mask, position embeddings, ...)
+
+    def run(self, module, x, *, layer_kwargs: bool = False):
+        """module(x) for x of shape (samples, seqlen, ...); layer_kwargs for the layer or its attention."""
+        return run_module(module, x, self.kwargs, layer_kwargs=layer_kwargs)
 
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -212,13 +248,15 @@ RECORD = "qkit_quantization.json"
 
 
 def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
-                   progress: bool = False, record: dict | None = None, fmt: str = "safetensors") -> QuantizeSummary:
+                   progress: bool = False, record: dict | None = None, fmt: str = "safetensors",
+                   act_bits: int | None = None) -> QuantizeSummary:
     """Quantize every linear of every decoder layer of `ref` with `chooser`; write `fmt` into directory `out`.
 
     fmt "safetensors" writes the fake-quantized float model; "gptq", "gptq_v2", "awq" and
     "compressed-tensors" write packed checkpoints (qkit.export), which need a chooser with
     fp16 scales (and, for "gptq" v1 with an asymmetric grid, min_zero=1): see
-    qkit.export.grid_requirements.
+    qkit.export.grid_requirements. act_bits=8 declares per-token dynamic int8 activations
+    (W8A8): written as compressed-tensors ``int-quantized`` with its input_activations scheme.
     """
     import torch
     from tqdm.auto import tqdm
@@ -228,15 +266,20 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     out = check_output_dir(Path(out), ref)
     if chooser.needs_calibration and samples is None:
         raise UsageError(f"method {chooser.name} needs calibration samples")
+    if act_bits is not None and fmt == "safetensors":
+        raise UsageError("activation quantization is recorded only by --format compressed-tensors (int-quantized, "
+                         "with its input_activations scheme); the fake-quantized safetensors output has no place for it")
     exporter = spec = None
     if fmt != "safetensors":
         from qkit import export
 
         exporter = export.get_format(fmt)
         export.check_chooser(fmt, chooser)
-        spec = export.ExportSpec.from_chooser(fmt, chooser)
+        spec = export.ExportSpec.from_chooser(fmt, chooser, act_bits=act_bits)
         exporter.check(spec)
     config = loader.load_config(ref)
+    if hasattr(chooser, "prepare"):
+        chooser.prepare(config)
     model = loader.empty_model(config)
     prefix, layers = decoder_layers(model, config)
     if exporter is not None:
@@ -265,6 +308,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         store.close()
         n_lin = n_par = 0
         stored_bits = packed_bytes = 0
+        transform = getattr(chooser, "transform_layer", None)
         for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
             layer = layers[i]
             lp = f"{prefix}{i}."
@@ -281,9 +325,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                         # (q/k/v, gate/up) can be recognised by identity and share statistics
                         chooser.add_batch(_name, inp[0])
                     hooks.append(mod.register_forward_hook(hook))
-                _run_layer(layer, states, kws[i])
+                float_out = _run_layer(layer, states, kws[i])
                 for h in hooks:
                     h.remove()
+            if transform is not None:
+                transform(layer, LayerInputs(states, kws[i]), lp)
             packed = {}
             for name, mod, transposed in lins:
                 W = mod.weight.detach().numpy()
@@ -297,13 +343,19 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 if exporter is not None:
                     packed[name + ".weight"] = exporter.pack(lp + name, res, spec)
             if chooser.needs_calibration:
-                states = _run_layer(layer, states, kws[i])
+                # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
+                # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
+                states = float_out if getattr(chooser, "propagate_float", False) else _run_layer(layer, states, kws[i])
+                del float_out
             if exporter is not None:
                 tensors = {}
-                for n in layer.state_dict():
+                layer_sd = layer.state_dict()
+                for n in layer_sd:
                     if n in packed:
                         tensors.update(packed[n])
                         packed_bytes += sum(np.asarray(t).nbytes for t in packed[n].values())
+                    elif transform is not None:  # folded scales: as the layer holds them, in the stored dtype
+                        tensors[lp + n] = layer_sd[n].detach().to(store.get(lp + n).dtype)
                     else:
                         tensors[lp + n] = store.get(lp + n)  # norms, biases: as stored
                 writer.write_shard(tensors)

@@ -509,3 +509,88 @@ def test_cli_export_then_eval(tiny, tmp_path, capsys):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("qkit: error: config.json: unknown quantization method 'magic' "
                                                  "(qkit reads gptq, awq, compressed-tensors)")
+
+
+# ------------------------------------------------------------------ W8A8: compressed-tensors int-quantized
+@pytest.mark.parametrize("bits,group_size,sym", [(8, None, True), (8, 32, False), (4, 32, True)])
+def test_int_quantized_w8a8_round_trip_and_package(tiny, tmp_path, bits, group_size, sym):
+    """act_bits=8 writes int-quantized: int8 codes under .weight, fp16 scales, int8 zero points when asymmetric,
+    input_activations {int 8, symmetric, token, dynamic}; compressed-tensors' own compressor decompresses each linear
+    to qkit's in-memory weights, and so does qkit's reader."""
+    pytest.importorskip("compressed_tensors", minversion="0.18")
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    d, _ = tiny
+    ch = Recording(RTN(affine.AffineConfig(bits=bits, group_size=group_size, symmetric=sym, scale_dtype="float16")))
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "w", ch, fmt="compressed-tensors", act_bits=8)
+    raw = json.loads((tmp_path / "w" / "config.json").read_text())["quantization_config"]
+    assert raw["format"] == "int-quantized"
+    acts = raw["config_groups"]["group_0"]["input_activations"]
+    assert {k: acts[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic")} == {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    scheme = QuantizationConfig.model_validate(raw).config_groups["group_0"]
+    assert IntQuantizationCompressor.can_compress(torch.nn.Linear, scheme)
+    tensors = {}
+    for f in sorted((tmp_path / "w").glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    store = loader.resolve(str(tmp_path / "w")).store()
+    assert store.activations is not None and store.activations.bits == 8
+    for name, res in ch.results.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".weight")}
+        assert sd["weight"].dtype == torch.int8 and ("weight_zero_point" in sd) == (not sym)
+        sd["weight_scale"] = sd["weight_scale"].float()  # fp32 arithmetic: qkit's weights exactly
+        w = IntQuantizationCompressor.decompress(sd, scheme)["weight"]
+        assert torch.equal(w, torch.from_numpy(res.weight)), name
+        assert torch.equal(store.get(name + ".weight"), torch.from_numpy(res.weight)), name
+        assert store.dtype(name + ".weight") == "F32"
+
+
+def test_int_quantized_refuses_act_order_and_bad_tensors(tiny, tmp_path):
+    d, _ = tiny
+    with pytest.raises(UsageError, match="act-order needs --static-groups"):
+        pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "a", chooser_for(
+            "compressed-tensors", 8, method="gptq", act_order=True), samples=SAMPLES, fmt="compressed-tensors",
+            act_bits=8)
+    with pytest.raises(UsageError, match="fake-quantized safetensors output has no place for it"):
+        pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "b", chooser_for("gptq_v2", 8), act_bits=8)
+    ch = chooser_for("compressed-tensors", 8, group_size=None, sym=True)
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "w", ch, fmt="compressed-tensors", act_bits=8)
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]["strategy"] = "tensor"
+    (tmp_path / "w" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="input_activations .* is not readable"):
+        loader.load_model(loader.resolve(str(tmp_path / "w")))
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_awq_export_carries_the_folded_norms(tiny, tmp_path, fmt):
+    """AWQ folds 1/s into the norms: a packed export writes the layer's norms as they now are, so the reloaded
+    checkpoint is the in-memory quantized model (logits equal)."""
+    from qkit.awq import AWQ, AWQConfig
+
+    d, model = tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny matmuls in the search: a second OpenMP thread only waits (test_awq)
+    try:
+        _awq_export_check(d, model, tmp_path, fmt, AWQ(AWQConfig(bits=4, group_size=32, search_samples=2)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _awq_export_check(d, model, tmp_path, fmt, awq):
+    ch = Recording(awq)
+    ch.prepare, ch.transform_layer = ch.inner.prepare, ch.inner.transform_layer
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "q", ch, samples=SAMPLES, fmt=fmt)
+    pipeline.quantize_model(loader.resolve(str(d)), tmp_path / "f", ch, samples=SAMPLES)  # fake-quantized float
+    q = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    f = loader.load_model(loader.resolve(str(tmp_path / "f")))
+    n = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(q.state_dict()[n], f.state_dict()[n]) and not torch.equal(q.state_dict()[n],
+                                                                                  model.state_dict()[n])
+    for name, res in ch.results.items():
+        assert torch.equal(q.get_submodule(name).weight.data, torch.from_numpy(res.weight)), name
+    ids = SAMPLES[:2]
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, f(ids).logits)

@@ -38,6 +38,7 @@ class ExportSpec:
     static_groups: bool = False
     damp: float | None = None  # GPTQ's dampening, recorded when the chooser was GPTQ
     method: str = "rtn"
+    act_bits: int | None = None  # per-token dynamic int activations (W8A8): compressed-tensors int-quantized
 
     @property
     def dynamic_groups(self) -> bool:
@@ -45,11 +46,11 @@ class ExportSpec:
         return self.act_order and not self.static_groups
 
     @classmethod
-    def from_chooser(cls, fmt: str, chooser) -> ExportSpec:
+    def from_chooser(cls, fmt: str, chooser, act_bits: int | None = None) -> ExportSpec:
         c = chooser.cfg
         return cls(fmt, c.bits, c.group_size, c.symmetric, getattr(c, "act_order", False),
                    getattr(c, "static_groups", False), getattr(c, "damp", None) if chooser.name == "gptq" else None,
-                   chooser.name)
+                   chooser.name, act_bits)
 
 
 def grid_requirements(fmt: str) -> dict:
@@ -61,7 +62,7 @@ def check_chooser(fmt: str, chooser) -> None:
     """Refuse a chooser whose grid the format cannot store exactly (before any layer is quantized)."""
     c = getattr(chooser, "cfg", None)
     if c is None or not hasattr(c, "bits"):
-        raise UsageError(f"--format {fmt} needs an affine-grid chooser (rtn, gptq), not {chooser.name}")
+        raise UsageError(f"--format {fmt} needs an affine-grid chooser (rtn, gptq, awq, smoothquant), not {chooser.name}")
     if getattr(c, "scale_dtype", "float32") != "float16":
         raise UsageError(f"{fmt} checkpoints store fp16 scales: quantize with scale_dtype='float16' so the "
                          "exported model is the in-memory one")
@@ -172,5 +173,9 @@ def reader_for(qcfg) -> object:
     method = qcfg.get("quant_method")
     for fmt in (gptq.GPTQFormat(v2=False), awq.AWQFormat(), compressed_tensors.CompressedTensorsFormat()):
         if fmt.matches(qcfg):
-            return fmt.for_reading(qcfg)
+            try:
+                return fmt.for_reading(qcfg)
+            except (AttributeError, TypeError, ValueError, KeyError) as e:  # a nested field of the wrong JSON type
+                raise FormatError(f"config.json: malformed {method} quantization_config ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
     raise FormatError(f"config.json: unknown quantization method {method!r} (qkit reads gptq, awq, compressed-tensors)")

@@ -19,6 +19,18 @@ q in [-2^(bits-1), 2^(bits-1) - 1] and packs q + 2^(bits-1); its zero point is s
 alike, so the stored numbers are qkit's unsigned codes and zeros, and
 W = scale * (q - zero) either way. A symmetric scheme stores no zero point (zero 2^(bits-1)).
 
+``int-quantized`` (W8A8, SmoothQuant's format; compressors/naive_quantized/base.py,
+``IntQuantizationCompressor``, chosen when a scheme has input activations): written when
+the export declares activation bits. One int8 tensor per linear, no packing:
+
+    name.weight             int8  (out, in)        q - 2^(bits-1), the signed code
+    name.weight_scale       fp16  (out, n_groups)  (out, 1) per channel
+    name.weight_zero_point  int8  (out, n_groups)  zero - 2^(bits-1); asymmetric only
+
+W = scale * (weight - zero_point) (``dequantize``), the same numbers as qkit's unsigned
+codes and zeros. The config group's ``input_activations`` holds the activation scheme
+(qkit.actquant: int, symmetric, strategy "token", dynamic), which qkit's loader applies.
+
 What the format cannot hold, refused at export time: an input width that is not a
 multiple of the group size (``_process_group`` raises "tensor column shape must be
 divisible by the given group_size", and llama.cpp's ``dequant_packed`` reshapes rows into
@@ -64,20 +76,30 @@ def unpack_dense(words: np.ndarray, bits: int, count: int, axis: int) -> np.ndar
 
 class CompressedTensorsFormat:
     name = "compressed-tensors"
-    marker = ".weight_packed"
 
-    def __init__(self, weights: dict | None = None):
+    def __init__(self, weights: dict | None = None, kind: str = "pack-quantized", activations=None):
         self.weights = weights or {}
+        self.kind = kind  # "pack-quantized" or "int-quantized" (read from the config; a write decides by spec)
+        self.activations = activations  # qkit.actquant.ActivationScheme of the config group, or None
+
+    @property
+    def marker(self) -> str:
+        """The tensor that marks a quantized linear (int-quantized keeps the name .weight, for int8 codes)."""
+        return ".weight_packed" if self.kind == "pack-quantized" else ".weight_scale"
 
     def check(self, spec: ExportSpec) -> None:
         if not 2 <= spec.bits <= 8:
             raise UsageError(f"pack-quantized holds 1..8-bit integer codes; qkit's grid has 2..8, not {spec.bits}")
+        if spec.act_bits is not None and spec.dynamic_groups:
+            raise UsageError("qkit's int-quantized (W8A8) export writes no g_idx: act-order needs --static-groups")
 
     def check_shape(self, name: str, out: int, inp: int, spec: ExportSpec) -> None:
         check_groups("compressed-tensors", name, inp, spec.group_size, CONSUMER)
 
     def pack(self, name: str, res, spec: ExportSpec) -> dict:
         check_result(name, res, spec)
+        if spec.act_bits is not None:
+            return self._pack_int(name, res, spec)
         bits = spec.bits
         out, inp = res.codes.shape
         self.check_shape(name, out, inp, spec)
@@ -97,7 +119,28 @@ class CompressedTensorsFormat:
             raise UsageError(f"{name}: groups are not contiguous, but the export was not declared act-order")
         return tensors
 
+    def _pack_int(self, name: str, res, spec: ExportSpec) -> dict:
+        """int-quantized: signed int8 codes as the weight, scales, and signed zero points unless symmetric."""
+        bits = spec.bits
+        out, inp = res.codes.shape
+        self.check_shape(name, out, inp, spec)
+        if not contiguous_groups(res.g_idx, spec.group_size):
+            raise UsageError(f"{name}: groups are not contiguous (act-order); qkit's int-quantized export writes "
+                             "no g_idx")
+        zero = int_zeros(name, res.zero, bits)
+        half = 2 ** (bits - 1)
+        tensors = {name + ".weight": (res.codes.astype(np.int16) - half).astype(np.int8),
+                   name + ".weight_scale": fp16_scales(name, res.scale)}
+        if spec.symmetric:
+            if np.any(zero != half):
+                raise UsageError(f"{name}: a symmetric scheme stores no zero point, but the zeros are not {half}")
+        else:
+            tensors[name + ".weight_zero_point"] = (zero - half).astype(np.int8)
+        return tensors
+
     def quantization_config(self, spec: ExportSpec, ignore: list[str]) -> dict:
+        if spec.act_bits is not None:
+            return self._int_config(spec, ignore)
         weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
                    "strategy": "group" if spec.group_size else "channel", "group_size": spec.group_size,
                    "block_structure": None, "dynamic": False, "observer": "minmax", "observer_kwargs": {}}
@@ -106,6 +149,19 @@ class CompressedTensorsFormat:
         return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                               "output_activations": None, "format": "pack-quantized"}},
+                "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+                "sparsity_config": {}, "version": CT_VERSION}
+
+    def _int_config(self, spec: ExportSpec, ignore: list[str]) -> dict:
+        from qkit.actquant import ActivationScheme
+
+        weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+                   "strategy": "group" if spec.group_size else "channel", "group_size": spec.group_size,
+                   "block_structure": None, "dynamic": False, "observer": "minmax", "observer_kwargs": {}}
+        acts = ActivationScheme(spec.act_bits).config()
+        return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                              "output_activations": None, "format": "int-quantized"}},
                 "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
                 "sparsity_config": {}, "version": CT_VERSION}
 
@@ -121,9 +177,9 @@ class CompressedTensorsFormat:
                               f"found {len(groups) if isinstance(groups, dict) else 'none'}")
         group = next(iter(groups.values()))
         fmt = group.get("format") or qcfg.get("format")
-        if fmt != "pack-quantized":
+        if fmt not in ("pack-quantized", "int-quantized"):
             raise FormatError(f"config.json: compressed-tensors format {fmt!r} is not readable "
-                              "(qkit reads pack-quantized)")
+                              "(qkit reads pack-quantized, int-quantized)")
         w = group.get("weights") or {}
         bits = w.get("num_bits")
         if w.get("type", "int") != "int" or not isinstance(bits, int) or not 1 <= bits <= 8:
@@ -134,18 +190,63 @@ class CompressedTensorsFormat:
                               "(qkit reads group, channel)")
         if w.get("strategy") == "group" and not (isinstance(w.get("group_size"), int) and w["group_size"] > 0):
             raise FormatError(f"config.json: strategy 'group' with group_size {w.get('group_size')!r}")
-        return CompressedTensorsFormat(w)
+        from qkit.actquant import ActivationScheme
+
+        return CompressedTensorsFormat(w, fmt, ActivationScheme.from_config(group.get("input_activations")))
 
     def parts(self, base: str) -> list[str]:
+        if self.kind == "int-quantized":
+            return [base + ".weight" + p for p in ("", "_scale", "_zero_point", "_g_idx")]
         return [base + ".weight" + p for p in PARTS]
 
     def shape(self, base: str, st) -> tuple[int, int]:
+        if self.kind == "int-quantized":
+            shape = tuple(st.shape(base + ".weight"))
+            if len(shape) != 2:
+                raise shape_error(base, f"weight of shape {shape} is not (out, in)")
+            return shape
         shape = as_numpy(st.get(base + ".weight_shape")).reshape(-1)
         if shape.size != 2:
             raise shape_error(base, f"weight_shape {shape.tolist()} is not [out, in]")
         return int(shape[0]), int(shape[1])
 
+    def _groups(self, base: str, scale, out: int, inp: int) -> tuple[int, int]:
+        """(group size, n_groups), checked against the scale's shape."""
+        w = self.weights
+        g = w.get("group_size") if w.get("strategy") == "group" else inp
+        if scale.ndim != 2 or scale.shape[0] != out or inp % g or scale.shape[1] != inp // g:
+            raise shape_error(base, f"weight_scale {tuple(scale.shape)}, expected ({out}, {inp / g:g}) for "
+                                    f"[{out}, {inp}] in groups of {g}")
+        return g, scale.shape[1]
+
+    def _dequantize_int(self, base: str, st):
+        w = self.weights
+        bits, sym = w["num_bits"], w.get("symmetric", True)
+        q, scale = as_numpy(st.get(base + ".weight")), st.get(base + ".weight_scale")
+        out, inp = q.shape if q.ndim == 2 else (0, 0)
+        if q.dtype != np.int8 or q.ndim != 2:
+            raise shape_error(base, f"weight {q.dtype} {q.shape}, expected int8 (out, in)")
+        half = 2 ** (bits - 1)
+        if q.size and (q.min() < -half or q.max() > half - 1):
+            raise shape_error(base, f"codes outside [{-half}, {half - 1}] for {bits} bits")
+        g, n_groups = self._groups(base, scale, out, inp)
+        if sym:
+            zeros = np.full((out, n_groups), half, dtype=np.int32)
+        else:
+            zp = as_numpy(st.get(base + ".weight_zero_point"))
+            if zp.dtype != np.int8 or zp.shape != (out, n_groups):
+                raise shape_error(base, f"weight_zero_point {zp.dtype} {zp.shape}, expected int8 ({out}, {n_groups})")
+            zeros = zp.astype(np.int32) + half
+        if base + ".weight_g_idx" in st:
+            gi = check_g_idx(base, as_numpy(st.get(base + ".weight_g_idx")), n_groups, inp)
+        else:
+            gi = np.arange(inp) // g
+        codes = (q.astype(np.int32) + half).astype(np.uint8)
+        return dequantize_groups(codes, as_numpy(scale.float()), zeros, gi)
+
     def dequantize(self, base: str, st):
+        if self.kind == "int-quantized":
+            return self._dequantize_int(base, st)
         get = st.get
         w = self.weights
         bits, sym = w["num_bits"], w.get("symmetric", True)

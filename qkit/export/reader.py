@@ -2,7 +2,9 @@
 
 QuantizedStore wraps the checkpoint's WeightStore and the ``quantization_config`` of its
 config.json: every packed linear (``name.qweight`` ... or ``name.weight_packed`` ...)
-appears as one float32 ``name.weight`` of shape (out, in), computed when asked;
+appears as one float32 ``name.weight`` of shape (out, in), computed when asked (for
+compressed-tensors int-quantized, whose int8 codes are stored under ``name.weight`` itself, the
+name then means the dequantized weight);
 everything else (embeddings, norms, biases, the LM head) passes through as stored.
 So qkit.model.loader, the pipeline, imatrix and the GGUF writer read a GPTQ, AWQ or
 compressed-tensors directory exactly like a float one, one tensor at a time.
@@ -25,13 +27,16 @@ class QuantizedStore:
                               f"holds no packed linear (no tensor ending in {m!r})")
         hidden = set()
         for b in self.bases:
-            hidden.update(self.format.parts(b))
-            if b + ".weight" in store:
+            parts = self.format.parts(b)
+            hidden.update(parts)
+            if b + ".weight" in store and b + ".weight" not in parts:  # int-quantized: .weight holds int8 codes
                 raise FormatError(f"the checkpoint holds both {b}.weight and packed tensors for {b}")
         self._plain = [k for k in keys if k not in hidden]
         self._plain_set = set(self._plain)
         self._deq = {b + ".weight": b for b in self.bases}
         self.files = store.files
+        # the activation scheme the model runs with (compressed-tensors input_activations), or None
+        self.activations = getattr(self.format, "activations", None)
 
     def keys(self) -> list[str]:
         return self._plain + list(self._deq)

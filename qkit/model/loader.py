@@ -162,13 +162,46 @@ def resolve(model: str | None) -> ModelRef:
     raise UsageError(f"{model}: expected a model directory, a .safetensors file or a .gguf file")
 
 
+# Size fields a config.json may declare, and their bounds (real models stay far below: hidden <= 32k,
+# layers <= ~130, vocab <= ~260k). A corrupt value must fail here, not as hours of module building.
+_CONFIG_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+                  "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+                  "head_dim": 1 << 14, "max_position_embeddings": 1 << 24, "n_embd": 1 << 17, "n_layer": 1 << 10,
+                  "n_head": 1 << 12, "n_inner": 1 << 19, "n_positions": 1 << 24, "n_ctx": 1 << 24}
+
+
+def check_config_json(path: Path) -> dict:
+    """config.json parsed and its size fields bounded, before transformers sees it."""
+    try:
+        cfg = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise FormatError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: a model config is a JSON object, not a {type(cfg).__name__}")
+    if not isinstance(cfg.get("model_type"), str):
+        raise FormatError(f"{path}: no model_type string (transformers needs it to pick the architecture)")
+    for sub in [cfg] + [v for k, v in cfg.items() if k.endswith("_config") and isinstance(v, dict)]:
+        for k, hi in _CONFIG_LIMITS.items():
+            v = sub.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise FormatError(f"{path}: {k} = {str(v)[:40]} is not an integer in 1..{hi}")
+    return cfg
+
+
 def load_config(ref: ModelRef):
     from transformers import AutoConfig
 
+    check_config_json(ref.config_path)
     try:
         return AutoConfig.from_pretrained(str(ref.dir))
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{ref.config_path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a config of the wrong shape
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:200] or type(e).__name__
+        raise FormatError(f"{ref.config_path}: cannot read the model config ({msg})") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -196,6 +229,10 @@ def empty_model(config):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError as e:
         raise UsageError(f"transformers cannot build a causal LM from this config: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - a config field of the wrong type or value fails deep inside transformers
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"transformers cannot build a causal LM from this config ({type(e).__name__}: {msg})") \
+            from None
     model.tie_weights()  # so that tied parameters are one tensor already on the meta device
     return model.eval()
 
@@ -257,4 +294,9 @@ def load_model(ref: ModelRef):
         raise FormatError(f"cannot place the weights of {ref.name}: {str(e).splitlines()[0]}") from None
     if tied:
         model.tie_weights()
+    if getattr(store, "activations", None) is not None:  # W8A8: quantize the quantized linears' inputs per token
+        from qkit import actquant
+
+        actquant.attach(model, store.activations, store.bases)
+        model.qkit_activations = store.activations
     return model
