@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from qkit.errors import FormatError, InputError
-from qkit.fileio import atomic_path
+from qkit.fileio import atomic_path, pause_point
 
 VERSION = 1
 ALIGN = 64
@@ -57,6 +57,13 @@ def _align(x: int) -> int:
 def _bytes(a: np.ndarray) -> memoryview:
     """The array's bytes (empty arrays included: memoryview.cast refuses a zero in the shape)."""
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def _int(v) -> int:
+    """A JSON integer (not a bool, a float or a string)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{v!r} is not an integer")
+    return v
 
 
 def crc_arrays(arrays: list[np.ndarray]) -> int:
@@ -110,6 +117,7 @@ def _write_container(tmp, magic: bytes, fixed: bytes, meta: dict, arrays: dict[s
     struct.pack_into("<I", head, 12, zlib.crc32(bytes(head[16:header_len])))
     with open(tmp, "wb") as f:
         f.write(head)
+        pause_point("index.writing")  # crash-test hook (qkit.fileio): header written, arrays not
         pos = header_len
         for (name, a), t in zip(ordered, table):
             start = header_len + t["offset"]
@@ -166,9 +174,12 @@ def read_file(path, magic: bytes, fixed_size: int, *, mmap: bool = True, verify:
     try:
         meta = json.loads(rest[_PRE.size - 16 + fixed_size: _PRE.size - 16 + fixed_size + meta_len])
         table = meta["arrays"]
-        specs = [(t["name"], _DTYPES[t["dtype"]], tuple(int(s) for s in t["shape"]), int(t["offset"]))
+        specs = [(t["name"], _DTYPES[t["dtype"]], tuple(_int(s) for s in t["shape"]), _int(t["offset"]))
                  for t in table]
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(meta, dict) or len({s[0] for s in specs}) != len(specs) or \
+                not all(isinstance(s[0], str) for s in specs):
+            raise ValueError("array names are not unique strings")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError(f"{path}: header table is corrupt ({type(e).__name__})") from None
     arrays = {}
     for name, dt, shape, off in specs:

@@ -1,6 +1,8 @@
 """The `qkit` command: a thin click shell over the library.
 
-Exit status: 0 success, 1 runtime failure, 2 usage error. A QkitError prints
+Exit status: 0 success, 1 runtime failure, 2 usage error, 130 interrupted
+(Ctrl-C: one line, and no partial output, since every output is written to a
+temporary name and renamed into place only once complete). A QkitError prints
 one line on stderr; tracebacks appear only with --debug.
 """
 from __future__ import annotations
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=args, prog_name="qkit", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Abort:
-        click.echo("qkit: aborted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C (KeyboardInterrupt) inside a command into Abort
+        click.echo("qkit: interrupted", err=True)
         return 130
     except click.ClickException as e:
         e.show()

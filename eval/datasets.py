@@ -17,7 +17,6 @@ Distance conventions (everywhere in this module, smaller is closer):
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import logging
@@ -136,17 +135,54 @@ def write_bvecs(path, X) -> None:
     _write_texmex(path, X, "u1", "write_bvecs")
 
 
+def _npy_header(p: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy file, checked before numpy reads or maps its data.
+
+    NEP 1 (numpy/lib/format.py): magic b"\\x93NUMPY", version bytes, a little-endian header length
+    (u2 for 1.0, u4 for 2.0), then a Python-literal dict parsed by numpy with ast.literal_eval
+    (no code runs). Object dtypes would need pickle: refused here, and np.load is called with
+    allow_pickle=False as well. The declared shape must fit in the bytes the file has.
+    """
+    from numpy.lib import format as npf
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(6)
+        if head[:4] == b"PK\x03\x04":
+            raise FormatError(f"{p} is an .npz archive, not a single .npy array")
+        if head != npf.MAGIC_PREFIX:
+            raise FormatError(f"{p} is not a .npy file (bad magic)")
+        f.seek(0)
+        try:
+            version = npf.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version[0]}.{version[1]} (this reader takes 1.0 and 2.0)")
+            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+            shape, _fortran, dtype = read(f)
+        except Exception as e:  # noqa: BLE001 - numpy's header parser (tokenize + literal_eval) raises many kinds
+            raise FormatError(f"{p} is not a readable .npy file: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise FormatError(f"{p} is not a readable .npy file: it holds Python objects, which would need "
+                          "unpickling (qkit never unpickles)")
+    if len(shape) != 2 or dtype.fields is not None or dtype.subdtype is not None or \
+            not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise FormatError(f"{p} holds a {dtype} array of shape {shape}; vectors are a 2-D numeric array (n, d)")
+    need = shape[0] * shape[1] * dtype.itemsize   # Python ints: no overflow on a crafted shape
+    if offset + need > size:
+        raise FormatError(f"{p} is not a readable .npy file: truncated (shape {shape} of {dtype} needs {need} "
+                          f"bytes of data, the file has {size - offset})")
+    return shape, dtype, offset
+
+
 def read_npy(path, *, mmap: bool = False) -> np.ndarray:
     """A 2-D numeric array from .npy; never unpickles. mmap=True maps it read-only instead of reading it."""
     p = _existing(path)
+    _npy_header(p)
     try:
         X = np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, EOFError, OSError) as e:  # bad magic, pickled objects, truncated data
+    except (ValueError, EOFError, OSError) as e:  # checked above; kept for files that change underneath
         raise FormatError(f"{p} is not a readable .npy file: {e}") from None
-    if not isinstance(X, np.ndarray):  # an .npz archive under a .npy name
-        raise FormatError(f"{p} is an .npz archive, not a single .npy array")
-    if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-        raise FormatError(f"{p} holds a {X.dtype} array of shape {X.shape}; vectors are a 2-D numeric array (n, d)")
     return X
 
 
@@ -184,32 +220,14 @@ _HDF5_KEYS = {"base": "train", "queries": "test", "gt": "neighbors"}
 _HDF5_METRICS = {"euclidean": "l2", "angular": "cosine", "dot": "ip"}
 
 
-@contextlib.contextmanager
-def _open_hdf5(path):
-    import h5py
+def _hdf5_arrays(path, keys: list[str]) -> tuple[Path, dict, dict]:
+    """(path, root attributes, {key: 2-D array}) read by a child process (qkit.eval.hdf5_safe): a file
+    that crashes libhdf5 becomes a FormatError instead of taking this process down."""
+    from qkit.eval.hdf5_safe import read_hdf5_arrays
 
     p = _existing(path)
-    try:
-        f = h5py.File(p, "r")
-    except OSError as e:
-        raise FormatError(f"{p} is not a readable HDF5 file ({e})") from None
-    with f:
-        yield p, f
-
-
-def _hdf5_array(p: Path, f, key: str) -> np.ndarray:
-    import h5py
-
-    obj = f.get(key)
-    if not isinstance(obj, h5py.Dataset):
-        raise FormatError(f"{p} has no dataset {key!r}; an ann-benchmarks file has train, test, neighbors, distances")
-    try:
-        a = obj[()]
-    except (OSError, ValueError, TypeError) as e:
-        raise FormatError(f"{p}: cannot read dataset {key!r} ({e})") from None
-    if a.ndim != 2:
-        raise FormatError(f"{p}: dataset {key!r} has shape {a.shape}, expected 2-D")
-    return a
+    attrs, arrays = read_hdf5_arrays(p, keys, ["distance"])
+    return p, attrs, arrays
 
 
 def read_hdf5(path) -> VectorDataset:
@@ -218,12 +236,14 @@ def read_hdf5(path) -> VectorDataset:
     gt_D is converted to this module's conventions (euclidean is squared to match l2); for
     `dot` files it is None because ann-benchmarks has not fixed how it stores dot distances.
     """
-    with _open_hdf5(path) as (p, f):
-        dist = f.attrs.get("distance")
-        dist = dist.decode() if isinstance(dist, bytes) else dist
-        if dist not in _HDF5_METRICS:
-            raise FormatError(f"{p}: distance attribute {dist!r} is not one of {', '.join(_HDF5_METRICS)}")
-        base, queries, gt, gd = (_hdf5_array(p, f, k) for k in ("train", "test", "neighbors", "distances"))
+    keys = ["train", "test", "neighbors", "distances"]
+    p, attrs, arrays = _hdf5_arrays(path, keys)
+    dist = attrs.get("distance")
+    if dist not in _HDF5_METRICS:
+        raise FormatError(f"{p}: distance attribute {dist!r} is not one of {', '.join(_HDF5_METRICS)}")
+    base, queries, gt, gd = (arrays[k] for k in keys)
+    if not np.issubdtype(gt.dtype, np.integer):
+        raise FormatError(f"{p}: neighbors are {gt.dtype}, expected integer ids")
     if base.shape[1] != queries.shape[1] or gt.shape[0] != queries.shape[0] or gd.shape != gt.shape:
         raise FormatError(f"{p}: inconsistent shapes train {base.shape}, test {queries.shape}, "
                           f"neighbors {gt.shape}, distances {gd.shape}")
@@ -251,8 +271,8 @@ def read_vectors(path_or_name, *, role: str = "base", mmap: bool = False) -> np.
     if suffix in _READERS:
         return _READERS[suffix](s, mmap=mmap)
     if suffix in _HDF5_SUFFIXES:
-        with _open_hdf5(s) as (p, f):
-            return _hdf5_array(p, f, _HDF5_KEYS[role])
+        key = _HDF5_KEYS[role]
+        return _hdf5_arrays(s, [key])[2][key]
     if s in DATASETS:
         if role == "gt":
             return load_dataset(s).gt

@@ -84,20 +84,37 @@ def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chu
 
 
 def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{gguf weight name: in_sum2 / counts (float32)} from an imatrix GGUF (qkit's or llama.cpp's)."""
-    import gguf
+    """{gguf weight name: in_sum2 / counts (float32)} from an imatrix GGUF (qkit's or llama.cpp's).
+
+    The file is structure-checked first (qkit.model.gguf_check: every count and size against the
+    file's length); each ``in_sum2`` / ``counts`` tensor must be F32, as llama.cpp writes them.
+    llama.cpp's older binary ``imatrix.dat`` layout is not read: convert it with llama.cpp's
+    ``llama-imatrix --in-file old.dat -o new.gguf``.
+    """
+    from qkit.model.gguf_check import open_reader
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"imatrix file not found: {path}")
-    try:
-        r = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises several types on foreign or truncated files
-        raise FormatError(f"{path}: not an imatrix GGUF ({type(e).__name__})") from None
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise FormatError(f"{path}: not an imatrix GGUF (no GGUF magic; the legacy imatrix.dat layout is not "
+                              "read: convert it with llama-imatrix --in-file OLD.dat -o NEW.gguf)")
+    r = open_reader(path)
     kind = r.fields.get("general.type")
-    if kind is None or kind.contents() != "imatrix":
+    try:
+        kind = kind.contents() if kind is not None else None
+    except Exception:  # noqa: BLE001 - a field gguf-py cannot decode
+        kind = None
+    if kind != "imatrix":
         raise FormatError(f"{path}: not an imatrix file (general.type is not 'imatrix')")
-    tens = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in r.tensors}
+    import gguf
+
+    tens = {}
+    for t in r.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; imatrix tensors are F32")
+        tens[t.name] = np.asarray(t.data, dtype=np.float32).reshape(-1)
     out = {}
     for name, s in tens.items():
         if not name.endswith(".in_sum2"):
@@ -106,10 +123,13 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
         c = tens.get(base + ".counts")
         if c is None or c.size != 1:
             raise FormatError(f"{path}: {base} has in_sum2 but no single count")
+        if not np.isfinite(c[0]) or not np.isfinite(s).all() or (s < 0).any():
+            raise FormatError(f"{path}: {base} holds non-finite or negative sums")
         if c[0] <= 0:  # never activated: llama.cpp's loader uses weights of 1 (tools/quantize)
             out[base] = np.ones_like(s, dtype=np.float32)
             continue
-        v = (s / c[0]).astype(np.float32)
+        with np.errstate(over="ignore"):
+            v = (s / c[0]).astype(np.float32)
         if not np.isfinite(v).all():
             raise FormatError(f"{path}: {base} holds non-finite values")
         out[base] = v

@@ -80,14 +80,10 @@ def read_metadata(reader) -> dict:
 
 
 def open_gguf(path: Path):
-    import gguf
+    """gguf-py's reader, after qkit.model.gguf_check has bounded every count and size by the file's."""
+    from qkit.model.gguf_check import open_reader
 
-    import struct
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, KeyError, IndexError, OSError, struct.error) as e:
-        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return open_reader(path)
 
 
 def hf_config(meta: dict, tensor_names: set[str]) -> dict:
@@ -107,8 +103,41 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
     if (scaling not in (None, "none")) or any(k.startswith("rope_freqs") for k in tensor_names):
         raise UsageError(f"GGUF uses RoPE scaling ({scaling or 'rope_freqs tensor'}), which qkit does not map yet; "
                          "loading it would silently change the model")
+    try:
+        cfg = _llama_config(a, arch, meta, need, tensor_names)
+    except (TypeError, ValueError, OverflowError) as e:  # a field of the wrong type (a string, a list)
+        raise FormatError(f"GGUF metadata of the wrong type for a {arch} model ({e})") from None
+    _check_sizes(cfg)
+    return cfg
+
+
+# bounds on what a GGUF's metadata may declare (real models: hidden <= 32k, layers <= ~130,
+# vocab <= ~260k); a corrupt field must fail here, not as a huge allocation later
+_SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+                "head_dim": 1 << 14, "max_position_embeddings": 1 << 24}
+
+
+def _check_sizes(cfg: dict) -> None:
+    for k, hi in _SIZE_LIMITS.items():
+        if not 1 <= cfg[k] <= hi:
+            raise FormatError(f"GGUF metadata declares {k} = {cfg[k]} (expected 1..{hi})")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise FormatError(f"GGUF metadata: {cfg['num_attention_heads']} attention heads are not a multiple of "
+                          f"{cfg['num_key_value_heads']} key-value heads")
+    if not (cfg["rms_norm_eps"] > 0 and cfg["rms_norm_eps"] < 1) or not cfg["rope_theta"] > 0 or \
+            cfg["rope_theta"] == float("inf"):
+        raise FormatError(f"GGUF metadata: rms_norm_eps {cfg['rms_norm_eps']} or rope freq_base "
+                          f"{cfg['rope_theta']} out of range")
+
+
+def _llama_config(a: GGUFArch, arch: str, meta: dict, need, tensor_names: set[str]) -> dict:
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
+    if heads < 1:
+        raise FormatError(f"GGUF metadata declares {heads} attention heads")
+    if not meta.get(f"{arch}.vocab_size") and not isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        raise FormatError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
     cfg = {
         "architectures": [a.hf_architecture],
         "model_type": a.model_type,
@@ -132,6 +161,68 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
     return cfg
 
 
+def expected_shape(hf: str, cfg: dict) -> tuple[int, ...]:
+    """The HF shape (out, in) or (n,) the config implies for a mapped tensor name."""
+    h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    table = {"embed_tokens": (v, h), "lm_head": (v, h), "norm": (h,), "input_layernorm": (h,),
+             "post_attention_layernorm": (h,), "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h),
+             "o_proj": (h, q), "gate_proj": (ff, h), "up_proj": (ff, h), "down_proj": (h, ff)}
+    shape = table[hf.split(".")[-2]]
+    return shape[:1] if hf.endswith(".bias") else shape
+
+
+def read_gguf(src: str | os.PathLike):
+    """Open and check a GGUF model: (reader, metadata, HF config, arch, {gguf name: tensor}).
+
+    Every tensor is mapped, sized as the config says, and of a block index below the layer count,
+    before anything is converted.
+    """
+    src = Path(src)
+    reader = open_gguf(src)
+    meta = read_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = hf_config(meta, set(tensors))
+    arch = ARCHS[meta["general.architecture"]]
+    unknown = [n for n in tensors if hf_name(n) is None]
+    if unknown:
+        raise UsageError(f"{src.name}: tensors without a mapping: {', '.join(unknown[:5])}")
+    required = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{b}.weight" for i in range(cfg["num_hidden_layers"]) for b in BLOCK_NAMES}
+    missing = sorted(required - set(tensors))
+    if missing:
+        raise FormatError(f"{src.name}: the model lacks {len(missing)} tensors (e.g. {missing[0]})")
+    for n, t in tensors.items():
+        if n.startswith("blk.") and not (n.split(".")[1].isdigit() and int(n.split(".")[1]) < cfg["num_hidden_layers"]):
+            raise FormatError(f"{src.name}: tensor {n} lies outside the {cfg['num_hidden_layers']} blocks")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        want = expected_shape(hf_name(n), cfg)
+        if shape != want:
+            raise FormatError(f"{src.name}: tensor {n} has shape {shape}, the metadata implies {want}")
+    return reader, meta, cfg, arch, tensors
+
+
+def tensor_f32(src: Path, t, arch: GGUFArch, cfg: dict) -> np.ndarray:
+    """One GGUF tensor dequantized to float32 in HF layout (Q/K rows un-permuted for llama)."""
+    import gguf
+
+    try:
+        with np.errstate(all="ignore"):   # garbage blocks may decode to inf/NaN: refused just below
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise FormatError(f"{src.name}: tensor {t.name} has type {t.tensor_type.name}, "
+                          "which the gguf package cannot decode") from None
+    arr = np.asarray(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+    if not np.isfinite(arr).all():
+        raise FormatError(f"{src.name}: tensor {t.name} holds NaN or Inf")
+    kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+    if arch.permute_qk and kind == "attn_q":
+        arr = unpermute_qk(arr, cfg["num_attention_heads"])
+    elif arch.permute_qk and kind == "attn_k":
+        arr = unpermute_qk(arr, cfg["num_key_value_heads"])
+    return arr
+
+
 def hf_name(gguf_name: str) -> str | None:
     parts = gguf_name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in BLOCK_NAMES:
@@ -143,40 +234,19 @@ def hf_name(gguf_name: str) -> str | None:
 
 def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write an fp32 HF-style directory for a GGUF model into `dest` (created atomically)."""
-    import gguf
-
     from qkit.model.gguf_tokenizer import build_tokenizer
     from qkit.model.safetensors_io import ShardedWriter
 
     src, dest = Path(src), Path(dest)
-    reader = open_gguf(src)
-    meta = read_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = hf_config(meta, set(tensors))
-    arch = ARCHS[meta["general.architecture"]]
-    unknown = [n for n in tensors if hf_name(n) is None]
-    if unknown:
-        raise UsageError(f"{src.name}: tensors without a mapping: {', '.join(unknown[:5])}")
+    _reader, meta, cfg, arch, tensors = read_gguf(src)
+    tokenizer = build_tokenizer(meta)  # checked before any file is written
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = make_tmp_dir(dest)
     try:
         writer = ShardedWriter(work, metadata={"source": src.name})
 
         def load(t) -> np.ndarray:
-            try:
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise FormatError(f"{src.name}: tensor {t.name} has type {t.tensor_type.name}, "
-                                  "which the gguf package cannot decode") from None
-            arr = np.asarray(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-            if not np.isfinite(arr).all():
-                raise FormatError(f"{src.name}: tensor {t.name} holds NaN or Inf")
-            kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
-            if arch.permute_qk and kind == "attn_q":
-                arr = unpermute_qk(arr, cfg["num_attention_heads"])
-            elif arch.permute_qk and kind == "attn_k":
-                arr = unpermute_qk(arr, cfg["num_key_value_heads"])
-            return arr
+            return tensor_f32(src, t, arch, cfg)
 
         glob = {hf_name(n): load(t) for n, t in tensors.items() if not n.startswith("blk.") and hf_name(n)}
         writer.write_shard(glob)
@@ -189,7 +259,7 @@ def convert_gguf(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
         writer.finish()
         with atomic_write(work / "config.json", "w") as f:
             json.dump(cfg, f, indent=1)
-        build_tokenizer(meta).save_pretrained(str(work))
+        tokenizer.save_pretrained(str(work))
         try:
             os.link(src, work / SOURCE_GGUF)
         except OSError:

@@ -25,8 +25,7 @@ def supported_pre_types() -> tuple[str, ...]:
 
 def build_tokenizer(meta: dict):
     """A transformers PreTrainedTokenizerFast from GGUF tokenizer metadata (key -> value)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -43,9 +42,20 @@ def build_tokenizer(meta: dict):
     else:
         raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet "
                           f"(supported: {', '.join(supported_pre_types())})")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tokens, types, merges = _vocab(meta)
+    try:
+        return _assemble(meta, pretok, tokens, types, merges)
+    except FormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on a bad vocabulary
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"GGUF tokenizer metadata is inconsistent ({msg})") from None
+
+
+def _assemble(meta: dict, pretok, tokens: list[str], types: list[int], merges: list[tuple[str, str]]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tk.pre_tokenizer = pretok
@@ -61,7 +71,7 @@ def build_tokenizer(meta: dict):
 
     def tok(key):
         i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = tok("tokenizer.ggml.bos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
@@ -77,5 +87,21 @@ def build_tokenizer(meta: dict):
     }.items() if v is not None}
     out = PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False, **kwargs)
     if meta.get("tokenizer.chat_template"):
+        if not isinstance(meta["tokenizer.chat_template"], str):
+            raise FormatError("GGUF tokenizer.chat_template is not a string")
         out.chat_template = meta["tokenizer.chat_template"]
     return out
+
+
+def _vocab(meta: dict) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """tokens, token types and merges from the metadata, each checked for type and length."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise FormatError("GGUF tokenizer.ggml.tokens is missing or not a list of strings")
+    types = meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        raise FormatError(f"GGUF tokenizer.ggml.token_type is not {len(tokens)} integers (one per token)")
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise FormatError("GGUF tokenizer.ggml.merges is not a list of 'left right' strings")
+    return tokens, types, [tuple(m.split(" ", 1)) for m in merges]

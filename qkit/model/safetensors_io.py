@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qkit.errors import FormatError
-from qkit.fileio import atomic_write
+from qkit.fileio import atomic_write, pause_point
 
 INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -37,22 +37,49 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting too deep
         raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header")
     data_len = size - 8 - n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: corrupt safetensors header (__metadata__ is not a string map)")
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            ok = 0 <= start <= end <= data_len
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise FormatError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
+        if name != "__metadata__":
+            _check_entry(path, name, info, data_len)
     return header
+
+
+# safetensors' dtypes (safetensors/src/tensor.rs, enum Dtype) -> bits per element
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+              "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(path: Path, name: str, info, data_len: int) -> None:
+    """One tensor's dtype, shape and byte range, checked against each other and the file's data size."""
+    ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list) \
+        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+        and all(_is_int(v) for v in info["data_offsets"]) \
+        and all(_is_int(v) and 0 <= v < 1 << 62 for v in info["shape"])
+    if not ok:
+        raise FormatError(f"{path}: tensor {name!r} has a malformed header entry (dtype, shape, data_offsets)")
+    start, end = info["data_offsets"]
+    if not 0 <= start <= end <= data_len:
+        raise FormatError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
+    bits = DTYPE_BITS.get(info["dtype"])
+    if bits is None:
+        raise FormatError(f"{path}: tensor {name!r} has dtype {info['dtype'][:20]!r}, which qkit does not read")
+    count = 1
+    for d in info["shape"]:  # Python ints: a crafted shape cannot overflow
+        count *= d
+    if count * bits // 8 != end - start:
+        raise FormatError(f"{path}: tensor {name!r}: shape {info['shape']} of {info['dtype']} needs "
+                          f"{count * bits // 8} bytes, its data_offsets span {end - start}")
 
 
 class WeightStore:
@@ -65,8 +92,12 @@ class WeightStore:
         elif (path / INDEX).is_file():
             try:
                 weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
                 raise FormatError(f"{path / INDEX}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f and Path(f).name == f and f not in (".", "..")
+                    for f in weight_map.values()):
+                raise FormatError(f"{path / INDEX}: weight_map must map tensor names to file names in {path}")
             files = sorted({path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -137,7 +168,11 @@ class ShardedWriter:
         name = f"model-{len(self.shards) + 1:05d}.safetensors"
         blob = save(tens, metadata={"format": "pt", **self.metadata})
         with atomic_write(self.dir / name) as f:
-            f.write(blob)
+            half = len(blob) // 2
+            f.write(memoryview(blob)[:half])
+            pause_point("shard.writing")  # crash-test hook (qkit.fileio): a half-written shard
+            f.write(memoryview(blob)[half:])
+        pause_point("shard.written")
         self.shards.append(name)
         for k, v in tens.items():
             self.weight_map[k] = name
