@@ -34,6 +34,19 @@ IMPLS = ("qkit", "hnswlib", "faiss-hnsw", "faiss-hnswsq8", "faiss-ivfrabitq")
 QKIT_CODECS = ("flat", "sq8", "sq4")
 
 
+def load_queries_subset(name: str, nq: int | None):
+    """A registry dataset (qkit.eval.datasets.load_dataset), keeping only its first nq queries when nq is given."""
+    import dataclasses
+
+    from qkit.eval import datasets
+
+    ds = datasets.load_dataset(name)
+    if nq:
+        ds = dataclasses.replace(ds, queries=ds.queries[:nq], gt=ds.gt[:nq],
+                                 gt_D=None if ds.gt_D is None else ds.gt_D[:nq])
+    return ds
+
+
 def _timed_search(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -249,12 +262,7 @@ def main(argv=None) -> int:
 
     if any(c not in CODECS for c in codecs):
         ap.error(f"unknown codec in {a.codecs!r}; choose from {', '.join(CODECS)}")
-    ds = datasets.load_dataset(a.dataset)
-    if a.nq:
-        import dataclasses
-
-        ds = dataclasses.replace(ds, queries=ds.queries[: a.nq], gt=ds.gt[: a.nq],
-                                 gt_D=None if ds.gt_D is None else ds.gt_D[: a.nq])
+    ds = load_queries_subset(a.dataset, a.nq)
     machine = describe()
     print(f"# {a.dataset}: {len(ds.base)} x {ds.base.shape[1]} ({ds.metric}), {len(ds.queries)} queries; "
           f"M={a.M}, ef_construction={a.ef_construction}, build threads {a.threads}, search 1 thread")

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from qkit.eval.bench_ann import _ints, _ints0, _recall, _timed_search
+from qkit.eval.bench_ann import _ints, _ints0, _recall, _timed_search, load_queries_subset
 
 
 def run(ds, codecs, efs, rerank, M, efc, threads, repeats, orders=("bfs", "kmeans"), k=10):
@@ -105,12 +105,7 @@ def main(argv=None) -> int:
     codecs = [c for c in a.codecs.split(",") if c]
     if any(c not in CODECS for c in codecs):
         ap.error(f"unknown codec in {a.codecs!r}; choose from {', '.join(CODECS)}")
-    ds = datasets.load_dataset(a.dataset)
-    if a.nq:
-        import dataclasses
-
-        ds = dataclasses.replace(ds, queries=ds.queries[: a.nq], gt=ds.gt[: a.nq],
-                                 gt_D=None if ds.gt_D is None else ds.gt_D[: a.nq])
+    ds = load_queries_subset(a.dataset, a.nq)
     machine = describe()
     print(f"# {a.dataset}: {len(ds.base)} x {ds.base.shape[1]}, {len(ds.queries)} queries; M={a.M}, "
           f"ef_construction={a.ef_construction}; one search thread; machine: {machine.get('cpu')}")

@@ -165,6 +165,21 @@ static void greedy(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *locks, 
     }
 }
 
+/* A neighbour at distance d enters the candidates when the results are not full or it beats the worst;
+ * it enters the results only if it passes the filter. */
+static inline int admit(scratch *s, int *nc, int *nr, int ef, const uint8_t *pass, float d, int32_t e) {
+    if (*nr < ef || d < s->res[0].d) {
+        if (*nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
+        cand y = {d, e};
+        minh_push(s->cands, nc, y);
+        if (!pass || pass[e]) {
+            maxh_push(s->res, nr, y);
+            if (*nr > ef) maxh_pop(s->res, nr);
+        }
+    }
+    return QK_H_OK;
+}
+
 /* SEARCH-LAYER (Alg. 2): the ef nearest found from ep at layer l, left in s->res (a max-heap of *nres). */
 /* pass (NULL: all): only passing nodes enter the results; the others are still expanded, so a
  * selective filter costs more distance evaluations, not recall. */
@@ -192,15 +207,7 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
                 if (s->visited[e] == s->tag) continue;
                 s->visited[e] = s->tag;
                 float d = c->dist(c, s->qbuf, cst, blk + j * cs);
-                if (nr < ef || d < s->res[0].d) {
-                    if (nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
-                    cand y = {d, e};
-                    minh_push(s->cands, &nc, y);
-                    if (!pass || pass[e]) {
-                        maxh_push(s->res, &nr, y);
-                        if (nr > ef) maxh_pop(s->res, &nr);
-                    }
-                }
+                if (admit(s, &nc, &nr, ef, pass, d, e) != QK_H_OK) return QK_H_ENOMEM;
             }
             continue;
         }
@@ -220,15 +227,7 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
         for (int j = 0; j < u; j++) {
             int32_t e = s->nbr[j];
             float d = qk_codec_dist(c, s->qbuf, cst, e);
-            if (nr < ef || d < s->res[0].d) {
-                if (nc + 1 > s->cands_cap && grow_cands(s) != QK_H_OK) return QK_H_ENOMEM;
-                cand y = {d, e};
-                minh_push(s->cands, &nc, y);
-                if (!pass || pass[e]) {
-                    maxh_push(s->res, &nr, y);
-                    if (nr > ef) maxh_pop(s->res, &nr);
-                }
-            }
+            if (admit(s, &nc, &nr, ef, pass, d, e) != QK_H_OK) return QK_H_ENOMEM;
         }
     }
     *nres = nr;
