@@ -92,3 +92,39 @@ def test_bench_layout_compares_layouts_on_identical_results():
     by = {r["layout"]: r for r in recs}
     assert by["bfs"]["bytes_in_ram"] == by["ids"]["bytes_in_ram"] < by["beside"]["bytes_in_ram"]
     assert "QPS beside" in bench_layout.table(recs)
+
+
+def test_bench_ann_churn_and_filter_against_brute_force():
+    """The removal / filter recall the ANN bench reports: ground truth over what may be returned."""
+    import numpy as np
+
+    from qkit.eval import bench_ann, datasets
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3000, 12)).astype(np.float32)
+    queries = rng.normal(size=(60, 12)).astype(np.float32)
+    gt, gt_D = datasets.exact_knn(base, queries, 10, "l2")
+    ds = datasets.VectorDataset(name="synthetic", metric="l2", base=base, queries=queries, gt=gt, gt_D=gt_D)
+    recs = bench_ann.bench_qkit(ds, "sq8", [32, 64], [16], 12, 64, 1, 1, churn_nq=60, target=0.9)
+    churned = [r for r in recs if "removed_10pct" in r]
+    assert len(churned) == 1
+    r = churned[0]
+    assert r["recall_at_10"] >= 0.9 and r["removed_10pct"] >= 0.85 and r["filter_10pct"] >= 0.85
+    assert r["remove_s"] >= 0 and r["filter_10pct_qps"] > 0
+
+
+def test_bench_memory_rows_on_a_small_index(tmp_path):
+    """Each job runs in its own interpreter and reports its own high-water mark; mmap load is lazy."""
+    import numpy as np
+
+    from qkit.eval import bench_memory
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "base.npy", rng.normal(size=(4000, 32)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.normal(size=(50, 32)).astype(np.float32))
+    rows = bench_memory.ann_rows(str(tmp_path / "base.npy"), "sq8", 1, tmp_path, str(tmp_path / "q.npy"))
+    jobs = [r["job"] for r in rows]
+    assert jobs[:2] == ["qkit ann build", "qkit ann search"] and jobs.count("Index.load(mmap=True)") == 3
+    assert all(r["peak_rss_mb"] > 20 for r in rows[:2])   # an interpreter with numpy, measured, not zero
+    assert rows[2]["rss_mb"] <= rows[3]["rss_mb"] + 1    # loading touches no more than searching
+    assert "qkit ann build" in bench_memory.table(rows)
