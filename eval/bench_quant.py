@@ -4,7 +4,8 @@
                                     [--model M --text T --calib C --ctx N --nsamples N --seqlen N]
 
 Rows: the base model; RTN, GPTQ and GPTQ with act-order at W4 g128, W3 g128,
-W2 g64 and W4 g32; AWQ at W4 g128 and W3 g128; W8A8 (per-channel symmetric int8
+W2 g64 and W4 g32; AWQ at W4 g128 and W3 g128, alone and followed by GPTQ
+with act-order (``--round gptq``, key ``round``); W8A8 (per-channel symmetric int8
 weights, per-token dynamic int8 activations) naive (`rtn-w8a8`) and with
 SmoothQuant (alpha 0.5). Each quantization runs in its own process (`qkit quantize`,
 so its peak RSS is its own) and is evaluated by `qkit eval ppl --base default`
@@ -46,6 +47,8 @@ def all_rows() -> list[dict]:
         for method, ao in METHODS:
             rows.append(_row(f"{method}{'-ao' if ao else ''}-w{bits}g{g}", method, bits, g, ao))
     rows += [_row(f"awq-w{bits}g{g}", "awq", bits, g) for bits, g in AWQ_GRIDS]
+    # AWQ's scales, then GPTQ (act-order) rounding the scaled weights (qkit quantize --method awq --round gptq)
+    rows += [dict(_row(f"awq-gptq-ao-w{bits}g{g}", "awq", bits, g, True), round="gptq") for bits, g in AWQ_GRIDS]
     rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
     return rows
 
@@ -97,6 +100,8 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
                 str(row["group_size"] or -1), "--format", row["format"], "-o", str(out), "--json", str(qjson)]
         if row["method"] in CALIBRATED:
             args += setup.quant_args()
+        if row.get("round"):
+            args += ["--round", row["round"]]
         if row["act_order"]:
             args.append("--act-order")
         if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations

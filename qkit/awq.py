@@ -26,6 +26,15 @@ calibration inputs; q and k are not clipped. The linears are then quantized by
 the grid (round-to-nearest on the affine grid by default; any calibration-free
 chooser with ``quantize(name, W) -> QuantResult`` will do).
 
+AWQ then GPTQ (``gptq=GPTQConfig(...)``, CLI ``--round gptq``): the paper notes
+AWQ is orthogonal to GPTQ (section 5, "compatible with GPTQ"). The scales are
+searched as above (against round-to-nearest), folded, and the scaled weights
+W diag(s) are then rounded by GPTQ, whose Hessian must be that of the scaled
+inputs x / s: H_s = diag(1/s) H diag(1/s), computed from the H accumulated on
+the float inputs. The clip search is off by default here: a clipped W would be
+what GPTQ reproduces, and GPTQ's own grid choice (optionally its MSE clip)
+already trades range for resolution.
+
 CPU cost: each alpha runs the block once. On all 128 x 512 calibration tokens
 that is 20 forward passes of the attention and of the MLP per layer; qkit runs
 the search and clip losses on `search_samples` calibration sequences (default 4,
@@ -132,7 +141,7 @@ class AWQ:
     # inputs before scaling and quantizing): one forward per layer less than GPTQ's scheme
     propagate_float = True
 
-    def __init__(self, cfg: AWQConfig, grid=None):
+    def __init__(self, cfg: AWQConfig, grid=None, gptq=None):
         if cfg.n_grid < 1 or cfg.search_samples < 1 or cfg.clip_grid < 1 or not 0 <= cfg.max_shrink < 1:
             raise UsageError("AWQ needs n_grid >= 1, search_samples >= 1, clip_grid >= 1 and 0 <= max_shrink < 1")
         self.cfg = cfg
@@ -140,6 +149,12 @@ class AWQ:
         if getattr(self.grid, "needs_calibration", False):
             raise UsageError("AWQ quantizes its scaled weights with a calibration-free grid (rtn), "
                              f"not {self.grid.name}")
+        self.gptq = None
+        if gptq is not None:   # AWQ's scales, then GPTQ's rounding of the scaled weights
+            from qkit.gptq import GPTQ
+
+            self.gptq = GPTQ(gptq)
+        self.input_scale: dict = {}  # full linear name -> s folded into its columns (GPTQ's Hessian needs it)
         self.arch = None
         self.abs_sum: dict = {}
         self.count: dict = {}
@@ -152,6 +167,8 @@ class AWQ:
     def add_batch(self, name: str, X) -> None:
         import torch
 
+        if self.gptq is not None:
+            self.gptq.add_batch(name, X)
         last, self._last = self._last, (X, name)
         if last is not None and X is last[0]:   # the same tensor as the previous linear's: share its sums
             s = self._batch_sum
@@ -206,6 +223,7 @@ class AWQ:
             for lin in g.linears:
                 archs.scale_inputs(archs.submodule(layer, lin), s)
                 input_scale[lin] = s
+                self.input_scale[prefix + lin] = s
         if self.cfg.clip:
             for g in groups:
                 Xs = X[g.linears[0]] / input_scale[g.linears[0]].float()
@@ -274,4 +292,12 @@ class AWQ:
         return best_s
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
-        return self.grid.quantize(name, W)
+        s = self.input_scale.pop(name, None)
+        if self.gptq is None:
+            return self.grid.quantize(name, W)
+        H = self.gptq.H.get(name)
+        if H is not None and s is not None:
+            # the linear now sees x / s: H_s = diag(1/s) H diag(1/s) (a new tensor: q/k/v share one H)
+            inv = (1.0 / s).to(H.dtype)
+            self.gptq.H[name] = H * inv[:, None] * inv[None, :]
+        return self.gptq.quantize(name, W)

@@ -244,3 +244,48 @@ def test_cli_awq_then_eval(tmp_path, capsys):
     r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--method", "awq", "--alpha", "0.5", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "qkit: error: --alpha does not apply to --method awq"]
+
+
+def test_awq_then_gptq_uses_the_scaled_inputs_hessian():
+    """AWQ's quantize with --round gptq, given H of the float inputs and the folded s, equals GPTQ run directly
+    on W diag(s) with the Hessian accumulated from the actually scaled inputs x / s (independent path)."""
+    from qkit.gptq import GPTQ, GPTQConfig
+
+    rng = np.random.default_rng(3)
+    X = torch.from_numpy(rng.normal(size=(2, 64, 48)) * np.exp(rng.normal(size=48))).float()
+    W = rng.normal(size=(24, 48)).astype(np.float32)
+    s = torch.from_numpy(np.exp(rng.normal(size=48) * 0.5))
+    gcfg = GPTQConfig(bits=3, group_size=16, scale_dtype="float16")
+    awq = AWQ(AWQConfig(bits=3, group_size=16, clip=False), gptq=gcfg)
+    awq.add_batch("l.x", X)
+    awq.input_scale["l.x"] = s
+    Ws = (W.astype(np.float64) * s.numpy()).astype(np.float32)
+    got = awq.quantize("l.x", Ws)
+    ref = GPTQ(gcfg)
+    ref.add_batch("l.x", (X.double() / s).float())
+    want = ref.quantize("l.x", Ws)
+    np.testing.assert_allclose(got.weight, want.weight, rtol=0, atol=1e-5 * np.abs(Ws).max())
+    assert (got.codes != want.codes).mean() < 1e-3   # ties aside
+    assert not awq.input_scale and not awq.gptq.H   # state released per linear
+
+
+def test_cli_awq_round_gptq(tmp_path, capsys):
+    """--round gptq runs end to end and records it; --act-order is accepted with it and refused with rtn."""
+    from test_export import char_tokenizer, run_cli
+
+    make_model("llama", tmp_path / "m")
+    char_tokenizer(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 8)
+    common = ["--method", "awq", "--bits", "4", "--group-size", "32", "--calib", str(text), "--nsamples", "4",
+              "--seqlen", "32", "--search-samples", "2"]
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), *common, "--round", "gptq", "--act-order",
+                "-o", str(tmp_path / "q"))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "q" / "qkit_quantization.json").read_text())
+    assert rec["round"] == "gptq" and rec["desc_act"] and not rec["clip_search"]
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), *common, "--act-order", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "apply to --method gptq (or awq with --round gptq)" in r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--round", "gptq", "-o", str(tmp_path / "y"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "qkit: error: --round does not apply to --method rtn"]
