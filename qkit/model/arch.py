@@ -31,6 +31,11 @@ Linears whose outputs meet in the attention scores (q, k) are not clipped by
 AWQ's clip search (AutoAWQ's ``avoid_clipping``: the q.k product amplifies the
 clipping error).
 
+QuaRot's rotation of the residual stream (qkit.quarot) needs more: the embeddings,
+the final norm and head, and the linears that *write* the residual (o_proj,
+down_proj), in a ResidualLayout. Gemma 3 has none: its post-norms sit inside the
+residual branches, so a rotation folded into the weights would change the model.
+
 Algorithms never test model classes: they ask this table, keyed by the config's
 ``model_type``; a missing architecture is refused with the list of known ones.
 """
@@ -52,11 +57,24 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class ResidualLayout:
+    """Where the residual stream enters, is written and leaves (names from the model root, writers per layer)."""
+
+    embed: str = "model.embed_tokens"
+    layers: str = "model.layers"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
 class Arch:
     name: str
     groups: tuple[ScaleGroup, ...]
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): 1 for Gemma
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    residual: ResidualLayout | None = ResidualLayout()  # None: the residual stream cannot be rotated
+    no_rotation: str = ""  # why not, for the error message
 
     @property
     def norm_groups(self) -> tuple[ScaleGroup, ...]:
@@ -64,7 +82,7 @@ class Arch:
         return tuple(g for g in self.groups if g.prev_is_norm)
 
 
-def _llama_like(name: str, mlp_norm: str, norm_offset: float = 0.0) -> Arch:
+def _llama_like(name: str, mlp_norm: str, norm_offset: float = 0.0, **kw) -> Arch:
     return Arch(name, (
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn",
                    block_takes_layer_kwargs=True),
@@ -72,11 +90,14 @@ def _llama_like(name: str, mlp_norm: str, norm_offset: float = 0.0) -> Arch:
                    same_shape_only=True),
         ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_is_norm=False),
-    ), norm_offset)
+    ), norm_offset, **kw)
 
 
 LLAMA = _llama_like("llama", "post_attention_layernorm")
-GEMMA3 = _llama_like("gemma3", "pre_feedforward_layernorm", norm_offset=1.0)
+GEMMA3 = _llama_like("gemma3", "pre_feedforward_layernorm", norm_offset=1.0, residual=None,
+                     no_rotation="its post_attention_layernorm and post_feedforward_layernorm normalise the branch "
+                                 "outputs inside the residual stream, so a rotation folded into the weights would "
+                                 "change the model")
 
 # model_type (config.json) -> layout. SmolLM2 is model_type "llama".
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma3_text": GEMMA3}

@@ -1,0 +1,197 @@
+"""QuaRot: rotate a decoder-only LM's residual stream by an orthogonal Q folded into its weights.
+
+Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs". Section 3
+(computational invariance, from SliceGPT): if every RMSNorm has no weight, then
+RMSNorm(x Q) = RMSNorm(x) Q for any orthogonal Q, because the mean square of a row is
+invariant under Q. Section 4, stage 1a (weight modification) then rotates the residual
+stream h -> h Q without changing the model's output; SpinQuant (Liu et al. 2024) calls
+this rotation R1. In torch's (out, in) layout, with rows h of the residual stream:
+
+    norm weight alpha folded into the linears it feeds   W -> W diag(alpha),  alpha -> 1
+    embeddings                                          E -> E Q
+    linears reading the residual (q, k, v, gate, up)    W -> W Q
+    linears writing it (o_proj, down_proj)              W -> Q^T W,  bias b -> Q^T b
+    LM head (behind the final norm, folded the same)    W -> W diag(alpha_final) Q
+
+A tied head is untied: E Q and W diag(alpha) Q differ. Q is the randomized Hadamard
+H D / sqrt(d) of qkit.rotation (D random signs; for d = 576 the Kronecker product of
+Hadamards of order 16 and 36, for 1536 of 128 and 12): a rotated weight row spreads an
+outlier column over all d coordinates, so a per-group grid wastes less of its range
+(the paper's "outlier-free"). The rotation is exact in float arithmetic; the grid then
+sees different, more Gaussian-looking weights.
+
+Streaming: ``RotatedStore`` wraps a checkpoint's WeightStore and computes each rotated
+tensor when it is read, so qkit.pipeline still holds one decoder layer at a time; a
+linear reads its norm's weight (one vector) from the store to fold it. Which norm feeds
+which linear, and which linears write the residual, come from the architecture table
+(qkit.model.arch); architectures whose norms are not all at a branch's input (Gemma 3)
+are refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qkit.errors import UsageError
+from qkit.model import arch as archs
+from qkit.rotation import Rotation, make_rotation
+
+CHUNK_ROWS = 8192  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
+
+
+@dataclass(frozen=True)
+class RotateConfig:
+    """The residual-stream rotation: its kind (qkit.rotation) and seed; the matrix is rebuilt from these."""
+
+    kind: str = "hadamard"
+    seed: int = 0
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed}
+
+
+# ------------------------------------------------------------------ pure functions (numpy, float64)
+def fold_norm(W: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """W diag(alpha): the norm's scale alpha moved into the columns of a linear it feeds (QuaRot 4, stage 1a)."""
+    return W * alpha[None, :]
+
+
+def rotate_rows(X: np.ndarray, rot: Rotation) -> np.ndarray:
+    """X Q for rows X: Q = R^T of qkit.rotation (apply maps x -> x R^T), in slices of CHUNK_ROWS rows."""
+    X = np.asarray(X, np.float64)
+    if X.ndim == 1:
+        return rot.apply(X)
+    return np.concatenate([rot.apply(X[i:i + CHUNK_ROWS]) for i in range(0, len(X), CHUNK_ROWS)]) if len(X) \
+        else X.copy()
+
+
+def rotate_input(W: np.ndarray, rot: Rotation) -> np.ndarray:
+    """W -> W Q for a linear (out, in) that reads the residual stream: W Q (Q^T x) = W x."""
+    return rotate_rows(W, rot)
+
+
+def rotate_output(W: np.ndarray, rot: Rotation) -> np.ndarray:
+    """W -> Q^T W for a linear (out, in) that writes the residual stream (a bias b -> Q^T b: pass a vector)."""
+    W = np.asarray(W, np.float64)
+    return rotate_rows(W, rot) if W.ndim == 1 else rotate_rows(W.T, rot).T
+
+
+def rotation_for(config, rcfg: RotateConfig) -> Rotation:
+    """The d x d rotation of the residual stream (d = hidden_size); UsageError when no Hadamard of order d is known."""
+    return make_rotation(rcfg.kind, int(config.hidden_size), rcfg.seed)
+
+
+# ------------------------------------------------------------------ architecture check
+def rotatable_types() -> list[str]:
+    return sorted(k for k, a in archs.ARCHS.items() if a.residual is not None)
+
+
+def check_rotatable(config) -> archs.Arch:
+    """The architecture table's entry if its residual stream can be rotated; one-line UsageError otherwise."""
+    mt = getattr(config, "model_type", None)
+    a = archs.ARCHS.get(mt)
+    if a is None or a.residual is None:
+        why = f": {a.no_rotation}" if a is not None and a.no_rotation else " (not in qkit's architecture table)"
+        raise UsageError(f"--rotate (QuaRot) supports model types {', '.join(rotatable_types())}; "
+                         f"model_type {mt!r} cannot be rotated{why}")
+    if a.norm_offset != 0:  # pragma: no cover - the table pairs (1 + w) norms with residual=None
+        raise UsageError(f"{a.name}: norms multiply by ({a.norm_offset} + w) and cannot be made weightless")
+    return a
+
+
+def untied_config(config):
+    """The config after rotation: embeddings and head no longer share a tensor (E Q != W diag(alpha) Q)."""
+    config.tie_word_embeddings = False
+    return config
+
+
+# ------------------------------------------------------------------ the streaming transform
+class RotatedStore:
+    """A WeightStore whose tensors are those of the rotated model, computed one at a time when read.
+
+    Every tensor keeps its stored dtype (the rotation runs in float64); a tied model gains the head
+    tensor ``<head>.weight``, computed from the embeddings.
+    """
+
+    def __init__(self, store, config, rcfg: RotateConfig):
+        a = check_rotatable(config)
+        lay = a.residual
+        self.store, self.rcfg, self.rot = store, rcfg, rotation_for(config, rcfg)
+        self.files = getattr(store, "files", [])
+        self.embed, self.head, self.final_norm = lay.embed + ".weight", lay.head + ".weight", lay.final_norm + ".weight"
+        self.layers = lay.layers + "."
+        self.readers = {}  # linear (relative to a layer) -> the norm feeding it (relative)
+        for g in a.norm_groups:
+            for lin in g.linears:
+                self.readers[lin] = g.prev
+        self.norms = set(self.readers.values())
+        self.writers = set(lay.writers)
+        self.tied_head = self.head not in store
+        missing = [n for n in (self.embed, self.final_norm) if n not in store]
+        first = [f"{self.layers}0.{r}.weight" for r in (*self.readers, *self.norms, *self.writers)]
+        missing += [n for n in first if n not in store]
+        if missing:
+            raise UsageError(f"the checkpoint has no {missing[0]!r}, which the architecture table names for "
+                             f"{a.name}; the table does not match this model")
+
+    # -- WeightStore's interface
+    def keys(self) -> list[str]:
+        return list(self.store.keys()) + ([self.head] if self.tied_head else [])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store or (self.tied_head and name == self.head)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.store.shape(self.embed if self.tied_head and name == self.head else name)
+
+    def dtype(self, name: str) -> str:
+        return self.store.dtype(self.embed if self.tied_head and name == self.head else name)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _np(self, name: str) -> np.ndarray:
+        import torch
+
+        return self.store.get(name).to(torch.float64).numpy()
+
+    def get(self, name: str):
+        """The rotated model's tensor `name` (torch, the stored dtype)."""
+        import torch
+
+        src = self.embed if self.tied_head and name == self.head else name
+        base = self.store.get(src)
+        if name == self.embed:
+            new = rotate_rows(self._np(name), self.rot)
+        elif name == self.head:
+            new = rotate_input(fold_norm(self._np(src), self._np(self.final_norm)), self.rot)
+        elif name == self.final_norm:
+            return torch.ones_like(base)
+        elif name.startswith(self.layers):
+            idx, _, rel = name[len(self.layers):].partition(".")
+            mod, _, leaf = rel.rpartition(".")
+            if mod in self.norms and leaf == "weight":
+                return torch.ones_like(base)
+            if mod in self.readers and leaf == "weight":
+                alpha = self._np(f"{self.layers}{idx}.{self.readers[mod]}.weight")
+                new = rotate_input(fold_norm(self._np(name), alpha), self.rot)
+            elif mod in self.writers and leaf in ("weight", "bias"):
+                new = rotate_output(self._np(name), self.rot)
+            else:
+                return base  # biases of readers, per-head q/k norms, ...: untouched by the rotation
+        else:
+            return base
+        return torch.from_numpy(np.ascontiguousarray(new)).to(base.dtype)
+
+
+def load_rotated_model(ref, rcfg: RotateConfig):
+    """The whole rotated float model in memory (tests, inspection); quantization streams it instead."""
+    from qkit.model import loader
+
+    config = loader.load_config(ref)
+    store = RotatedStore(ref.store(), config, rcfg)
+    model = loader.empty_model(untied_config(config))
+    loader.place(model, loader.persistent_names(model), store)
+    store.close()
+    return model

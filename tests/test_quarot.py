@@ -1,0 +1,221 @@
+"""QuaRot rotation (qkit.quarot): the rotated float model computes the same logits (Llama tied and untied, Qwen2
+with biases, Qwen3, a hidden size that needs a Kronecker Hadamard, the default model); every rotated tensor equals
+a dense-matrix transcription of the paper's formulas; an injected outlier channel is spread by the rotation;
+architectures that cannot be rotated are refused in one line; --rotate through the CLI with GPTQ and a packed
+export."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llm_models import make_model  # noqa: E402
+from test_awq import randomise_norms  # noqa: E402
+
+from qkit import affine, pipeline, quarot  # noqa: E402
+from qkit.errors import UsageError  # noqa: E402
+from qkit.model import loader  # noqa: E402
+from qkit.rotation import make_rotation  # noqa: E402
+from qkit.rtn import RTN, QuantResult  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _small_runs(monkeypatch):
+    """Tiny models: no per-layer heap trim, one torch thread (see test_awq)."""
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+IDS = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+class Unrounded:
+    """A chooser that keeps every weight as it is: the pipeline then writes the rotated float model."""
+
+    name, needs_calibration = "float", False
+
+    def __init__(self):
+        self.grid = RTN(affine.AffineConfig(bits=8, group_size=16))
+        self.seen = {}
+
+    def quantize(self, name, W):
+        self.seen[name] = W.copy()
+        r = self.grid.quantize(name, W)
+        return QuantResult(W, r.codes, r.scale, r.zero, r.g_idx, r.bits, r.symmetric)
+
+
+def rotated_float(src, out, seed=1):
+    ch = Unrounded()
+    s = pipeline.quantize_model(loader.resolve(str(src)), out, ch, rotate=quarot.RotateConfig(seed=seed))
+    return loader.load_model(loader.resolve(str(out))), ch, s
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def qwen3(directory):
+    """A tiny Qwen3 (per-head q/k norms after q_proj/k_proj, which the rotation leaves alone), tied head."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    m.save_pretrained(str(directory))
+    return m
+
+
+CASES = [("llama", {}), ("qwen2", {}), ("llama", {"hidden_size": 96, "head_dim": 24}), ("qwen3", {})]
+
+
+@pytest.mark.parametrize("kind,overrides", CASES, ids=["llama-tied", "qwen2-bias", "llama-d96-kron", "qwen3"])
+def test_rotated_float_model_computes_the_same_logits(kind, overrides, tmp_path):
+    """Norm weights away from 1 (so a missing fold shows), then the streamed rotation: relative logit error <= 1e-4;
+    the head is untied in the output, the weights really changed, and the record names the rotation."""
+    model = qwen3(tmp_path / "m") if kind == "qwen3" else make_model(kind, tmp_path / "m", **overrides)
+    randomise_norms(model, tmp_path / "m")
+    rot, _, summary = rotated_float(tmp_path / "m", tmp_path / "r")
+    with torch.no_grad():
+        ref, got = model(IDS).logits, rot(IDS).logits
+    assert rel_err(got, ref) <= 1e-4, rel_err(got, ref)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert rot.lm_head.weight.data_ptr() != rot.model.embed_tokens.weight.data_ptr()
+    rec = json.loads((tmp_path / "r" / pipeline.RECORD).read_text())
+    assert rec["rotate"] == {"kind": "hadamard", "seed": 1} and summary.extra["rotate"] == rec["rotate"]
+    q0, q1 = model.model.layers[0].self_attn.q_proj.weight, rot.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(q0, q1, atol=1e-2)
+    assert torch.equal(rot.model.layers[1].input_layernorm.weight, torch.ones(model.config.hidden_size))
+    if kind == "qwen2":  # q/k/v biases are outputs, untouched by the rotation of the inputs
+        assert torch.equal(rot.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+
+
+def test_every_tensor_matches_a_dense_transcription(tmp_path):
+    """Q = R^T as a dense matrix, and the paper's formulas (QuaRot 4, stage 1a) written out in torch: E Q,
+    (W diag(alpha)) Q for readers and the head, Q^T W for writers, ones for norms."""
+    model = make_model("llama", tmp_path / "m", attention_bias=True)  # o_proj has a bias too: Q^T b
+    randomise_norms(model, tmp_path / "m")
+    rot, _, _ = rotated_float(tmp_path / "m", tmp_path / "r", seed=5)
+    Q = torch.from_numpy(make_rotation("hadamard", 64, 5).matrix().T)
+    assert torch.allclose(Q @ Q.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
+    sd0 = {k: v.double() for k, v in model.state_dict().items()}
+    sd = rot.state_dict()
+    expect = {"model.embed_tokens.weight": sd0["model.embed_tokens.weight"] @ Q,
+              "lm_head.weight": sd0["model.embed_tokens.weight"] * sd0["model.norm.weight"] @ Q,
+              "model.norm.weight": torch.ones(64, dtype=torch.float64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for norm, lins in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            expect[p + norm + ".weight"] = torch.ones(64, dtype=torch.float64)
+            for lin in lins:
+                expect[p + lin + ".weight"] = sd0[p + lin + ".weight"] * sd0[p + norm + ".weight"] @ Q
+        for w in ("self_attn.o_proj", "mlp.down_proj"):
+            expect[p + w + ".weight"] = Q.T @ sd0[p + w + ".weight"]
+        expect[p + "self_attn.o_proj.bias"] = Q.T @ sd0[p + "self_attn.o_proj.bias"]
+        expect[p + "self_attn.q_proj.bias"] = sd0[p + "self_attn.q_proj.bias"]
+    for name, want in expect.items():
+        assert torch.allclose(sd[name].double(), want, atol=1e-5), name
+    assert set(expect) < set(sd)
+
+
+def test_rotation_spreads_an_outlier_channel(tmp_path):
+    """Input channel 3 of q/k/v/gate/up made 25x larger (a 'massive activation' channel that the weights amplify):
+    what the quantizer is handed has a much lower max/RMS after rotation, and RTN W3 g32 then loses less."""
+    model = make_model("llama", tmp_path / "m")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                        layer.mlp.up_proj):
+                lin.weight[:, 3] *= 25
+    model.save_pretrained(str(tmp_path / "m"))
+    ref = loader.resolve(str(tmp_path / "m"))
+    plain, rotated = Unrounded(), Unrounded()
+    pipeline.quantize_model(ref, tmp_path / "p", plain)
+    pipeline.quantize_model(ref, tmp_path / "r", rotated, rotate=quarot.RotateConfig(seed=0))
+
+    def peak(W):
+        return float(np.abs(W).max() / np.sqrt((W.astype(np.float64) ** 2).mean()))
+
+    for name in plain.seen:
+        if name.endswith(("o_proj", "down_proj")):
+            continue
+        assert peak(rotated.seen[name]) < 0.5 * peak(plain.seen[name]), name
+
+    cfg = affine.AffineConfig(bits=3, group_size=32, scale_dtype="float16")
+    pipeline.quantize_model(ref, tmp_path / "p3", RTN(cfg))
+    pipeline.quantize_model(ref, tmp_path / "r3", RTN(cfg), rotate=quarot.RotateConfig(seed=0))
+
+    def err(d):
+        with torch.no_grad():
+            return float((loader.load_model(loader.resolve(str(d)))(IDS).logits - model(IDS).logits).pow(2).mean())
+
+    assert err(tmp_path / "r3") < err(tmp_path / "p3")
+
+
+def test_unrotatable_architectures_are_refused(tmp_path):
+    """Gemma 3 (post-norms inside the residual branches) and a family outside the table: one UsageError naming the
+    supported model types, before any output is written."""
+    for kind, why in (("gemma3", "post_feedforward_layernorm normalise the branch outputs"),
+                      ("gpt2", "not in qkit's architecture table")):
+        make_model(kind, tmp_path / kind)
+        with pytest.raises(UsageError, match=r"--rotate \(QuaRot\) supports model types llama, mistral, qwen2, "
+                                             r"qwen3; model_type '\w+' cannot be rotated.*" + why):
+            pipeline.quantize_model(loader.resolve(str(tmp_path / kind)), tmp_path / "o", Unrounded(),
+                                    rotate=quarot.RotateConfig())
+        assert not (tmp_path / "o").exists()
+
+
+def test_cli_rotate_with_gptq_exports_and_refusals(tmp_path, capsys):
+    """qkit quantize --rotate --method gptq into a packed GPTQ v2 checkpoint: qkit eval ppl reads it back, and it is
+    the same model as the safetensors output of the same run; misuse gets one line and exit 2."""
+    from test_export import char_tokenizer, run_cli
+
+    make_model("llama", tmp_path / "m")
+    char_tokenizer(tmp_path / "m")
+    make_model("gemma3", tmp_path / "g")
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 8)
+    common = [str(tmp_path / "m"), "--rotate", "--rotate-seed", "7", "--method", "gptq", "--bits", "4",
+              "--group-size", "32", "--calib", str(text), "--nsamples", "4", "--seqlen", "32"]
+    r = run_cli(capsys, "quantize", *common, "--format", "gptq_v2", "-o", str(tmp_path / "q"),
+                "--json", str(tmp_path / "q.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "q.json").read_text())["extra"]["rotate"] == {"kind": "hadamard", "seed": 7}
+    assert json.loads((tmp_path / "q" / pipeline.RECORD).read_text())["rotate"]["seed"] == 7
+    r = run_cli(capsys, "quantize", *common, "-o", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    packed = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    fake = loader.load_model(loader.resolve(str(tmp_path / "s")))
+    with torch.no_grad():
+        assert torch.allclose(packed(IDS).logits, fake(IDS).logits, atol=1e-4)
+    r = run_cli(capsys, "eval", "ppl", str(tmp_path / "q"), "--text", str(text), "--ctx", "64")
+    assert r.returncode == 0 and "ppl" in r.stdout, r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "g"), "--rotate", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "gemma3_text" in r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--rotate-seed", "3", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["qkit: error: --rotate-seed applies only with "
+                                                                   "--rotate"]
+
+
+@pytest.mark.data
+def test_default_model_rotated_logits(tmp_path):
+    """SmolLM2-135M (576 = 16 x 36, tied head): the rotated float model's logits on 64 tokens of the evaluation
+    text, max|logits_rotated - logits| / max|logits| <= 1e-4."""
+    from qkit.text import load_text
+
+    ref = loader.resolve(None)
+    ids = torch.tensor(loader.load_tokenizer(ref)(load_text(None)[0][:2000]).input_ids[:64])[None]
+    with torch.no_grad():
+        want = loader.load_model(ref)(ids).logits
+        got = quarot.load_rotated_model(ref, quarot.RotateConfig(seed=0))(ids).logits
+    assert rel_err(got, want) <= 1e-4, rel_err(got, want)
