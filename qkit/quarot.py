@@ -37,7 +37,7 @@ from qkit.errors import UsageError
 from qkit.model import arch as archs
 from qkit.rotation import Rotation, make_rotation
 
-CHUNK_ROWS = 8192  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
+CHUNK_ROWS = 4096  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,8 @@ def fold_norm(W: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def rotate_rows(X: np.ndarray, rot: Rotation) -> np.ndarray:
-    """X Q for rows X: Q = R^T of qkit.rotation (apply maps x -> x R^T), in slices of CHUNK_ROWS rows."""
-    X = np.asarray(X, np.float64)
-    if X.ndim == 1:
-        return rot.apply(X)
-    return np.concatenate([rot.apply(X[i:i + CHUNK_ROWS]) for i in range(0, len(X), CHUNK_ROWS)]) if len(X) \
-        else X.copy()
+    """X Q for rows X (embeddings, hidden states): Q = R^T of qkit.rotation, whose apply maps x -> x R^T."""
+    return rot.apply(np.asarray(X, np.float64))
 
 
 def rotate_input(W: np.ndarray, rot: Rotation) -> np.ndarray:
@@ -163,26 +159,36 @@ class RotatedStore:
         src = self.embed if self.tied_head and name == self.head else name
         base = self.store.get(src)
         if name == self.embed:
-            new = rotate_rows(self._np(name), self.rot)
-        elif name == self.head:
-            new = rotate_input(fold_norm(self._np(src), self._np(self.final_norm)), self.rot)
-        elif name == self.final_norm:
+            return _by_rows(base, lambda X: rotate_rows(X, self.rot))
+        if name == self.head:
+            alpha = self._np(self.final_norm)
+            return _by_rows(base, lambda W: rotate_input(fold_norm(W, alpha), self.rot))
+        if name == self.final_norm:
             return torch.ones_like(base)
-        elif name.startswith(self.layers):
-            idx, _, rel = name[len(self.layers):].partition(".")
-            mod, _, leaf = rel.rpartition(".")
-            if mod in self.norms and leaf == "weight":
-                return torch.ones_like(base)
-            if mod in self.readers and leaf == "weight":
-                alpha = self._np(f"{self.layers}{idx}.{self.readers[mod]}.weight")
-                new = rotate_input(fold_norm(self._np(name), alpha), self.rot)
-            elif mod in self.writers and leaf in ("weight", "bias"):
-                new = rotate_output(self._np(name), self.rot)
-            else:
-                return base  # biases of readers, per-head q/k norms, ...: untouched by the rotation
-        else:
+        if not name.startswith(self.layers):
             return base
-        return torch.from_numpy(np.ascontiguousarray(new)).to(base.dtype)
+        idx, _, rel = name[len(self.layers):].partition(".")
+        mod, _, leaf = rel.rpartition(".")
+        if mod in self.norms and leaf == "weight":
+            return torch.ones_like(base)
+        if mod in self.readers and leaf == "weight":
+            alpha = self._np(f"{self.layers}{idx}.{self.readers[mod]}.weight")
+            return _by_rows(base, lambda W: rotate_input(fold_norm(W, alpha), self.rot))
+        if mod in self.writers and leaf in ("weight", "bias"):
+            new = rotate_output(base.to(torch.float64).numpy(), self.rot)
+            return torch.from_numpy(np.ascontiguousarray(new)).to(base.dtype)
+        return base  # biases of readers, per-head q/k norms, ...: untouched by the rotation
+
+
+def _by_rows(t, fn):
+    """fn (float64 rows -> rows) over slices of CHUNK_ROWS rows of torch tensor t, into t's dtype: a row-wise map
+    of the embedding never holds more than the input, the output and one float64 slice."""
+    import torch
+
+    out = torch.empty_like(t)
+    for i in range(0, t.shape[0], CHUNK_ROWS):
+        out[i:i + CHUNK_ROWS] = torch.from_numpy(fn(t[i:i + CHUNK_ROWS].to(torch.float64).numpy()))
+    return out
 
 
 def load_rotated_model(ref, rcfg: RotateConfig):
