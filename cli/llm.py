@@ -140,9 +140,6 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         if method != "rtn":
             raise UsageError(f"--method {method} into GGML grids is not available yet; GGUF mixes use rtn "
                              "(llama.cpp's own rounding)")
-        if rotate:
-            raise UsageError("--rotate is not available with --type yet: quantize with --rotate into safetensors, "
-                             "then run --type on that output")
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
@@ -152,8 +149,13 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
             im = read_imatrix(imatrix_path)
         ref = _loader.resolve(model)
+        if rotate:  # the writer reads every tensor through the rotation; the head becomes output.weight
+            from qkit.quarot import RotateConfig, rotated_ref
+
+            ref = rotated_ref(ref, RotateConfig(seed=rotate_seed))
         click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding"
-                   + (f", importance matrix of {len(im)} tensors" if im else "") + f") -> {output}")
+                   + (f", importance matrix of {len(im)} tensors" if im else "")
+                   + (f", rotated: randomized Hadamard, seed {rotate_seed}" if rotate else "") + f") -> {output}")
         g = write_gguf(ref, output, mix, imatrix=im, progress=True, inputs=(imatrix_path,) if imatrix_path else ())
         types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
         click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
@@ -164,7 +166,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             from qkit.fileio import atomic_write
 
             with atomic_write(json_path, "w") as f:
-                json.dump(asdict(g), f, indent=1)
+                json.dump({**asdict(g), **({"rotate": {"kind": "hadamard", "seed": rotate_seed}} if rotate else {})},
+                          f, indent=1)
         return
     if ggml_type or imatrix_path:
         raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")

@@ -29,12 +29,13 @@ are refused.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from qkit.errors import UsageError
 from qkit.model import arch as archs
+from qkit.model.loader import ModelRef
 from qkit.rotation import Rotation, make_rotation
 
 CHUNK_ROWS = 4096  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
@@ -189,6 +190,29 @@ def _by_rows(t, fn):
     for i in range(0, t.shape[0], CHUNK_ROWS):
         out[i:i + CHUNK_ROWS] = torch.from_numpy(fn(t[i:i + CHUNK_ROWS].to(torch.float64).numpy()))
     return out
+
+
+@dataclass
+class RotatedRef(ModelRef):
+    """A model whose weights read as the rotated model's, for code that takes a ModelRef (the GGUF writer).
+
+    Its config.json on disk still says what the source's says (a tied head, say); the store has the
+    untied head, which a GGUF then carries as its own ``output.weight``."""
+
+    rotate: RotateConfig = field(default_factory=RotateConfig)
+
+    def store(self):
+        from qkit.model import loader
+
+        return RotatedStore(super().store(), loader.load_config(self), self.rotate)
+
+
+def rotated_ref(ref: ModelRef, rcfg: RotateConfig) -> RotatedRef:
+    """`ref` read through the rotation; UsageError at once when its architecture cannot be rotated."""
+    from qkit.model import loader
+
+    check_rotatable(loader.load_config(ref))
+    return RotatedRef(ref.dir, ref.weights, ref.name, ref.source, rcfg)
 
 
 def load_rotated_model(ref, rcfg: RotateConfig):

@@ -219,3 +219,31 @@ def test_default_model_rotated_logits(tmp_path):
         want = loader.load_model(ref)(ids).logits
         got = quarot.load_rotated_model(ref, quarot.RotateConfig(seed=0))(ids).logits
     assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+
+
+def test_cli_rotate_into_gguf(tmp_path, capsys, monkeypatch):
+    """qkit quantize MODEL.gguf --rotate --type Q8_0: the GGUF carries the rotated weights and its own output.weight
+    (the tied head untied); read back, its logits stay about as close to the float model's as plain Q8_0's."""
+    gguf = pytest.importorskip("gguf")
+    from test_export import run_cli
+    from test_gguf_load import train_tokenizer, write_tiny_gguf
+
+    monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
+    model = make_model("llama", tmp_path / "hf")  # tied head, rows of 64 and 96: Q8_0 blocks of 32 fit
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+    write_tiny_gguf(tmp_path / "m.gguf", model, train_tokenizer(300), q8_tensor=None)
+    errs = {}
+    for rot in ("", "--rotate"):
+        out = tmp_path / f"q8{rot}.gguf"
+        r = run_cli(capsys, "quantize", str(tmp_path / "m.gguf"), *([rot] if rot else []), "--type", "Q8_0",
+                    "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+        assert ("output.weight" in names) == bool(rot)
+        back = loader.load_model(loader.resolve(str(out)))
+        with torch.no_grad():
+            errs[rot] = rel_err(back(IDS).logits, model(IDS).logits)
+        if rot:
+            assert not torch.allclose(back.model.embed_tokens.weight, model.model.embed_tokens.weight, atol=1e-2)
+    assert errs["--rotate"] < 2 * errs[""] < 0.2, errs  # a head left as E Q would give errors near 1
