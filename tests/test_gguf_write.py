@@ -88,9 +88,9 @@ def test_write_read_round_trip(wide_gguf, tmp_path, monkeypatch):
             assert np.array_equal(p.detach().numpy(), orig), name
 
 
-def test_gguf_needs_source_metadata(tmp_path):
-    make_model("llama", tmp_path / "hf")
-    with pytest.raises(UsageError, match="needs the tokenizer metadata of a source GGUF"):
+def test_gguf_from_hf_dir_needs_a_tokenizer(tmp_path):
+    make_model("llama", tmp_path / "hf")   # the HF route (tests/test_gguf_hf_route.py) reads tokenizer.json
+    with pytest.raises(UsageError, match="needs tokenizer.json"):
         write_gguf(loader.resolve(str(tmp_path / "hf")), tmp_path / "x.gguf", "Q4_K_M")
 
 

@@ -205,6 +205,18 @@ def test_cli_rotate_with_gptq_exports_and_refusals(tmp_path, capsys):
     r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--rotate-seed", "3", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["qkit: error: --rotate-seed applies only with "
                                                                    "--rotate"]
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--rotate", "--online-hadamard", "--method", "awq",
+                "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "does not combine with --method awq" in r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--rotate", "--online-hadamard", "--format", "gptq",
+                "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "cannot apply the online Hadamard" in r.stderr
+    r = run_cli(capsys, "quantize", *common, "--online-hadamard", "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(capsys, "eval", "ppl", str(tmp_path / "o"), "--text", str(text), "--ctx", "64")
+    assert r.returncode == 0 and "ppl" in r.stdout, r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "o"), "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "cannot be quantized, rotated or converted again" in r.stderr
 
 
 @pytest.mark.data
@@ -247,3 +259,63 @@ def test_cli_rotate_into_gguf(tmp_path, capsys, monkeypatch):
         if rot:
             assert not torch.allclose(back.model.embed_tokens.weight, model.model.embed_tokens.weight, atol=1e-2)
     assert errs["--rotate"] < 2 * errs[""] < 0.2, errs  # a head left as E Q would give errors near 1
+
+
+@pytest.mark.parametrize("d", [64, 96, 1536])
+def test_online_hadamard_in_torch_equals_the_rotation(d):
+    """The run-time hook's torch transform is RandomizedHadamard.apply (z -> z R^T), for powers of two and for
+    Kronecker sizes (96 = 8 x 12, SmolLM2's intermediate 1536 = 128 x 12), on (batch, seq, d) activations."""
+    rot = make_rotation("hadamard", d, 4)
+    z = np.random.default_rng(0).standard_normal((2, 5, d))
+    got = quarot.OnlineHadamard(rot).apply(torch.from_numpy(z)).numpy()
+    assert np.allclose(got, rot.apply(z.reshape(-1, d)).reshape(z.shape), atol=1e-12)
+
+
+class Recorder(Unrounded):
+    """Unrounded, calibrated: keeps every linear's calibration inputs."""
+
+    needs_calibration = True
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = {}
+
+    def add_batch(self, name, X):
+        self.inputs.setdefault(name, []).append(X.clone())
+
+
+def test_online_hadamard_before_down_proj(tmp_path):
+    """--online-hadamard: W_down -> Q^T W_down Q2 and a pre-hook z -> z Q2 that the loader attaches from config.json;
+    same logits; calibration saw the rotated inputs of down_proj; a model needing the hook is refused wherever it
+    would be dropped (quantized again, packed formats)."""
+    model = make_model("llama", tmp_path / "m")
+    randomise_norms(model, tmp_path / "m")
+    ref = loader.resolve(str(tmp_path / "m"))
+    rc = quarot.RotateConfig(seed=2, online=True)
+    ch = Recorder()
+    samples = IDS[:, :16]
+    pipeline.quantize_model(ref, tmp_path / "r", ch, samples=samples, rotate=rc)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg[quarot.ONLINE_KEY] == {"kind": "hadamard", "seed": 2, "dim": 96, "layers": "model.layers",
+                                      "modules": ["mlp.down_proj"]}
+    rot = loader.load_model(loader.resolve(str(tmp_path / "r")))
+    with torch.no_grad():
+        ref_logits, got = model(IDS).logits, rot(IDS).logits
+    assert rel_err(got, ref_logits) <= 1e-4
+    for h in list(rot.model.layers[0].mlp.down_proj._forward_pre_hooks):  # without the hook: another model
+        del rot.model.layers[0].mlp.down_proj._forward_pre_hooks[h]
+    with torch.no_grad():
+        assert rel_err(rot(IDS).logits, ref_logits) > 1e-2
+    # down_proj's calibration inputs are (act(gate x) * up x) Q2, with x the MLP's (rotated) input
+    mlp = loader.load_model(loader.resolve(str(tmp_path / "r"))).model.layers[1].mlp
+    x = torch.cat(ch.inputs["model.layers.1.mlp.up_proj"])
+    with torch.no_grad():
+        z = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).double().numpy()
+    Q2 = make_rotation("hadamard", 96, 2)
+    want = Q2.apply(z.reshape(-1, 96)).reshape(z.shape)
+    assert np.allclose(torch.cat(ch.inputs["model.layers.1.mlp.down_proj"]).numpy(), want, atol=1e-5)
+    with pytest.raises(UsageError, match="rotates down_proj's inputs at run time"):
+        pipeline.quantize_model(loader.resolve(str(tmp_path / "r")), tmp_path / "again", Unrounded())
+    with pytest.raises(UsageError, match="cannot apply the online Hadamard"):
+        rtn = RTN(affine.AffineConfig(bits=4, group_size=32, scale_dtype="float16"))
+        pipeline.quantize_model(ref, tmp_path / "p", rtn, fmt="gptq_v2", rotate=rc)

@@ -65,6 +65,7 @@ class ResidualLayout:
     final_norm: str = "model.norm"
     head: str = "lm_head"
     writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    online: tuple[str, ...] = ("mlp.down_proj",)  # linears whose input QuaRot rotates at run time (stage 1b)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from qkit.errors import FormatError
 # `tokenizers` ByteLevel pre-tokenizer applies it with `\s+(?!\S)|\s+`, which is
 # what llama.cpp's unicode_regex_split_custom_gpt2 implements for this pattern.
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-_GPT2 = ("gpt2", "mpt", "olmo", "jais", "trillion")
+_GPT2 = ("gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion")  # llama.cpp spells GPT-2's own "gpt-2"
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 

@@ -3,9 +3,12 @@
 Tensor names and the Q/K row permutation are those of llama.cpp's converter
 (gguf_convert holds the mapping; here it runs backwards). Metadata, the
 tokenizer above all, is carried over unchanged from the GGUF the model came
-from (``source.gguf`` beside its weights), with ``general.file_type`` set to
-the mix. Writing streams: tensor infos first, then one tensor at a time is
-read, quantized and appended, into a temporary file renamed into place.
+from (``source.gguf`` beside its weights); a model that never was a GGUF (an HF
+directory or safetensors file with config.json and tokenizer.json) gets the
+hyperparameters and ``tokenizer.ggml.*`` keys llama.cpp's converter would write
+(qkit.model.gguf_hf_meta). ``general.file_type`` is set to the mix. Writing
+streams: tensor infos first, then one tensor at a time is read, quantized and
+appended, into a temporary file renamed into place.
 """
 from __future__ import annotations
 
@@ -82,14 +85,18 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
     t0 = time.perf_counter()
     mix = mixes.mix_name(mix)
     src = ref.dir / gguf_convert.SOURCE_GGUF
-    if not src.is_file():
-        raise UsageError(f"{ref.dir}: writing GGUF needs the tokenizer metadata of a source GGUF "
-                         f"({gguf_convert.SOURCE_GGUF}); models converted from GGUF (the default one included) have it")
     config = loader.load_config(ref)
     arch = {"llama": "llama", "qwen2": "qwen2"}.get(config.model_type)
     if arch is None:
         raise UsageError(f"architecture {config.model_type!r} has no GGUF tensor mapping in qkit yet")
-    reader = gguf_convert.open_gguf(src)
+    if src.is_file():   # converted from a GGUF (the default model too): its metadata travels unchanged
+        reader, items = gguf_convert.open_gguf(src), None
+    else:   # checked before anything is quantized or written
+        from qkit.model import gguf_hf_meta
+
+        reader = None
+        items = gguf_hf_meta.model_metadata(config, arch, ref.name) + \
+            gguf_hf_meta.tokenizer_metadata(ref.dir, config.vocab_size)
     store = ref.store()
     names = hf_to_gguf_names(config)
     present = {names[n]: n for n in store.keys() if n in names}
@@ -106,7 +113,11 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
     out = Path(out)
     with atomic_path(out, inputs=(src, *ref.input_files(), *inputs)) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        _copy_metadata(reader, w)
+        if reader is not None:
+            _copy_metadata(reader, w)
+        else:
+            for key, value, vtype, *sub in items:
+                w.add_key_value(key, value, vtype, sub_type=sub[0] if sub else None)
         w.add_file_type(ftype)
         w.add_quantization_version(GGML_QNT_VERSION)
         for g in order:

@@ -193,15 +193,23 @@ def check_config_json(path: Path) -> dict:
     return cfg
 
 
-def load_config(ref: ModelRef):
+def load_config(ref: ModelRef, *, online_rotation: bool = False):
+    """The transformers config. A model that needs qkit's run-time rotation (``qkit_online_rotation``, QuaRot's
+    online Hadamard, qkit.quarot) is refused unless the caller applies it (online_rotation=True: load_model):
+    quantizing or converting it again would silently drop the rotation."""
     from transformers import AutoConfig
 
     check_config_json(ref.config_path)
     try:
-        return AutoConfig.from_pretrained(str(ref.dir))
+        config = AutoConfig.from_pretrained(str(ref.dir))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a config of the wrong shape
         msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:200] or type(e).__name__
         raise FormatError(f"{ref.config_path}: cannot read the model config ({msg})") from None
+    if getattr(config, "qkit_online_rotation", None) is not None and not online_rotation:
+        raise UsageError(f"{ref.dir}: this model rotates down_proj's inputs at run time (qkit quantize --rotate "
+                         "--online-hadamard), which only qkit eval ppl applies; it cannot be quantized, rotated or "
+                         "converted again")
+    return config
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -278,7 +286,7 @@ def persistent_names(module) -> list[str]:
 
 def load_model(ref: ModelRef):
     """The whole model on the CPU in float32, weights checked against the config."""
-    config = load_config(ref)
+    config = load_config(ref, online_rotation=True)
     model = empty_model(config)
     store = ref.store()
     tied = tied_names(model)
@@ -299,4 +307,9 @@ def load_model(ref: ModelRef):
 
         actquant.attach(model, store.activations, store.bases)
         model.qkit_activations = store.activations
+    online = getattr(config, "qkit_online_rotation", None)
+    if online is not None:  # QuaRot's online Hadamard before down_proj: part of what the weights compute
+        from qkit import quarot
+
+        quarot.attach_online(model, quarot.check_online_spec(online, str(ref.config_path)))
     return model
