@@ -1,4 +1,5 @@
-"""Fuzz seeds and loaders for the LLM side: GGUF models, imatrix GGUFs, config.json, quantization configs.
+"""Fuzz seeds and loaders for the LLM side: GGUF models, imatrix files (GGUF and legacy .dat), config.json,
+quantization configs.
 
 See qkit.eval.fuzz_targets for what a seed and a loader are. GGUF seeds are
 written with the `gguf` package's writer (the reference implementation of the
@@ -150,7 +151,7 @@ def load_gguf(path: Path) -> str:
     return digest(*parts)
 
 
-# ------------------------------------------------------------------ imatrix GGUF
+# ------------------------------------------------------------------ imatrix GGUF and legacy imatrix.dat
 def _write_raw_imatrix(path: Path, tensors: dict, kind="imatrix") -> None:
     import gguf
 
@@ -192,7 +193,46 @@ def build_imatrix(d: Path) -> list[Seed]:
     p = d / "im9.gguf"
     _write_raw_imatrix(p, {"a.in_sum2": s, "a.counts": np.ones((1, 1), np.float32)}, kind="model")
     seeds.append(_gguf_seed(p))
+    # llama.cpp's legacy imatrix.dat (qkit.imatrix_legacy): with the trailer, without it, with ncall 0
+    means = {k: (v / max(c, 1)).astype(np.float32) for k, (v, c) in stats.items()}
+    seeds.append(_dat_seed("im10.dat", [(k, 4, means[k] * 4) for k in sorted(means)], (3, b"fuzz.txt")))
+    seeds.append(_dat_seed("im11.dat", [("blk.0.attn_q.weight", 1, means["blk.0.attn_q.weight"])], None))
+    seeds.append(_dat_seed("im12.dat", [("a", 0, s[0]), ("b", 7, s[0] * 7)], (0, b"")))
     return seeds
+
+
+def _dat_seed(name: str, entries, trailer) -> Seed:
+    """A legacy imatrix.dat written field by field, with every field's offset (bounds) and int32 fields (ints)."""
+    buf, bounds, ints = bytearray(), [0], []
+
+    def put(fmt: str, *v, is_int: bool = False):
+        if is_int:
+            ints.append((len(buf), 4))
+        buf.extend(struct.pack(fmt, *v))
+        bounds.append(len(buf))
+
+    put("<i", len(entries), is_int=True)
+    for key, ncall, values in entries:
+        put("<i", len(key.encode()), is_int=True)
+        put(f"<{len(key.encode())}s", key.encode())
+        put("<i", ncall, is_int=True)
+        put("<i", len(values), is_int=True)
+        put(f"<{len(values)}f", *values)
+    if trailer is not None:
+        put("<i", trailer[0], is_int=True)
+        put("<i", len(trailer[1]), is_int=True)
+        put(f"<{len(trailer[1])}s", trailer[1])
+
+    def magic(rng: random.Random, files):   # a legacy file that claims to be a GGUF
+        return {name: b"GGUF" + files[name][4:]}
+
+    def bad_value(rng: random.Random, files):   # NaN, inf or a negative importance among the values
+        b = bytearray(files[name])
+        off = rng.choice([o for o in bounds if o + 4 <= len(b)])
+        struct.pack_into("<f", b, off, rng.choice([float("nan"), float("inf"), -1.0, 3e38]))
+        return {name: bytes(b)}
+
+    return Seed({name: bytes(buf)}, name, {name: sorted(set(bounds))}, {name: ints}, [magic, bad_value])
 
 
 def load_imatrix(path: Path) -> str:

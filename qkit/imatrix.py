@@ -9,6 +9,9 @@ in llama.cpp's imatrix GGUF layout (tools/imatrix/imatrix.cpp, ``save_imatrix``)
 ``general.type = "imatrix"``, ``imatrix.datasets``, ``imatrix.chunk_count``,
 ``imatrix.chunk_size``, and per weight two F32 tensors ``<name>.in_sum2`` (ne0 =
 input columns) and ``<name>.counts``. Names are GGUF tensor names.
+
+``read_imatrix`` also reads llama.cpp's older binary ``imatrix.dat`` layout
+(qkit.imatrix_legacy), which many published imatrix files still use.
 """
 from __future__ import annotations
 
@@ -84,22 +87,29 @@ def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chu
 
 
 def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{gguf weight name: in_sum2 / counts (float32)} from an imatrix GGUF (qkit's or llama.cpp's).
+    """{gguf weight name: per-column importance (float32)} from an imatrix file (qkit's or llama.cpp's).
 
-    The file is structure-checked first (qkit.model.gguf_check: every count and size against the
-    file's length); each ``in_sum2`` / ``counts`` tensor must be F32, as llama.cpp writes them.
-    llama.cpp's older binary ``imatrix.dat`` layout is not read: convert it with llama.cpp's
-    ``llama-imatrix --in-file old.dat -o new.gguf``.
+    The format is told by content, not by extension: a file that starts with the GGUF magic is an
+    imatrix GGUF (importance = in_sum2 / counts), anything else is tried as the legacy
+    ``imatrix.dat`` layout (qkit.imatrix_legacy; importance = stored value / ncall). The GGUF is
+    structure-checked first (qkit.model.gguf_check: every count and size against the file's
+    length); each ``in_sum2`` / ``counts`` tensor must be F32, as llama.cpp writes them.
     """
-    from qkit.model.gguf_check import open_reader
-
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"imatrix file not found: {path}")
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise FormatError(f"{path}: not an imatrix GGUF (no GGUF magic; the legacy imatrix.dat layout is not "
-                              "read: convert it with llama-imatrix --in-file OLD.dat -o NEW.gguf)")
+        magic = f.read(4)
+    if magic != b"GGUF":
+        from qkit.imatrix_legacy import read_legacy
+
+        return read_legacy(path)
+    return _read_gguf(path)
+
+
+def _read_gguf(path: Path) -> dict[str, np.ndarray]:
+    from qkit.model.gguf_check import open_reader
+
     r = open_reader(path)
     kind = r.fields.get("general.type")
     try:
