@@ -13,19 +13,20 @@ this rotation R1. In torch's (out, in) layout, with rows h of the residual strea
     linears writing it (o_proj, down_proj)              W -> Q^T W,  bias b -> Q^T b
     LM head (behind the final norm, folded the same)    W -> W diag(alpha_final) Q
 
-A tied head is untied: E Q and W diag(alpha) Q differ. Optionally (``online=True``,
-stage 1b) the input of down_proj is rotated too, by a Hadamard Q2 over the FFN's
-intermediate dimension that the runtime applies to the activations (z -> z Q2, a
-forward pre-hook: ``attach_online``) while the weight absorbs it (W_down -> W_down Q2);
-down_proj's weights then become incoherent as well. No packed format or GGUF runtime
-applies such a hook, so only qkit's fake-quantized safetensors output carries it
-(config.json ``qkit_online_rotation``), and only ``loader.load_model`` (qkit eval ppl)
-runs it. Q is the randomized Hadamard
+A tied head is untied: E Q and W diag(alpha) Q differ. Q is the randomized Hadamard
 H D / sqrt(d) of qkit.rotation (D random signs; for d = 576 the Kronecker product of
 Hadamards of order 16 and 36, for 1536 of 128 and 12): a rotated weight row spreads an
 outlier column over all d coordinates, so a per-group grid wastes less of its range
 (the paper's "outlier-free"). The rotation is exact in float arithmetic; the grid then
 sees different, more Gaussian-looking weights.
+
+Optionally (``online=True``, stage 1b) the input of down_proj is rotated too, by a
+Hadamard Q2 over the FFN's intermediate dimension that the runtime applies to the
+activations (z -> z Q2, a forward pre-hook: ``attach_online``) while the weight absorbs
+it (W_down -> W_down Q2), so down_proj's weights become incoherent as well. No packed
+format or GGUF runtime applies such a hook: only qkit's fake-quantized safetensors
+output carries it (config.json ``qkit_online_rotation``), and only
+``loader.load_model`` (qkit eval ppl) runs it.
 
 Streaming: ``RotatedStore`` wraps a checkpoint's WeightStore and computes each rotated
 tensor when it is read, so qkit.pipeline still holds one decoder layer at a time; a
@@ -46,8 +47,6 @@ from qkit.model.loader import ModelRef
 from qkit.rotation import Rotation, make_rotation
 
 CHUNK_ROWS = 4096  # rows rotated at a time: the embedding (49152 x 576 for SmolLM2) in float64 slices
-
-
 ONLINE_KEY = "qkit_online_rotation"  # config.json: the run-time rotation a checkpoint needs
 
 
