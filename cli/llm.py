@@ -75,7 +75,7 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--type", "ggml_type", default=None,
               help="A llama.cpp mix (Q4_K_M, Q6_K, ... case-insensitive): writes a GGUF with llama.cpp's bytes.")
 @click.option("--imatrix", "imatrix_path", type=click.Path(), default=None,
-              help="Importance matrix (qkit imatrix or llama-imatrix GGUF) for the GGML quantizers.")
+              help="Importance matrix for the GGML quantizers: qkit imatrix or llama-imatrix GGUF, or a legacy imatrix.dat.")
 @click.option("--format", "fmt", default=None,
               type=click.Choice(["safetensors", "gguf", "gptq", "gptq_v2", "awq", "compressed-tensors"]),
               help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir). "
