@@ -251,7 +251,12 @@ def tokenizer_metadata(directory: Path, vocab_size: int) -> list[tuple]:
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     pre = pre_tokenizer_name(tokenizer, tj)
     tokens, types = vocabulary(tokenizer, vocab_size)
-    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    try:
+        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError) as e:
+        # gguf-py's reader on a malformed tokenizer_config.json / merges / special token entry
+        raise FormatError(f"{directory}: cannot read the tokenizer's merges and special tokens "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not special.merges:
         raise FormatError(f"{directory}: tokenizer.json has no merges")
     items = [(K.MODEL, "gpt2", STR), (K.PRE, pre, STR), (K.LIST, tokens, ARR, STR),
