@@ -12,6 +12,9 @@ from qkit.errors import UsageError
 log = logging.getLogger("qkit.cli")
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "smoothquant")
+# --type (GGUF): the methods that write llama.cpp's mixes, and the options each takes beyond the mix
+GGUF_OPTIONS = {"rtn": (), "gptq": ("act_order", "static_groups", "damp", "calib", "nsamples", "seqlen", "seed"),
+                "awq": ("calib", "nsamples", "seqlen", "seed")}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -137,17 +140,19 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         if not ggml_type:
             raise UsageError("a GGUF output needs --type (a llama.cpp mix such as Q4_K_M)")
+        if method not in GGUF_OPTIONS:
+            raise UsageError(f"--method {method} into GGML grids is not available; --type takes "
+                             f"{', '.join(GGUF_OPTIONS)}")
+        if method == "awq" and rounding != "rtn":
+            raise UsageError("--round gptq does not apply to --type: use --method gptq for GPTQ in the GGML grids")
         ignored = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "clip_search", "act_order",
                                                         "static_groups", "damp", "calib", "nsamples", "seqlen", "seed")
-                   if given(n)]
+                   if given(n) and n not in GGUF_OPTIONS[method]]
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type}: the mix decides every "
-                             "tensor's grid")
+            raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type} with --method {method}: the "
+                             "mix decides every tensor's grid")
         if Path(output).is_dir():
             raise UsageError(f"output {output} is a directory; give a .gguf file name")
-        if method != "rtn":
-            raise UsageError(f"--method {method} into GGML grids is not available yet; GGUF mixes use rtn "
-                             "(llama.cpp's own rounding)")
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
@@ -163,10 +168,16 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             from qkit.quarot import RotateConfig, rotated_ref
 
             ref = rotated_ref(ref, RotateConfig(seed=rotate_seed))
-        click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules and rounding"
+        click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules, "
+                   + ("its rounding" if method == "rtn" else f"{method} in its grids" + (", act-order, static groups"
+                                                                                       if act_order else ""))
                    + (f", importance matrix of {len(im)} tensors" if im else "")
                    + (f", rotated: randomized Hadamard, seed {rotate_seed}" if rotate else "") + f") -> {output}")
-        g = write_gguf(ref, output, mix, imatrix=im, progress=True, inputs=(imatrix_path,) if imatrix_path else ())
+        if method == "rtn":
+            g = write_gguf(ref, output, mix, imatrix=im, progress=True, inputs=(imatrix_path,) if imatrix_path else ())
+        else:
+            g = _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples, seqlen, seed,
+                                 act_order, static_groups, damp, n_grid, search_samples)
         types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
         click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
                    f"{g.seconds:.1f} s; output {_fmt_bytes(g.output_bytes)}")
@@ -269,6 +280,25 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         with atomic_write(json_path, "w") as f:
             json.dump(asdict(s), f, indent=1)
+
+
+def _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples, seqlen, seed, act_order,
+                     static_groups, damp, n_grid, search_samples):
+    """GPTQ or AWQ into the mix's GGML grids (qkit.gptq_ggml), calibrated on `calib`."""
+    from qkit.awq import AWQConfig
+    from qkit.gptq import GPTQConfig
+    from qkit.gptq_ggml import quantize_gguf
+    from qkit.model import loader
+    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
+
+    body, desc = load_text(calib, default=DEFAULT_CALIB)
+    samples = calibration_samples(loader.load_tokenizer(ref)(body).input_ids, nsamples, seqlen, seed)
+    desc = f"{desc}: {nsamples} x {seqlen} tokens, seed {seed}"
+    click.echo(f"calibration: {desc}")
+    return quantize_gguf(ref, output, mix, method, samples, calibration=desc, imatrix=im, progress=True,
+                         inputs=(imatrix_path,) if imatrix_path else (),
+                         gptq=GPTQConfig(act_order=act_order, static_groups=static_groups, damp=damp),
+                         awq=AWQConfig(n_grid=n_grid, search_samples=search_samples))
 
 
 @click.group("eval")

@@ -26,7 +26,12 @@ static groups, all groups' parameters are fixed up front from the original
 weights and act-order only changes the processing order.
 
 The grid is a parameter: anything with `params(W_group) -> p` and
-`quantize(w, p) -> (w_hat, codes)`; qkit's affine grid is the default.
+`quantize(w, p) -> (w_hat, codes)`; qkit's affine grid is the default. A grid
+whose groups sit at fixed columns and whose levels vary inside a group (a GGML
+block with its sub-block scales, qkit.ggml.grid) sets `positional = True` and
+gets `params(W_group, first_column)` and `quantize(w, p, column_in_group)`;
+with act-order such a grid needs static groups (a group is then still a run
+of consecutive original columns).
 """
 from __future__ import annotations
 
@@ -147,9 +152,14 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    positional = getattr(grid, "positional", False)
+    if positional and cfg.act_order and not cfg.static_groups:
+        raise UsageError(f"act-order with the {getattr(grid, 'name', 'positional')} grid needs static groups: "
+                         "its blocks are runs of consecutive original columns")
     static = None
     if cfg.static_groups:  # fixed from the original weights, in original column order
-        static = [grid.params(W[:, s:s + g]) for s in range(0, cols, g)]
+        static = [grid.params(W[:, s:s + g], s) if positional else grid.params(W[:, s:s + g])
+                  for s in range(0, cols, g)]
 
     perm = None
     if cfg.act_order:
@@ -191,13 +201,16 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
                     if j + g > i2:
                         rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:j + g]
                         cur = torch.cat([cur, rest], dim=1)
-                    p = grid.params(cur)
+                    p = grid.params(cur, j) if positional else grid.params(cur)
                     scales.append(p[0])
                     zeros.append(p[1])
                 group_of_pos[j] = j // g
             w = W1[:, i]
             d = Hinv1[i, i]
-            q, c = grid.quantize(w, p)
+            if positional:  # the column's place in its group: original order (static) or processing order
+                q, c = grid.quantize(w, p, (int(perm[j]) if static is not None and perm is not None else j) % g)
+            else:
+                q, c = grid.quantize(w, p)
             Q1[:, i] = q
             C1[:, i] = c
             err = (w - q) / d

@@ -76,8 +76,13 @@ def _copy_metadata(reader, writer) -> None:
 
 
 def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: dict | None = None,
-               progress: bool = False, inputs=()) -> GGUFSummary:
-    """Quantize `ref` with llama.cpp's mix `mix` (Q4_K_M, ...) and write it as GGUF to `out`."""
+               progress: bool = False, inputs=(), blocks: dict | None = None) -> GGUFSummary:
+    """Quantize `ref` with llama.cpp's mix `mix` (Q4_K_M, ...) and write it as GGUF to `out`.
+
+    blocks: {GGUF name: (GGML type, uint8 rows in the model's row order)} already quantized by a
+    calibrated chooser (qkit.gptq_ggml); written as given (Q/K rows permuted like the weights) instead
+    of llama.cpp's rounding. Each must have the type the mix gives its tensor.
+    """
     import gguf
     import torch
     from tqdm.auto import tqdm
@@ -151,6 +156,14 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
                 data = np.ascontiguousarray(x, np.float32)
             elif t == "f16":
                 data = x.astype(np.float16)
+            elif blocks and g in blocks:
+                bt, data = blocks[g]
+                bt_ = ggml.get_type(t)
+                if bt != t or data.shape != (x.size // x.shape[-1], x.shape[-1] // bt_.block_size * bt_.type_size):
+                    raise InputError(f"tensor {g}: given {bt} blocks of shape {data.shape}, the mix needs {t}")
+                if kind in ("attn_q", "attn_k") and arch == "llama":  # the rows' permutation, on whole rows
+                    data = gguf_convert.permute_qk(data, config.num_attention_heads if kind == "attn_q"
+                                                   else shape.n_head_kv)
             else:
                 im = imatrix.get(g) if imatrix else None
                 try:

@@ -1,0 +1,227 @@
+"""GPTQ and AWQ into llama.cpp's GGML mixes, written as GGUF (`qkit quantize --method gptq|awq --type Q4_K_M`).
+
+The mix (qkit.ggml.mixes, llama.cpp's llama-quant.cpp rules) gives every tensor its
+GGML type. The linears of the decoder layers are then quantized by a calibrated
+chooser running in qkit's sequential pipeline (qkit.pipeline, the GPTQ paper's
+layer-by-layer scheme); every other tensor (token embedding, output head, norms)
+is written exactly as the RTN path writes it (qkit.model.gguf_write: llama.cpp's
+own rounding, with the importance matrix when one is given).
+
+* gptq: GPTQ (qkit.gptq) on the GGML grid of the linear's type (qkit.ggml.grid):
+  each (super-)block's scales and mins from llama.cpp's search on the weights as
+  GPTQ has left them when it reaches the block, then column-by-column rounding
+  inside that grid with GPTQ's error feedback. With an importance matrix the
+  search is llama.cpp's importance-weighted one (quantize_row_<type>_impl).
+  Act-order implies static groups: the blocks are searched up front on the
+  original weights, and only the processing order follows decreasing diag(H).
+* awq: AWQ's scales (qkit.awq), searched with the GGML type's own rounding as the
+  quantizer (llama.cpp's reference search, no importance matrix, during the alpha
+  search), folded into norms and linears; then the scaled linears are rounded by
+  llama.cpp's quantizer of their type. An importance matrix enters that final
+  rounding divided by s^2 per input channel (the scaled linear sees x / s, so its
+  mean squared input is E[x^2] / s^2). AWQ's clip search is off: llama.cpp's
+  searches already choose each block's range.
+
+The chosen blocks are kept in memory (about the GGUF's size) and handed to the
+GGUF writer; the pipeline's float output goes to a temporary directory (it holds
+the folded norms of AWQ) and is removed afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from qkit import ggml
+from qkit.errors import QkitError, UsageError
+from qkit.ggml import mixes
+from qkit.ggml.grid import CODES, GGMLGrid
+from qkit.gptq import GPTQ, GPTQConfig, gptq_quantize
+from qkit.rtn import QuantResult
+
+log = logging.getLogger("qkit.gptq_ggml")
+FLOAT_TYPES = ("f32", "f16")
+
+
+def plan_types(ref, mix: str, has_imatrix: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """({HF linear name: GGML type}, {HF linear name: GGUF tensor name}) for the decoder layers' weights,
+    as qkit.model.gguf_write will choose them (the same mixes.choose_types on the same shapes)."""
+    from qkit.model import loader
+    from qkit.model.gguf_write import hf_to_gguf_names
+
+    config = loader.load_config(ref)
+    arch = {"llama": "llama", "qwen2": "qwen2"}.get(config.model_type)
+    if arch is None:
+        raise UsageError(f"architecture {config.model_type!r} has no GGUF tensor mapping in qkit yet")
+    names = hf_to_gguf_names(config)
+    store = ref.store()
+    try:
+        present = {names[n]: n for n in store.keys() if n in names}
+        shapes = {g: tuple(reversed(store.shape(h))) for g, h in present.items()}
+    finally:
+        store.close()
+    shape = mixes.ModelShape(config.num_hidden_layers, config.num_attention_heads,
+                             getattr(config, "num_key_value_heads", None) or config.num_attention_heads, arch)
+    types = mixes.choose_types(shapes, mix, shape, has_imatrix=has_imatrix)
+    lin = {h[: -len(".weight")]: g for g, h in present.items()
+           if g.startswith("blk.") and h.endswith(".weight") and len(shapes[g]) == 2}
+    return {h: types[g] for h, g in lin.items()}, lin
+
+
+def _result(Q: np.ndarray, codes: np.ndarray, t: str, block_size: int, scale=None, zero=None) -> QuantResult:
+    """A QuantResult for the pipeline's bookkeeping (codes offset to 0, one scale per block)."""
+    z, lo, hi, _ = CODES[t]
+    rows, cols = Q.shape
+    nb = cols // block_size
+    scale = np.zeros((rows, nb), np.float32) if scale is None else scale
+    zero = np.zeros((rows, nb), np.float32) if zero is None else zero
+    return QuantResult(Q, (np.rint(codes) - lo).astype(np.uint8), scale, zero,
+                       (np.arange(cols) // block_size).astype(np.int32), int(hi - lo).bit_length(),
+                       bool(t in ("q4_0", "q5_0", "q8_0", "q3_K", "q6_K")))
+
+
+def _float_result(W: np.ndarray, t: str) -> QuantResult:
+    """A linear the mix leaves in F32/F16: what the GGUF will hold."""
+    Q = W.astype(np.float16).astype(np.float32) if t == "f16" else W.astype(np.float32)
+    rows, cols = W.shape
+    return QuantResult(Q, np.zeros((rows, cols), np.uint8), np.ones((rows, 1), np.float32),
+                       np.zeros((rows, 1), np.float32), np.zeros(cols, np.int32), 16 if t == "f16" else 32, True)
+
+
+class GGMLGPTQ(GPTQ):
+    """GPTQ with each linear's GGML grid; keeps {name: (type, GGML rows)} in `blocks`."""
+
+    def __init__(self, types: dict[str, str], cfg: GPTQConfig = GPTQConfig(), imatrix: dict | None = None):
+        # act-order needs the blocks fixed up front (qkit.gptq: a positional grid): static groups
+        super().__init__(replace(cfg, static_groups=cfg.static_groups or cfg.act_order))
+        self.types = types
+        self.imatrix = imatrix or {}
+        self.blocks: dict[str, tuple[str, np.ndarray]] = {}
+
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+        import torch
+
+        t = self.types.get(name)
+        if t is None:
+            raise UsageError(f"{name}: the mix gives this linear no GGML type")
+        H = self.H.pop(name, None)
+        self.n.pop(name, None)
+        self._last = None
+        if t in FLOAT_TYPES:
+            return _float_result(W, t)
+        if H is None:
+            raise UsageError(f"GPTQ got no calibration inputs for {name}")
+        im = self.imatrix.get(name)
+        # llama.cpp's legacy _impl searches weight by sqrt(sigma2 + x^2), sigma2 = mean x^2 of the row
+        sigma2 = (W.astype(np.float32) ** 2).mean(axis=1, dtype=np.float32) if im is not None else None
+        grid = GGMLGrid(t, W.shape[1], im, row_sigma2=sigma2)
+        cfg = replace(self.cfg, group_size=grid.block_size)
+        Q, codes, a, m, _ = gptq_quantize(torch.from_numpy(W), H, cfg, grid)
+        Q = Q.numpy().astype(np.float32)
+        blocks = grid.pack(codes.numpy())
+        ggml.validate(blocks, t)
+        if not np.array_equal(ggml.dequantize(blocks, t, W.shape), Q):
+            raise QkitError(f"{name}: the packed {t} blocks do not decode to GPTQ's weights (a qkit bug)")
+        self.blocks[name] = (t, blocks)
+        bs = grid.block_size
+        return _result(Q, codes.numpy(), t, bs, a.numpy()[:, ::bs], m.numpy()[:, ::bs])
+
+
+class GGMLRTN:
+    """llama.cpp's rounding of each linear's GGML type as a calibration-free grid (AWQ's quantizer).
+
+    An importance matrix is used only for names in `input_scale` (set for the final rounding),
+    divided by s^2 there: the scaled linear sees x / s.
+    """
+
+    name = "rtn"
+    needs_calibration = False
+
+    def __init__(self, types: dict[str, str], imatrix: dict | None = None):
+        self.types = types
+        self.imatrix = imatrix or {}
+        self.input_scale: dict = {}
+        self.blocks: dict[str, tuple[str, np.ndarray]] = {}
+
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+        t = self.types.get(name)
+        if t is None:
+            raise UsageError(f"{name}: the mix gives this linear no GGML type")
+        if t in FLOAT_TYPES:
+            return _float_result(W, t)
+        im = None
+        if name in self.input_scale and self.imatrix.get(name) is not None:
+            s = self.input_scale.pop(name)
+            im = self.imatrix[name] if s is None else (self.imatrix[name] / (np.asarray(s, np.float64) ** 2)
+                                                       ).astype(np.float32)
+        blocks = ggml.quantize(W, t, imatrix=im)
+        ggml.validate(blocks, t)
+        Q = ggml.dequantize(blocks, t, W.shape)
+        self.blocks[name] = (t, blocks)
+        bt = ggml.get_type(t)
+        return _result(Q, np.zeros(W.shape, np.float32) + CODES[t][1], t, bt.block_size)
+
+
+def awq_chooser(types: dict[str, str], cfg, imatrix: dict | None = None):
+    """AWQ (qkit.awq) whose quantizer is GGMLRTN; the final rounding sees the folded scales."""
+    from qkit.awq import AWQ
+
+    class AWQGGML(AWQ):
+        def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+            s = self.input_scale.get(name)
+            self.grid.input_scale[name] = None if s is None else s.numpy()
+            return super().quantize(name, W)
+
+    return AWQGGML(replace(cfg, clip=False), grid=GGMLRTN(types, imatrix))
+
+
+def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *, calibration: str | None = None,
+                  imatrix: dict | None = None, gptq: GPTQConfig | None = None, awq=None, progress: bool = False,
+                  inputs=()):
+    """Quantize `ref` with a calibrated chooser into llama.cpp's mix `mix`; write the GGUF `out`.
+
+    method "gptq" (config `gptq`) or "awq" (config `awq`, an AWQConfig); samples: calibration token ids
+    (n, seqlen); imatrix: {GGUF name: importance} (qkit.imatrix.read_imatrix). Returns the GGUFSummary.
+    """
+    from qkit import pipeline
+    from qkit.fileio import make_tmp_dir
+    from qkit.model import loader
+    from qkit.model.gguf_write import write_gguf
+
+    mix = mixes.mix_name(mix)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory does not exist: {out.parent}")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a .gguf file name")
+    for f in (*ref.input_files(), *inputs):
+        if f is not None and Path(f).exists() and Path(f).resolve() == out.resolve():
+            raise UsageError(f"refusing to overwrite the input file {f}")
+    types, gnames = plan_types(ref, mix, has_imatrix=imatrix is not None)
+    im = {h: imatrix[g] for h, g in gnames.items() if imatrix and g in imatrix} if imatrix else None
+    if method == "gptq":
+        chooser = GGMLGPTQ(types, gptq or GPTQConfig(), im)
+        blocks_of = chooser
+    elif method == "awq":
+        from qkit.awq import AWQConfig
+
+        chooser = awq_chooser(types, awq or AWQConfig(), im)
+        blocks_of = chooser.grid
+    else:
+        raise UsageError(f"--method {method} into GGML grids is not available; --type takes rtn, gptq or awq")
+    tmp = make_tmp_dir(out)
+    try:
+        pipeline.quantize_model(ref, tmp / "model", chooser, samples=samples, calibration=calibration,
+                                progress=progress, record={"type": mix})
+        blocks = {gnames[h]: b for h, b in blocks_of.blocks.items()}
+        missing = [gnames[h] for h, t in types.items() if t not in FLOAT_TYPES and gnames[h] not in blocks]
+        if missing:
+            raise QkitError(f"{method} left {len(missing)} linears unquantized (first: {missing[0]})")
+        return write_gguf(loader.resolve(str(tmp / "model")), out, mix, imatrix=imatrix, progress=progress,
+                          inputs=(*ref.input_files(), *inputs), blocks=blocks)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
