@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qkit.eval import bench_gguf
 from qkit.fileio import atomic_write
 
 GRIDS = [(4, 128), (3, 128), (2, 64), (4, 32)]
@@ -50,6 +51,7 @@ def all_rows() -> list[dict]:
     # AWQ's scales, then GPTQ (act-order) rounding the scaled weights (qkit quantize --method awq --round gptq)
     rows += [dict(_row(f"awq-gptq-ao-w{bits}g{g}", "awq", bits, g, True), round="gptq") for bits, g in AWQ_GRIDS]
     rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
+    rows += bench_gguf.gguf_rows()  # Q4_K_M / Q3_K_M GGUFs: plain, imatrix, GPTQ in the grids; F32 (bench_gguf)
     return rows
 
 
@@ -86,6 +88,8 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
     done = cache / f"{row['id']}.json"
     if done.is_file():  # rows cached before a key was added get it from the row's definition
         return {**row, **json.loads(done.read_text())}
+    if row.get("format") == "gguf":  # llama.cpp's perplexity too (qkit.eval.bench_gguf)
+        return bench_gguf.run_row(row, cache, setup)
     ppl_json = cache / f"{row['id']}.ppl.json"
     rec = dict(row)
     if row["method"] == "base":
@@ -161,6 +165,7 @@ def main(argv=None) -> list[dict]:
         print(f"... {r['id']}", file=sys.stderr, flush=True)
         recs.append(run_row(r, cache, setup))
     print_table(recs)
+    bench_gguf.print_table(recs)
     if a.json:
         with atomic_write(a.json, "w") as f:
             json.dump(recs, f, indent=1)
