@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     from qkit.model import loader
     from qkit.model.gguf_write import write_gguf
 
+    t0 = time.perf_counter()
     mix = mixes.mix_name(mix)
     out = Path(out)
     if not out.parent.is_dir():
@@ -221,7 +223,9 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
         missing = [gnames[h] for h, t in types.items() if t not in FLOAT_TYPES and gnames[h] not in blocks]
         if missing:
             raise QkitError(f"{method} left {len(missing)} linears unquantized (first: {missing[0]})")
-        return write_gguf(loader.resolve(str(tmp / "model")), out, mix, imatrix=imatrix, progress=progress,
-                          inputs=(*ref.input_files(), *inputs), blocks=blocks)
+        summary = write_gguf(loader.resolve(str(tmp / "model")), out, mix, imatrix=imatrix, progress=progress,
+                             inputs=(*ref.input_files(), *inputs), blocks=blocks)
+        summary.seconds = time.perf_counter() - t0  # the calibrated quantization included
+        return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

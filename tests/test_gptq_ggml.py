@@ -161,9 +161,9 @@ def test_act_order_without_static_groups_is_refused_for_positional_grids():
 def wide(tmp_path_factory):
     """A tiny random Llama whose rows are multiples of 256 (every K type applies), as an F32 GGUF."""
     root = tmp_path_factory.mktemp("wide")
-    model = make_model("llama", root / "hf", vocab_size=320, hidden_size=256, intermediate_size=512,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     tk = train_tokenizer(320)
+    model = make_model("llama", root / "hf", vocab_size=tk.get_vocab_size(), hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     path = root / "wide-f32.gguf"
     write_tiny_gguf(path, model, tk, q8_tensor=None)
     calib = root / "calib.txt"
@@ -288,3 +288,27 @@ def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys,
     assert rc == 2 and msg in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_f32_gguf_and_llama_cpp_perplexity(wide, tmp_path, cache_env):
+    """bench_gguf's helpers: the F32 rewrite of a GGUF decodes to the same weights, and llama.cpp's perplexity
+    of it equals qkit's evaluator on the same token ids and windows (F32 weights: no weight rounding)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")  # noqa: F841
+    from qkit.eval.bench_gguf import llamacpp_perplexity, write_f32_gguf
+    from qkit.eval.perplexity import perplexity
+    from qkit.model import loader
+    from qkit.model.gguf_write import write_gguf
+
+    path, calib, _ = wide
+    q8, f32 = tmp_path / "q8.gguf", tmp_path / "f32.gguf"
+    write_gguf(loader.resolve(str(path)), q8, "Q8_0")
+    write_f32_gguf(q8, f32)
+    a, b = _tensors(q8), _tensors(f32)
+    for name, t in a.items():
+        assert b[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), np.asarray(b[name].data)), name
+    ref = loader.resolve(str(f32))
+    ids = loader.load_tokenizer(ref)(calib.read_text()).input_ids
+    ours = perplexity(loader.load_model(ref), ids, 64, max_windows=4)
+    theirs = llamacpp_perplexity(f32, ids, 64, max_windows=4)
+    assert theirs["tokens"] == ours.tokens and abs(theirs["ppl"] / ours.ppl - 1) < 2e-3, (theirs, ours.ppl)
