@@ -73,7 +73,10 @@ def _churn_and_filter(ds, idx, ef, rr, nq, k=10, seed=0):
     rng = np.random.default_rng(seed)
     n = len(ds.base)
     Q = ds.queries[:nq]
-    out = {}
+    _, I = idx.search(Q, k, ef=ef, rerank=rr)   # the baseline: the same queries, nothing removed or filtered
+    D = datasets.true_distances(ds.base, Q, np.asarray(I, np.int64), ds.metric)
+    out = {"churn_queries": len(Q), "before": round(datasets.recall_at_k(
+        I, ds.gt[:nq], k, D=D, gt_D=None if ds.gt_D is None else ds.gt_D[:nq]), 4)}
     for what in ("filter_10pct", "removed_10pct"):
         pick = rng.choice(n, n // 10, replace=False)
         keep = np.sort(pick) if what == "filter_10pct" else np.setdiff1d(np.arange(n), pick)
@@ -331,8 +334,8 @@ def main(argv=None) -> int:
     print(table(records))
     for r in records:
         if "removed_10pct" in r:
-            print(f"# qkit {r['codec']} ef={r['ef']} rerank={r['rerank']} (recall {r['recall_at_10']}): "
-                  f"under a 10% filter {r['filter_10pct']} ({r['filter_10pct_qps']:.0f} QPS); after removing "
+            print(f"# qkit {r['codec']} ef={r['ef']} rerank={r['rerank']} (recall {r['recall_at_10']}; "
+                  f"{r['before']} on the first {r['churn_queries']} queries): under a 10% filter {r['filter_10pct']} ({r['filter_10pct_qps']:.0f} QPS); after removing "
                   f"10% ({r['remove_s']} s) {r['removed_10pct']} ({r['removed_10pct_qps']:.0f} QPS)")
     if a.json_path:
         from qkit.fileio import atomic_write

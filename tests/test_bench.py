@@ -110,6 +110,7 @@ def test_bench_ann_churn_and_filter_against_brute_force():
     assert len(churned) == 1
     r = churned[0]
     assert r["recall_at_10"] >= 0.9 and r["removed_10pct"] >= 0.85 and r["filter_10pct"] >= 0.85
+    assert r["before"] == r["recall_at_10"] and r["churn_queries"] == 60   # all 60 queries: the same number
     assert r["remove_s"] >= 0 and r["filter_10pct_qps"] > 0
 
 
