@@ -222,6 +222,9 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
             __builtin_prefetch(cp);
             if (c->code_size > 64) __builtin_prefetch(cp + 64);
             if (c->code_size > 128) __builtin_prefetch(cp + 128);
+            /* a code that is not a multiple of 64 bytes straddles a cache line at most ids (54 bytes for
+             * GloVe-50 SQ8): its last line too, or the distance waits for it */
+            __builtin_prefetch(cp + c->code_size - 1);
             s->nbr[u++] = e;
         }
         for (int j = 0; j < u; j++) {
