@@ -25,7 +25,8 @@ ext = Extension(
 # The HNSW graph and its codec distances: a second module, threads through pthreads.
 hnsw = Extension(
     "qkit.ext._hnsw",
-    sources=["ext/_hnsw.pyx", "ext/csrc/hnsw.c", "ext/csrc/codec_dist.c"],
+    sources=["ext/_hnsw.pyx", "ext/csrc/hnsw.c", "ext/csrc/codec_dist.c", "ext/csrc/kernels_lowbit.c",
+             "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
     extra_compile_args=extra + ["-pthread"],
     extra_link_args=["-pthread"],

@@ -99,11 +99,30 @@ class Graph:
                   first, last, int(ef_construction), int(threads))
 
     def search(self, codec, codes: np.ndarray, queries: np.ndarray, k: int, ef: int, rerank: int = 0,
-               store=None, passmask: np.ndarray | None = None, beside: np.ndarray | None = None):
+               store=None, passmask: np.ndarray | None = None, beside: np.ndarray | None = None,
+               fastscan: np.ndarray | None = None):
         p0, p1 = codec.c_params()
         return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
                             self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1,
-                            isa_code(), queries, int(k), int(ef), int(rerank), store, beside)
+                            isa_code(), queries, int(k), int(ef), int(rerank), store, beside, fastscan)
+
+    def fastscan_blocks(self, codes: np.ndarray, dim: int, chunk: int = 4096) -> np.ndarray:
+        """The "fastscan" layout for SQ4 walk codes (ceil(dim/2) nibble bytes, then a float32):
+        row i = node i's layer-0 neighbours' 4-bit codes as FastScan blocks of 32 (qkit.packing.pack_fastscan),
+        (n, ceil(M0/32) * dim * 16). Slots past a node's count hold node 0's codes (estimated, never read)."""
+        from qkit.packing import pack_fastscan
+
+        n, slots = self.n, -(-self.M0 // 32) * 32
+        nbytes = (dim + 1) // 2
+        out = np.empty((n, slots // 32 * dim * 16), np.uint8)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            ids = np.zeros((b - a, slots), np.int64)
+            ids[:, :self.M0] = np.where(np.arange(self.M0)[None, :] < self.links0[a:b, :1], self.links0[a:b, 1:], 0)
+            packed = codes[ids.reshape(-1), :nbytes]
+            nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(len(packed), -1)[:, :dim]
+            out[a:b] = pack_fastscan(nib).reshape(b - a, -1)
+        return out
 
     def beside_codes(self, codes: np.ndarray) -> np.ndarray:
         """The "beside" layout: row i = the codes of node i's layer-0 neighbours in list order, (n, M0 * bytes).

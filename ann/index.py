@@ -211,8 +211,10 @@ class Index:
 
     @layout.setter
     def layout(self, value: str) -> None:
-        if value not in ("ids", "beside"):
-            raise UsageError(f"layout must be 'ids' or 'beside', got {value!r}")
+        if value not in ("ids", "beside", "fastscan"):
+            raise UsageError(f"layout must be 'ids', 'beside' or 'fastscan', got {value!r}")
+        if value == "fastscan" and self.codec.name != "sq4":
+            raise UsageError(f"the fastscan layout estimates 4-bit per-dimension codes (sq4), not {self.codec.name}")
         with self._lock.write():
             self._layout = value
             self._beside = None
@@ -248,12 +250,21 @@ class Index:
             self._beside = self.graph.beside_codes(self.codes)
         return self._beside
 
+    def _fastscan_blocks(self) -> np.ndarray | None:
+        if self._layout != "fastscan" or self.ntotal == 0:
+            return None
+        if self._beside is None:
+            self._beside = self.graph.fastscan_blocks(self.codes, self.codec.walk_dim)
+        return self._beside
+
     def bytes_in_ram(self, rerank: bool = False) -> int:
         """What search reads: codes, graph, id map, and the full-precision vectors when it re-ranks
         (and, in the "beside" layout, the copied neighbour codes)."""
         b = self.codes.nbytes + self.graph.nbytes() + self.labels.nbytes
         if self._layout == "beside":
             b += self.graph.n * self.graph.M0 * self.codes.shape[1]
+        elif self._layout == "fastscan":
+            b += self.graph.n * (-(-self.graph.M0 // 32)) * self.codec.walk_dim * 16
         if rerank and self.store_codes is not None:
             b += self.store_codes.nbytes
         return b
@@ -453,7 +464,7 @@ class Index:
                     p0, p1 = self.store.c_params()
                     store = (self.store.c_kind, self.store_codes, p0, p1, q)
                 D, I = self.graph.search(self.codec, self.codes, self.codec.walk_queries(q), k, ef, rerank, store,
-                                         passmask, self._beside_codes())
+                                         passmask, self._beside_codes(), self._fastscan_blocks())
                 return D, np.where(I >= 0, self.labels[np.where(I >= 0, I, 0)], -1)
 
         if threads == 1 or len(xq) < 2 * threads:

@@ -31,6 +31,7 @@ cdef extern from "qk_hnsw.h":
         const int32_t *level
         const uint8_t *pass_ "pass"
         const uint8_t *nbcodes
+        const uint8_t *nbfast
         int64_t entry
         int32_t max_level
     int qk_codec_init(qk_codec *c) nogil
@@ -139,6 +140,7 @@ cdef int _graph(qk_hnsw *g, int64_t n, int M, int M0, cnp.ndarray links0, cnp.nd
     g.level = <const int32_t *>cnp.PyArray_DATA(level)
     g.pass_ = NULL
     g.nbcodes = NULL
+    g.nbfast = NULL
     cdef cnp.ndarray dl
     if passmask is not None:
         dl = passmask
@@ -194,7 +196,7 @@ def repair(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
 def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.ndarray upper_off,
            cnp.ndarray level, object passmask, cnp.ndarray state, int kind, int metric, int64_t dim,
            cnp.ndarray codes, p0, p1, int isa, cnp.ndarray queries, int k, int ef, int rerank, object store,
-           object nbcodes=None):
+           object nbcodes=None, object nbfast=None):
     """(D, I) of shape (nq, k): codec distances (or exact after re-ranking), smaller is nearer; internal ids."""
     cdef qk_hnsw g
     cdef qk_codec c
@@ -207,6 +209,13 @@ def search(int64_t n, int M, int M0, cnp.ndarray links0, cnp.ndarray upper, cnp.
         if nb.shape[0] < n or nb.shape[1] != M0 * codes.shape[1]:
             raise ValueError("beside codes must be (n, M0 * code bytes)")
         g.nbcodes = <const uint8_t *>cnp.PyArray_DATA(nb)
+    cdef cnp.ndarray fb
+    if nbfast is not None:
+        fb = nbfast
+        _need(fb, 2, np.uint8, "fastscan blocks")
+        if kind != 2 or fb.shape[0] < n or fb.shape[1] != (M0 + 31) // 32 * dim * 16:
+            raise ValueError("fastscan blocks need SQ4 codes and shape (n, ceil(M0 / 32) * dim * 16)")
+        g.nbfast = <const uint8_t *>cnp.PyArray_DATA(fb)
     _need(queries, 2, np.float32, "queries")
     if queries.shape[1] != dim:
         raise ValueError(f"queries have {queries.shape[1]} dims, index has {dim}")

@@ -511,6 +511,40 @@ def test_beside_layout_walks_the_same_graph(data, built, codec):
     np.testing.assert_array_equal(small.search(q, 5, ef=32)[1], ref.search(q, 5, ef=32)[1])
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_fastscan_layout_estimates_sq4_distances(data, metric):
+    """The "fastscan" layout walks on FastScan estimates over each neighbour block: every returned distance is the
+    decoded vector's true distance (numpy) up to the uint8 table rounding, dim * scale / 2; filters and removals
+    hold; recall stays that of the per-code walk; only sq4 is accepted."""
+    x, q = data
+    idx = Index(x.shape[1], metric, "sq4", ef_construction=60)
+    idx.add(x[:4000])
+    D0, I0 = idx.search(q, 10, ef=64)
+    idx.layout = "fastscan"
+    D, I = idx.search(q, 10, ef=64)
+    xd = idx.codec.decode(idx.codes)          # the codec's own reconstruction, independent of the C tables
+    qq = idx.codec.walk_queries(idx._as_vectors(q, "queries"))
+    p0, p1 = idx.codec.c_params()
+    for i in range(len(q)):
+        v = np.arange(16)[None, :] * p1[:, None] + p0[:, None]            # (dim, 16) grid values
+        t = (qq[i][:, None] - v) ** 2 if metric == "l2" else -qq[i][:, None] * v
+        bound = x.shape[1] * (np.ptp(t, axis=1).max() / 255) / 2 + 1e-4 * np.abs(t).sum()
+        ids = I[i][I[i] >= 0]
+        exact = ((qq[i] - xd[ids]) ** 2).sum(1) if metric == "l2" else (qq[i] * xd[ids]).sum(1)
+        # the entry point's distance comes from the per-code kernel (its own 8-bit query rounding): allow it too
+        assert (np.abs(np.abs(D[i][: len(ids)]) - np.abs(exact)) <= bound + 0.02 * np.abs(exact)).all()
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I0)])
+    assert overlap >= 0.9
+    assert idx.bytes_in_ram() == idx.codes.nbytes + idx.graph.nbytes() + idx.labels.nbytes + \
+        idx.ntotal * idx.codec.walk_dim * 16
+    gone = np.arange(0, 4000, 10)
+    idx.remove(gone)
+    _, Ir = idx.search(q, 10, ef=64, filter=np.arange(0, 4000, 3))
+    assert not np.isin(Ir, gone).any() and (Ir[Ir >= 0] % 3 == 0).all()
+    with pytest.raises(UsageError, match="fastscan layout estimates 4-bit"):
+        Index(x.shape[1], "l2", "sq8").layout = "fastscan"
+
+
 @pytest.mark.parametrize("codec,rerank,method", [("flat", 0, "bfs"), ("flat", 0, "rcm"), ("sq4", 16, "kmeans")])
 def test_reorder_renumbers_nodes_without_changing_results(tmp_path, data, codec, rerank, method):
     """RCM renumbering keeps every list and distance, so results are the same; ids, add, remove and files work."""

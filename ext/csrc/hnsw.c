@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "qk_hnsw.h"
+#include "qk_kernels.h"
 
 typedef struct { float d; int32_t id; } cand;
 
@@ -89,11 +90,14 @@ typedef struct {
     int32_t *nbr;       /* a copied neighbour list */
     float *qbuf, *qbuf2, *vec, *vec2;
     cand *sel;
+    uint8_t *lut;       /* "fastscan" layout: the query's table, dim x 16 uint8 ... */
+    float lut_scale, lut_bias;   /* ... estimate = lut_scale * (sum of table entries) + lut_bias */
+    int32_t *est;       /* one FastScan pass: a node's neighbours (ceil(M0/32) * 32) */
 } scratch;
 
 static void scratch_free(scratch *s) {
     free(s->visited); free(s->cands); free(s->res); free(s->nbr);
-    free(s->qbuf); free(s->qbuf2); free(s->vec); free(s->vec2); free(s->sel);
+    free(s->qbuf); free(s->qbuf2); free(s->vec); free(s->vec2); free(s->sel); free(s->lut); free(s->est);
     memset(s, 0, sizeof(*s));
 }
 static int scratch_init(scratch *s, const qk_hnsw *g, const qk_codec *c, int ef) {
@@ -111,6 +115,11 @@ static int scratch_init(scratch *s, const qk_hnsw *g, const qk_codec *c, int ef)
     s->qbuf2 = aligned_alloc(32, sizeof(float) * (size_t)ql);
     s->vec = malloc(sizeof(float) * (size_t)c->dim);
     s->vec2 = malloc(sizeof(float) * (size_t)c->dim);
+    if (g->nbfast) {
+        s->lut = malloc((size_t)c->dim * 16);
+        s->est = malloc(sizeof(int32_t) * (size_t)((g->M0 + 31) / 32 * 32));
+        if (!s->lut || !s->est) { scratch_free(s); return QK_H_ENOMEM; }
+    }
     if (!s->visited || !s->cands || !s->res || !s->nbr || !s->sel || !s->qbuf || !s->qbuf2 || !s->vec || !s->vec2) {
         scratch_free(s);
         return QK_H_ENOMEM;
@@ -197,6 +206,24 @@ static int search_layer(const qk_hnsw *g, const qk_codec *c, pthread_mutex_t *lo
         minh_pop(s->cands, &nc);
         if (nc > 0) __builtin_prefetch(links_at(g, s->cands[0].id, l));   /* the next expansion's list */
         int cnt = read_links(g, locks, cur.id, l, s->nbr);
+        if (l == 0 && g->nbfast && !locks) {
+            /* "fastscan" layout: every neighbour of cur estimated in one pass over its block */
+            const int64_t row = (int64_t)((g->M0 + 31) / 32) * c->dim * 16;
+            const uint8_t *blk = g->nbfast + cur.id * row;
+            if (nc > 0) {
+                const char *nx = (const char *)(g->nbfast + s->cands[0].id * row);
+                for (int t = 0; t < 4; t++) __builtin_prefetch(nx + 64 * t);
+            }
+            qk_fastscan(s->lut, c->dim, blk, cnt, s->est, c->isa);
+            for (int j = 0; j < cnt; j++) {
+                int32_t e = s->nbr[j];
+                if (s->visited[e] == s->tag) continue;
+                s->visited[e] = s->tag;
+                float d = s->lut_scale * (float)s->est[j] + s->lut_bias;
+                if (admit(s, &nc, &nr, ef, pass, d, e) != QK_H_OK) return QK_H_ENOMEM;
+            }
+            continue;
+        }
         if (l == 0 && g->nbcodes && !locks) {
             /* "beside" layout: the neighbours' codes are one block after the list (glass, SymphonyQG) */
             const int64_t cs = c->code_size;
@@ -533,11 +560,47 @@ int qk_hnsw_repair(qk_hnsw *g, const qk_codec *bc, const uint8_t *dead, int n_th
     return QK_H_OK;
 }
 
+/* The query's FastScan table for SQ4 codes (x_j = vmin_j + step_j c): T_j[c] = (q_j - x_j)^2 (l2) or
+ * -q_j x_j (ip), so sum_j T_j[c_j] is the codec's distance to the decoded vector. Each T_j is stored as
+ * uint8 after subtracting its minimum, with one scale for all j (the sum must share it):
+ * scale = max_j range(T_j) / 255, estimate = scale * sum + sum_j min T_j. The rounding error per
+ * dimension is at most scale / 2 (Andre et al., "Cache locality is not enough", VLDB 2015, sec. 4.3). */
+static void fastscan_lut(const qk_codec *c, const float *q, scratch *s) {
+    float span = 0.f, bias = 0.f;
+    for (int64_t j = 0; j < c->dim; j++) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int v = 0; v < 16; v++) {
+            float x = c->p0[j] + c->p1[j] * (float)v;
+            float t = c->metric == QK_METRIC_L2 ? (q[j] - x) * (q[j] - x) : -q[j] * x;
+            lo = t < lo ? t : lo;
+            hi = t > hi ? t : hi;
+        }
+        span = hi - lo > span ? hi - lo : span;
+        bias += lo;
+    }
+    float scale = span > 0.f ? span / 255.f : 1.f;
+    for (int64_t j = 0; j < c->dim; j++) {
+        float lo = INFINITY, t[16];
+        for (int v = 0; v < 16; v++) {
+            float x = c->p0[j] + c->p1[j] * (float)v;
+            t[v] = c->metric == QK_METRIC_L2 ? (q[j] - x) * (q[j] - x) : -q[j] * x;
+            lo = t[v] < lo ? t[v] : lo;
+        }
+        for (int v = 0; v < 16; v++) {
+            float u = nearbyintf((t[v] - lo) / scale);
+            s->lut[j * 16 + v] = (uint8_t)(u > 255.f ? 255.f : u);
+        }
+    }
+    s->lut_scale = scale;
+    s->lut_bias = bias;
+}
+
 /* K-NN-SEARCH (Alg. 5) for a batch of queries, then optional exact re-ranking. */
 int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, int64_t nq, int32_t k,
                    int32_t ef, int32_t rerank, const qk_codec *rc, const float *rqueries, float *out_d,
                    int64_t *out_i) {
     if (k < 1 || ef < k || rerank < 0 || (rerank > 0 && (!rc || !rqueries))) return QK_H_EARG;
+    if (g->nbfast && sc->kind != QK_CODEC_SQ4) return QK_H_EARG;
     if (rerank > ef) ef = rerank;
     for (int64_t i = 0; i < nq * k; i++) { out_d[i] = INFINITY; out_i[i] = -1; }
     if (g->entry < 0 || nq == 0) return QK_H_OK;
@@ -554,6 +617,7 @@ int qk_hnsw_search(const qk_hnsw *g, const qk_codec *sc, const float *queries, i
         const float *q = queries + qi * sc->dim;
         float cst;
         qk_codec_prepare(sc, q, s.qbuf, &cst);
+        if (g->nbfast) fastscan_lut(sc, q, &s);
         int64_t ep = g->entry;
         float dep = qk_codec_dist(sc, s.qbuf, cst, ep);
         for (int l = g->max_level; l > 0; l--) greedy(g, sc, NULL, &s, cst, l, &ep, &dep);

@@ -78,6 +78,10 @@ typedef struct {
     const uint8_t *nbcodes; /* NULL, or the "beside" layout (search only): n x M0 codes, row i holding the
                              * walk codes of links0[i]'s neighbours in list order, so expanding a node at
                              * layer 0 reads one contiguous block instead of M0 scattered codes */
+    const uint8_t *nbfast;  /* NULL, or the "fastscan" layout (search only, SQ4 walk codes): row i holds the
+                             * 4-bit codes of links0[i]'s neighbours as FastScan blocks of 32 (qk_fastscan's
+                             * layout, ceil(M0 / 32) blocks of dim x 16 bytes), so expanding a node estimates
+                             * all its neighbours with one 16-entry-table pass per dimension (SymphonyQG) */
     int64_t entry;          /* -1 when empty */
     int32_t max_level;
 } qk_hnsw;
