@@ -194,6 +194,23 @@ def read_file(path, magic: bytes, fixed_size: int, *, mmap: bool = True, verify:
             with open(path, "rb") as f:
                 f.seek(header_len + off)
                 arrays[name] = np.fromfile(f, dtype=dt, count=nbytes // np.dtype(dt).itemsize).reshape(shape)
-    if verify and crc_arrays(list(arrays.values())) != data_crc:
+    if verify and mmap:
+        # read the bytes with plain reads, not through the map: mapped pages that the checksum touched would
+        # stay resident in this process, and a memory-mapped index is meant to cost memory only once searched
+        crc = 0
+        with open(path, "rb") as f:
+            buf = bytearray(1 << 24)
+            for name, dt, shape, off in specs:
+                left = math.prod(shape) * np.dtype(dt).itemsize
+                f.seek(header_len + off)
+                while left:
+                    got = f.readinto(memoryview(buf)[: min(left, len(buf))])
+                    if not got:
+                        raise FormatError(f"{path}: truncated while checking array {name!r}")
+                    crc = zlib.crc32(memoryview(buf)[:got], crc)
+                    left -= got
+        if crc != data_crc:
+            raise FormatError(f"{path}: data checksum mismatch (file is corrupt)")
+    elif verify and crc_arrays(list(arrays.values())) != data_crc:
         raise FormatError(f"{path}: data checksum mismatch (file is corrupt)")
     return Container(path, fixed, meta, arrays, size, data_crc)
