@@ -99,6 +99,10 @@ cli.add_command(quantize_cmd)
 cli.add_command(imatrix_cmd)
 cli.add_command(eval_group)
 
+from qkit.cli.report import report_cmd  # noqa: E402
+
+eval_group.add_command(report_cmd)
+
 from qkit.cli.ann import ann_group  # noqa: E402
 
 cli.add_command(ann_group)

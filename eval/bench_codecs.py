@@ -160,6 +160,45 @@ def table(records) -> str:
     return "\n".join(rows)
 
 
+def run_dataset(ds, names, fnames, seeds: int, echo=None) -> list[dict]:
+    """One record per codec on dataset ds (all its queries): qkit codecs `names`, faiss counterparts `fnames`.
+
+    Codecs with a random rotation run with seeds 0..seeds-1 and report the mean; echo(line), when
+    given, receives a progress line per codec.
+    """
+    base, Q = np.ascontiguousarray(ds.base, np.float32), np.ascontiguousarray(ds.queries, np.float32)
+    metric = "l2"
+    if ds.metric == "cosine":
+        from qkit.ann.index import normalize_rows
+
+        base, Q, metric = normalize_rows(base), normalize_rows(Q), "ip"
+    if echo:
+        echo(f"# {ds.name}: {len(base)} x {base.shape[1]} ({ds.metric}), {len(Q)} queries")
+    records = []
+    for impl, entries, fn in (("qkit", names, run_qkit), ("faiss", fnames, run_faiss)):
+        for name in entries:
+            seeded = name.startswith(("rabitq", "tq", "qjl"))
+            runs = []
+            for seed in range(seeds if seeded else 1):
+                bpv, enc, scan, I = fn(ds, base, Q, metric, name, seed)
+                runs.append((bpv, enc, scan, _recalls(ds, base, Q, I, metric)))
+            rec = {"dataset": ds.name, "impl": impl, "codec": name,
+                   "bits": int("".join(ch for ch in name if ch.isdigit()) or 1) if name != "flat" else 32,
+                   "bytes_per_vector": int(runs[0][0]), "seeds": len(runs),
+                   "encode_vec_per_s": len(base) / float(np.mean([r[1] for r in runs])),
+                   "scan_s": float(np.mean([r[2] for r in runs])), "n_queries": len(Q)}
+            for rr in RERANKS:
+                vals = [r[3][rr] for r in runs]
+                key = "recall_at_10" if rr == 0 else f"recall_rerank_{rr}"
+                rec[key] = round(float(np.mean(vals)), 4)
+                rec[key + "_per_seed"] = [round(v, 4) for v in vals]
+            rec["rerank"] = 0
+            records.append(rec)
+            if echo:
+                echo(f"#   {impl} {name}: R@10 {rec['recall_at_10']:.4f}")
+    return records
+
+
 def main(argv=None) -> int:
     from qkit.eval import datasets
     from qkit.eval.machine import describe
@@ -185,33 +224,7 @@ def main(argv=None) -> int:
         ds = datasets.load_dataset(dname)
         ds = dataclasses.replace(ds, queries=ds.queries[: a.nq], gt=ds.gt[: a.nq],
                                  gt_D=None if ds.gt_D is None else ds.gt_D[: a.nq])
-        base, Q = np.ascontiguousarray(ds.base, np.float32), np.ascontiguousarray(ds.queries, np.float32)
-        metric = "l2"
-        if ds.metric == "cosine":
-            from qkit.ann.index import normalize_rows
-
-            base, Q, metric = normalize_rows(base), normalize_rows(Q), "ip"
-        print(f"# {dname}: {len(base)} x {base.shape[1]} ({ds.metric}), {len(Q)} queries", file=sys.stderr)
-        for impl, entries, fn in (("qkit", names, run_qkit), ("faiss", fnames, run_faiss)):
-            for name in entries:
-                seeded = name.startswith(("rabitq", "tq", "qjl"))
-                runs = []
-                for seed in range(a.seeds if seeded else 1):
-                    bpv, enc, scan, I = fn(ds, base, Q, metric, name, seed)
-                    runs.append((bpv, enc, scan, _recalls(ds, base, Q, I, metric)))
-                rec = {"dataset": dname, "impl": impl, "codec": name,
-                       "bits": int("".join(ch for ch in name if ch.isdigit()) or 1) if name != "flat" else 32,
-                       "bytes_per_vector": int(runs[0][0]), "seeds": len(runs),
-                       "encode_vec_per_s": len(base) / float(np.mean([r[1] for r in runs])),
-                       "scan_s": float(np.mean([r[2] for r in runs])), "n_queries": len(Q)}
-                for rr in RERANKS:
-                    vals = [r[3][rr] for r in runs]
-                    key = "recall_at_10" if rr == 0 else f"recall_rerank_{rr}"
-                    rec[key] = round(float(np.mean(vals)), 4)
-                    rec[key + "_per_seed"] = [round(v, 4) for v in vals]
-                rec["rerank"] = 0
-                records.append(rec)
-                print(f"#   {impl} {name}: R@10 {rec['recall_at_10']:.4f}", file=sys.stderr)
+        records += run_dataset(ds, names, fnames, a.seeds, echo=lambda m: print(m, file=sys.stderr))
     print(table(records))
     if a.json_path:
         from qkit.fileio import atomic_write
