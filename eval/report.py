@@ -42,9 +42,9 @@ COMMITTED = HERE / "report"  # the committed full report the README shows (a sou
 QUICK_ARGS = {
     "quant": ["--rows", "base", "rtn-w4g128", "rtn-w3g128", "gptq-w3g128", "--windows", "4", "--nsamples", "8",
               "--seqlen", "128"],
-    "ann": {"n_base": 5000, "n_queries": 200, "efs": [16, 32, 64], "reranks": [0, 16], "codecs": ["sq8", "sq4"],
+    "ann": {"n_base": 3000, "n_queries": 100, "efs": [16, 32, 64], "reranks": [0, 16], "codecs": ["sq8", "sq4"],
             "M": 16, "ef_construction": 100, "threads": 2, "repeats": 1},
-    "codecs": {"n_base": 5000, "n_queries": 100, "qkit": ["sq8", "sq4", "rabitq1", "rabitq4", "tq4"],
+    "codecs": {"n_base": 3000, "n_queries": 100, "qkit": ["sq8", "sq4", "rabitq1", "rabitq4", "tq4"],
                "faiss": ["rabitq1", "rabitq4", "tq4"], "seeds": 1},
     "kernels": ["--rows", "200000", "--repeat", "3", "--many-queries", "16", "--many-rows", "5000",
                 "--lowbit-mb", "8"],
