@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numba
@@ -70,6 +71,8 @@ def main(argv=None) -> dict:
     if a.mb <= 0 or a.repeat < 1:
         ap.error("--mb must be > 0 and --repeat >= 1")
     rec = {**measure(a.mb, a.repeat), "machine": machine.describe()}
+    # other jobs share the memory bus: record how busy the machine was, so a low figure can be read as such
+    rec["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(f"streaming copy {rec['copy_gbps']:.2f} GB/s, streaming read {rec['read_gbps']:.2f} GB/s "
           f"(one thread, {rec['mb']:.0f} MB buffers, best of {a.repeat})")
     if a.json:

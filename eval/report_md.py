@@ -285,7 +285,10 @@ def kernels_md(recs: list[dict] | None, bw: dict | None) -> str:
         parts += [f"One core streams {bw['copy_gbps']:.2f} GB/s in a copy (read + write) and reads "
                   f"{bw['read_gbps']:.2f} GB/s ({bw.get('mb', 0):.0f} MB buffers, best of {bw.get('repeat', '?')}). "
                   "A scan that reads its codes once cannot beat the read figure once they are out of cache; "
-                  "GB/s below counts the bytes each kernel reads, one thread.", ""]
+                  "GB/s below counts the bytes each kernel reads, one thread."
+                  + (f" The 1-minute load average during the bandwidth run was {bw['load_average_1m']:.1f} on "
+                     f"{bw.get('machine', {}).get('cores', '?')} cores: other jobs shared the memory bus."
+                     if bw.get("load_average_1m", 0) >= 1 else ""), ""]
     if recs:
         r0 = recs[0]
         parts += [f"Rows of {r0.get('dim', '?')} dimensions; {r0.get('rows', '?')} rows in the int8 scans "

@@ -68,7 +68,8 @@ def inputs(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     files = {"quant": _quant(), "ann": _ann(), "codecs": _codecs(), "kernels": _kernels(),
-             "bandwidth": {"copy_gbps": 11.5, "read_gbps": 9.25, "mb": 256, "repeat": 5}}
+             "bandwidth": {"copy_gbps": 11.5, "read_gbps": 9.25, "mb": 256, "repeat": 5,
+                           "machine": {"cores": 2}, "load_average_1m": 9.2}}
     paths = {}
     for k, v in files.items():
         paths[k] = src / f"{k}.json"
@@ -164,6 +165,7 @@ def test_report_from_json_writes_files_and_tables_equal_the_json(tmp_path, input
         assert float(row["GB/s"]) == r["gbps"]
         assert float(row["% of read bandwidth"]) == pytest.approx(100 * r["gbps"] / 9.25, abs=0.5)
     assert "11.50 GB/s in a copy" in md and "9.25 GB/s" in md
+    assert "load average during the bandwidth run was 9.2 on 2 cores" in md
 
     # the report is a pure function of data/ and report.json: rendering it again gives the same file
     data, meta2 = report.load_report(out)
@@ -263,6 +265,7 @@ def test_kernels_section_runs_the_benchmarks(tmp_path, monkeypatch):
     assert meta["sources"]["kernels"] == "run (quick)"
     assert {"dot_i8", "hamming"} <= {r["kernel"] for r in data.kernels} and all(r["rows"] for r in data.kernels)
     assert data.bandwidth["copy_gbps"] > 0 and data.bandwidth["read_gbps"] > 0 and data.bandwidth["mb"] == 2
+    assert data.bandwidth["load_average_1m"] >= 0
     assert (out / "kernels.png").is_file()
 
 
