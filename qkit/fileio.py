@@ -54,8 +54,10 @@ def pause_point(name: str) -> None:
     ready = os.environ.get("QKIT_TEST_PAUSE_FILE")
     if ready:
         Path(ready).write_text(str(os.getpid()))
+    # short sleeps: a signal the kernel hands to another thread (BLAS/OpenMP workers) only sets CPython's
+    # pending flag, which the main thread sees at its next bytecode, never inside one long sleep
     while True:
-        time.sleep(3600)
+        time.sleep(0.05)
 
 
 def _umask() -> int:
