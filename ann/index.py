@@ -3,7 +3,7 @@
     index = Index(dim, metric="l2", codec="sq8", M=16, ef_construction=200)
     index.add(x)                         # ids 0..n-1, or add(x, ids=...) with int64 ids >= 0
     D, I = index.search(xq, k, ef=64, rerank=32)
-    index.save("vecs.qkit")              # + vecs.qkit.vectors when full-precision vectors are kept
+    index.save("vecs.qkit")              # one file: graph, codes, and the re-rank store if kept
     index = Index.load("vecs.qkit")      # memory-mapped, checksummed, no pickle
 
 Distances returned by search (float32, shape (nq, k); I int64, -1 where fewer than k were found):
@@ -25,7 +25,10 @@ graph, and it re-scores the best candidates. Stores:
     "auto"   (default) u8 when the first vectors added are all integers 0..255, else float
     None     no store: the graph is built on the codes, and rerank is refused
 The flat codec needs none (its codes are the vectors). On disk the store
-lives beside the index in ``PATH.vectors`` and is memory-mapped.
+is one more array of the index file, memory-mapped like the rest: one file
+is renamed into place at once, so a save interrupted at any moment leaves
+the previous complete index (files written before 2026-11-23 kept it in
+``PATH.vectors``; they still load).
 
 Threads: one index may be searched from many threads at once (the C search
 releases the GIL). add() and remove() take the index exclusively through a
@@ -140,6 +143,7 @@ class Index:
         self.store_mode = store
         self.store: Codec | None = None        # chosen at the first add for "auto"
         self._store_codes: np.ndarray | None = None
+        self._store_file: Path | None = None   # the file load() read the store from
         self.ef = DEFAULT_EF
         self._codes = np.zeros((0, self.codec.walk_bytes), np.uint8)
         self._labels = np.zeros(0, np.int64)
@@ -482,36 +486,33 @@ class Index:
 
     # ---------------------------------------------------------------- files
     def save(self, path, *, inputs=()) -> int:
-        """Write the index (and PATH.vectors when it has a re-rank store); returns bytes on disk.
+        """Write the index to one file (graph, codes, re-rank store); returns bytes on disk.
 
-        Both files are written to temporary names first and renamed together (the store, then
-        the index), so a failed save leaves the previous pair as it was. `inputs` are paths that
-        must not be overwritten (the CLI passes the vectors it read)."""
+        The file is written under a temporary name and renamed into place, so a failed or killed
+        save leaves the previous index as it was. `inputs` are paths that must not be overwritten
+        (the CLI passes the vectors it read)."""
         path = Path(path)
         if self.n_live == 0:
             raise UsageError("refusing to save an empty index")
         with self._lock.read():
-            files = []
-            store_code, vec_crc, sarrays = 0, None, {}
+            store_code, sarrays = 0, {}
             if self.store is not None:
                 store_code = STORE_CODES[self.store.name]
-                vfixed = ff.VECTOR_FIELDS.pack(self.dim, store_code, self.ntotal)
-                varrays = {"codes": self.store_codes}
-                vec_crc = ff.crc_arrays(list(varrays.values()))
-                files.append((vectors_path(path), ff.MAGIC_VECTORS, vfixed, {"store": self.store.name}, varrays))
+                sarrays = {"store_codes": self.store_codes}
                 if self.store.name == "sq8":
                     _, st = self.store.state()
-                    sarrays = {f"store.{k}": v for k, v in st.items()}
+                    sarrays.update({f"store.{k}": v for k, v in st.items()})
             params, carrays = self.codec.state()
             g = self.graph
             fixed = ff.INDEX_FIELDS.pack(self.dim, ff.METRIC_CODES[self.metric], g.M, g.M0, self.ef_construction,
                                          self.ntotal, g.n_upper, g.entry, g.max_level, g.seed,
                                          self.codec.name.encode(), store_code)
+            # the store's array last: search without rerank never touches its pages
             arrays = dict(g.arrays(), labels=self.labels, codes=self.codes, removed=self.removed,
                           **{f"codec.{k}": v for k, v in carrays.items()}, **sarrays)
-            meta = {"codec_params": params, "vectors_crc": vec_crc, "ef": self.ef}
-            files.append((path, ff.MAGIC_INDEX, fixed, meta, arrays))
-            total = ff.write_files(files, inputs=inputs)
+            meta = {"codec_params": params, "ef": self.ef}
+            total = ff.write_file(path, ff.MAGIC_INDEX, fixed, meta, arrays, inputs=inputs)
+        _drop_legacy_vectors(path)
         self.path = path
         return total
 
@@ -565,17 +566,21 @@ class Index:
             raise FormatError(f"{path}: the entry point is a removed node")
         idx._dead = dead
         if store_name is not None:
-            vpath = vectors_path(path)
-            v = ff.read_file(vpath, ff.MAGIC_VECTORS, ff.VECTOR_FIELDS.size, mmap=mmap, verify=verify)
-            vdim, vkind, vn = ff.VECTOR_FIELDS.unpack(v.fixed)
-            sc = v.arrays.get("codes")
             want = (ntotal, idx.store.bytes_per_vector)
-            if vdim != dim or vn != ntotal or vkind != store_code or sc is None or sc.shape != want or \
-                    sc.dtype != np.uint8:
-                raise FormatError(f"{vpath}: does not match its index (dim/count/store)")
-            if c.meta.get("vectors_crc") != v.data_crc:
-                raise FormatError(f"{vpath}: belongs to a different save of the index")
-            idx._store_codes = sc
+            sc = a.get("store_codes")
+            where = path
+            if sc is None:   # a file from before 2026-11-23: the store in PATH.vectors, tied by the save's CRC
+                where = vectors_path(path)
+                v = ff.read_file(where, ff.MAGIC_VECTORS, ff.VECTOR_FIELDS.size, mmap=mmap, verify=verify)
+                vdim, vkind, vn = ff.VECTOR_FIELDS.unpack(v.fixed)
+                sc = v.arrays.get("codes")
+                if vdim != dim or vn != ntotal or vkind != store_code:
+                    raise FormatError(f"{where}: does not match its index (dim/count/store)")
+                if c.meta.get("vectors_crc") != v.data_crc:
+                    raise FormatError(f"{where}: belongs to a different save of the index")
+            if sc is None or sc.shape != want or sc.dtype != np.uint8:
+                raise FormatError(f"{where}: re-rank store does not match the index (dim/count/store)")
+            idx._store_codes, idx._store_file = sc, Path(where)
         idx.path = Path(path)
         return idx
 
@@ -592,8 +597,21 @@ def _load_store(name: str, dim: int, metric: str, arrays: dict) -> Codec:
 
 
 def vectors_path(path) -> Path:
-    """The re-rank store beside an index: INDEX.vectors."""
+    """Where files written before 2026-11-23 kept the re-rank store: INDEX.vectors (read, never written)."""
     return Path(str(path) + ".vectors")
+
+
+def _drop_legacy_vectors(path: Path) -> None:
+    """After a save, an older format's PATH.vectors beside it belonged to the index just replaced:
+    remove it (only a qkit vectors file: anything else by that name is not ours)."""
+    vp = vectors_path(path)
+    try:
+        with open(vp, "rb") as f:
+            ours = f.read(8) == ff.MAGIC_VECTORS
+        if ours:
+            vp.unlink()
+    except OSError:
+        pass
 
 
 def _fit_rows(a: np.ndarray | None, rows: int) -> np.ndarray:

@@ -41,7 +41,7 @@ def ann_group() -> None:
 
 @ann_group.command("build")
 @click.argument("vectors")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Index file to write (plus OUTPUT.vectors).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Index file to write (one file, the re-rank store included).")
 @click.option("--metric", type=click.Choice(["l2", "ip", "cosine"]), default=None,
               help="Distance (default: the dataset's own, else l2).")
 @click.option("--codec", default="sq8", show_default=True,
@@ -51,7 +51,7 @@ def ann_group() -> None:
 @click.option("--ef-construction", type=click.IntRange(1, None), default=200, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="Insertion threads.")
 @click.option("--store", type=click.Choice(["auto", "float", "u8", "sq8", "none"]), default="auto", show_default=True,
-              help="Re-rank store in OUTPUT.vectors (the graph is built on it): float32, the data's own uint8 "
+              help="Re-rank store kept in the index (the graph is built on it): float32, the data's own uint8 "
                    "values, an 8-bit grid, or none; auto = u8 for integer 0..255 data, else float.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random levels.")
 @click.option("--reorder", type=click.Choice(["none", "bfs", "rcm", "kmeans"]), default="none", show_default=True,
@@ -69,9 +69,9 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store
     if Path(output).is_dir():
         raise UsageError(f"-o {output}: is a directory; give the index file's name")
     inputs = (vectors,) if Path(vectors).exists() else ()
-    for out in (Path(output), Path(str(output) + ".vectors")):
-        if any(out.exists() and Path(i).exists() and out.resolve() == Path(i).resolve() for i in inputs):
-            raise UsageError(f"-o {output}: would overwrite the input {vectors}")
+    out = Path(output)
+    if any(out.exists() and Path(i).exists() and out.resolve() == Path(i).resolve() for i in inputs):
+        raise UsageError(f"-o {output}: would overwrite the input {vectors}")
     X = datasets.read_vectors(vectors, role="base")
     if metric is None:
         metric = datasets.load_dataset(vectors).metric if vectors in datasets.DATASETS else "l2"
@@ -126,7 +126,7 @@ def _read_gt(path: str, nq: int, k: int) -> np.ndarray:
 @click.option("-k", "k", type=click.IntRange(1, None), default=10, show_default=True)
 @click.option("--ef", type=click.IntRange(1, None), default=64, show_default=True, help="Search beam (raised to k).")
 @click.option("--rerank", type=click.IntRange(0, None), default=0, show_default=True,
-              help="Re-score this many codec candidates exactly from INDEX.vectors.")
+              help="Re-score this many codec candidates exactly from the re-rank store.")
 @click.option("--gt", "gt_path", default=None,
               help="Ground-truth ids (.npy or .ivecs, one row per query); automatic for a dataset name.")
 @click.option("-o", "--output", default=None, type=click.Path(),
@@ -136,7 +136,7 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     """Search INDEX with QUERIES (a vector file, or a dataset name for its held-out queries); report QPS and recall.
 
     QPS counts the search call alone, one thread, every query handed over at once."""
-    from qkit.ann import Index, vectors_path
+    from qkit.ann import Index
     from qkit.eval import datasets
 
     _check_out_dir(output, "-o")
@@ -166,8 +166,8 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     qps = len(Q) / search_s if search_s > 0 else float("inf")
     reranked = rerank > 0 and index.store is not None and index.codec_name != "flat"
     disk = Path(index_path).stat().st_size
-    if index.store is not None:
-        disk += vectors_path(index_path).stat().st_size
+    if index._store_file is not None and index._store_file != Path(index_path):
+        disk += index._store_file.stat().st_size   # a file from before 2026-11-23: the store beside it
     rec = {"index": str(index_path), "queries": str(queries), "n_queries": int(len(Q)), "k": k,
            "ef": max(ef, k, rerank if reranked else 0), "rerank": rerank if reranked else 0,
            "store": index.store.name if index.store is not None else None,

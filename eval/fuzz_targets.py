@@ -256,20 +256,42 @@ def _container_layout(blob: bytes) -> tuple[list[int], list[tuple[int, int]]]:
     return sorted(set(bounds)), ints
 
 
+def write_legacy_pair(path: Path) -> None:
+    """Rewrite an index saved by this qkit into the layout of files written before 2026-11-23: the
+    re-rank store in PATH.vectors, tied to the index by its data CRC (the loader still reads those)."""
+    from qkit.ann import fileformat as ff
+    from qkit.ann.index import vectors_path
+
+    c = ff.read_file(path, ff.MAGIC_INDEX, ff.INDEX_FIELDS.size, mmap=False)
+    arrays = {k: np.array(v) for k, v in c.arrays.items()}
+    sc = arrays.pop("store_codes")
+    store_code = ff.INDEX_FIELDS.unpack(c.fixed)[-1]
+    dim = ff.INDEX_FIELDS.unpack(c.fixed)[0]
+    ff.write_file(vectors_path(path), ff.MAGIC_VECTORS, ff.VECTOR_FIELDS.pack(dim, store_code, len(sc)), {},
+                  {"codes": sc})
+    meta = {k: v for k, v in c.meta.items() if k != "arrays"}
+    meta["vectors_crc"] = ff.crc_arrays([sc])
+    ff.write_file(path, ff.MAGIC_INDEX, c.fixed, meta, arrays)
+
+
 def build_index(d: Path) -> list[Seed]:
     from qkit.ann import Index
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 12)).astype(np.float32)
     seeds = []
+    # the last seed is the older two-file layout (index + PATH.vectors), which the loader still reads
     for i, (codec, store, metric) in enumerate([("sq8", "float", "l2"), ("sq4", "sq8", "ip"),
-                                                 ("flat", None, "cosine"), ("rabitq4", "float", "l2")]):
+                                                 ("flat", None, "cosine"), ("rabitq4", "float", "l2"),
+                                                 ("sq8", "u8", "l2")]):
         idx = Index(12, metric, codec, M=4, ef_construction=16, store=store)
-        idx.add(x)
+        idx.add(np.abs(x * 40).round().clip(0, 255) if store == "u8" else x)
         if i == 0:
             idx.remove([3, 7])
         p = d / f"s{i}.qkit"
         idx.save(p)
+        if i == 4:
+            write_legacy_pair(p)
         files = {p.name: p.read_bytes()}
         if Path(str(p) + ".vectors").exists():
             files[p.name + ".vectors"] = Path(str(p) + ".vectors").read_bytes()
@@ -291,7 +313,8 @@ def load_index(path: Path) -> str:
     q = np.random.default_rng(1).normal(size=(4, idx.dim)).astype(np.float32)
     k = min(3, idx.n_live)
     D, I = idx.search(q, k)
-    out = [D.round(3), I]
+    with np.errstate(over="ignore", invalid="ignore"):   # mutated codec parameters may give inf distances
+        out = [D.round(3), I]
     if idx.store is not None:
         out += list(idx.search(q, k, rerank=6))
     out.append(idx.search(q, k, filter=idx.labels[: max(1, len(idx.labels) // 2)])[1])

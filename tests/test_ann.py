@@ -202,8 +202,8 @@ def test_save_load_mmap_identical(tmp_path, data, built, codec):
     idx = built[codec]
     path = tmp_path / "a.qkit"
     size = idx.save(path)
-    assert path.exists() and vectors_path(path).exists() == (codec != "flat")
-    assert size == path.stat().st_size + (vectors_path(path).stat().st_size if codec != "flat" else 0)
+    assert path.exists() and not vectors_path(path).exists()   # one file, the re-rank store included
+    assert size == path.stat().st_size
     rr = 32 if codec != "flat" else 0
     want = idx.search(q, 10, rerank=rr)
     for mmap in (True, False):
@@ -260,18 +260,41 @@ def test_corrupt_truncated_and_foreign_files(tmp_path, built):
         bad.write_bytes(bytes(blob))
         with pytest.raises(FormatError, match=msg):
             Index.load(bad)
-    with pytest.raises(FormatError, match="qkit vectors file"):
-        Index.load(vectors_path(p))
     with pytest.raises(InputError, match="no such"):
         Index.load(tmp_path / "missing.qkit")
+
+
+def test_legacy_two_file_layout_loads_and_is_replaced_by_one_file(tmp_path, data):
+    """Files from before 2026-11-23 kept the store in PATH.vectors, tied by the save's CRC: they load; a
+    mixed pair is refused; saving over one writes a single file and removes the old PATH.vectors."""
+    from qkit.eval.fuzz_targets import write_legacy_pair
+
+    x, q = data
+    p = tmp_path / "old.qkit"
+    idx = Index(x.shape[1], codec="sq8", ef_construction=20, store="float")
+    idx.add(x[:500])
+    idx.save(p)
+    want = idx.search(q, 10, rerank=32)
+    write_legacy_pair(p)
+    assert vectors_path(p).exists()
+    for mmap in (True, False):
+        got = Index.load(p, mmap=mmap).search(q, 10, rerank=32)
+        np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(FormatError, match="qkit vectors file"):
+        Index.load(vectors_path(p))
+    Index.load(p, mmap=False).save(p)
+    assert not vectors_path(p).exists()
+    np.testing.assert_array_equal(Index.load(p).search(q, 10, rerank=32)[1], want[1])
     # a vectors file from another save is refused: other count, or same count and other vectors
-    x = clustered(1000, 48, seed=11)
+    xx = clustered(1000, 48, seed=11)
     for other_rows, msg in ((slice(0, 400), "does not match"), (slice(500, 1000), "different save")):
         a, b = Index(48, codec="sq8", ef_construction=20), Index(48, codec="sq8", ef_construction=20)
-        a.add(x[:500])
-        b.add(x[other_rows])
+        a.add(xx[:500])
+        b.add(xx[other_rows])
         a.save(tmp_path / "a.qkit")
         b.save(tmp_path / "b.qkit")
+        write_legacy_pair(tmp_path / "a.qkit")
+        write_legacy_pair(tmp_path / "b.qkit")
         vectors_path(tmp_path / "a.qkit").write_bytes(vectors_path(tmp_path / "b.qkit").read_bytes())
         with pytest.raises(FormatError, match=msg):
             Index.load(tmp_path / "a.qkit")
