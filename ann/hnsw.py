@@ -245,6 +245,8 @@ class Graph:
                             ("upper_off", upper_off, np.int64), ("level", level, np.int32)):
             if a.dtype != dt:
                 raise FormatError(f"graph array {name} has dtype {a.dtype}, expected {np.dtype(dt)}")
+        if links0.ndim != 2 or upper_off.ndim != 1:   # a 0-d array has no len()
+            raise FormatError("graph arrays have the wrong number of dimensions")
         n = len(links0)
         if links0.shape != (n, g.M0 + 1) or upper.ndim != 2 or upper.shape[1] != g.M + 1:
             raise FormatError("graph arrays have the wrong shape for M/M0")

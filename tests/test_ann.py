@@ -300,6 +300,13 @@ def test_legacy_two_file_layout_loads_and_is_replaced_by_one_file(tmp_path, data
             Index.load(tmp_path / "a.qkit")
 
 
+def test_graph_arrays_of_the_wrong_rank_are_refused():
+    """Found by the fuzzer (index case 9327): a table declaring links0 with shape [] gave a TypeError."""
+    i32, i64 = np.zeros((), np.int32), np.zeros((), np.int64)
+    with pytest.raises(FormatError, match="number of dimensions"):
+        Graph.from_arrays(4, 8, 0, 0, 0, i32, np.zeros((0, 5), np.int32), i64, i32)
+
+
 def test_valid_checksums_but_bad_links_are_refused(tmp_path, built):
     """A crafted file with correct checksums must not reach the C walk with out-of-range ids."""
     p = _saved(tmp_path, built)
