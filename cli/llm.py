@@ -47,7 +47,7 @@ def _torch_threads(threads: int | None) -> None:
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (zero = 2^(bits-1)).")
 @click.option("--clip-search/--no-clip-search", default=None,
               help="rtn/gptq: MSE search of each group's range (default off); awq: AWQ's clip search on the "
-                   "layer outputs (default on).")
+                   "layer outputs (default on); awq --round gptq: GPTQ's MSE search (default off).")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing diag(H) (desc_act).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
@@ -240,12 +240,15 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         from qkit.awq import AWQ, AWQConfig
 
         gptq_cfg = None
+        awq_clip = clip_search
         if rounding == "gptq":
+            # --clip-search here is GPTQ's MSE grid; AWQ's own clip would hand GPTQ clipped weights to reproduce
             gptq_cfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
-                                  static_groups=static_groups, damp=damp, **grid)
+                                  static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
+            awq_clip = False
             record.update({"round": "gptq", "desc_act": act_order, "static_groups": static_groups,
                            "damp_percent": damp})
-        chooser = AWQ(AWQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, n_grid=n_grid, clip=clip_search,
+        chooser = AWQ(AWQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, n_grid=n_grid, clip=awq_clip,
                                 search_samples=search_samples, **grid), gptq=gptq_cfg)
         record.update({"n_grid": n_grid, "search_samples": search_samples})
     elif method == "smoothquant":

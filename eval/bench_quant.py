@@ -57,6 +57,9 @@ def all_rows() -> list[dict]:
     rows += [_row(f"awq-w{bits}g{g}", "awq", bits, g) for bits, g in AWQ_GRIDS]
     # AWQ's scales, then GPTQ (act-order) rounding the scaled weights (qkit quantize --method awq --round gptq)
     rows += [dict(_row(f"awq-gptq-ao-w{bits}g{g}", "awq", bits, g, True), round="gptq") for bits, g in AWQ_GRIDS]
+    # the same with GPTQ's MSE grid (each group's range searched, --clip-search)
+    rows += [dict(_row(f"awq-gptq-ao-mse-w{bits}g{g}", "awq", bits, g, True), round="gptq", clip_search=True)
+             for bits, g in AWQ_GRIDS]
     rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
     rows += [_row(f"rot-{m}{'-ao' if ao else ''}-w{bits}g{g}", m, bits, g, ao, rotate=True)
              for m, ao, bits, g in ROT_ROWS]
@@ -117,6 +120,8 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
             args += setup.quant_args()
         if row.get("round"):
             args += ["--round", row["round"]]
+        if row.get("clip_search"):
+            args.append("--clip-search")
         if row["act_order"]:
             args.append("--act-order")
         if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs

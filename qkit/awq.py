@@ -32,7 +32,7 @@ searched as above (against round-to-nearest), folded, and the scaled weights
 W diag(s) are then rounded by GPTQ, whose Hessian must be that of the scaled
 inputs x / s: H_s = diag(1/s) H diag(1/s), computed from the H accumulated on
 the float inputs. The clip search is off by default here: a clipped W would be
-what GPTQ reproduces, and GPTQ's own grid choice (optionally its MSE clip)
+what GPTQ reproduces, and GPTQ's own grid choice (optionally its MSE clip, CLI --clip-search)
 already trades range for resolution.
 
 CPU cost: each alpha runs the block once. On all 128 x 512 calibration tokens

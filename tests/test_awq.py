@@ -284,6 +284,19 @@ def test_cli_awq_round_gptq(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "q" / "qkit_quantization.json").read_text())
     assert rec["round"] == "gptq" and rec["desc_act"] and not rec["clip_search"]
+    # --clip-search with --round gptq is GPTQ's MSE grid: recorded, and other weights than the min-max grid's
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), *common, "--round", "gptq", "--act-order", "--clip-search",
+                "-o", str(tmp_path / "qm"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "qm" / "qkit_quantization.json").read_text())["clip_search"]
+    from safetensors.numpy import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    a, b = weights(tmp_path / "q"), weights(tmp_path / "qm")
+    differ = [k for k in a if k.endswith("proj.weight") and not np.array_equal(a[k], b[k])]
+    assert differ
     r = run_cli(capsys, "quantize", str(tmp_path / "m"), *common, "--act-order", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and "apply to --method gptq (or awq with --round gptq)" in r.stderr
     r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--round", "gptq", "-o", str(tmp_path / "y"))
