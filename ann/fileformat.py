@@ -22,7 +22,6 @@ fsync, rename).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -76,22 +75,9 @@ def crc_arrays(arrays: list[np.ndarray]) -> int:
 
 
 def write_file(path, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, np.ndarray], *, inputs=()) -> int:
-    """Write one container atomically; returns its size in bytes."""
-    return write_files([(path, magic, fixed, meta, arrays)], inputs=inputs)
-
-
-def write_files(files, *, inputs=()) -> int:
-    """Write containers [(path, magic, fixed, meta, arrays), ...] to temporary names, then rename them
-    in order, last one last: a failure while writing leaves every old file in place. Returns bytes."""
-    total = 0
-    with contextlib.ExitStack() as stack:
-        # ExitStack unwinds in reverse: enter the last file first so it is renamed last
-        tmps = [None] * len(files)
-        for i in reversed(range(len(files))):
-            tmps[i] = stack.enter_context(atomic_path(files[i][0], inputs=inputs))
-        for tmp, (_, magic, fixed, meta, arrays) in zip(tmps, files):
-            total += _write_container(tmp, magic, fixed, meta, arrays)
-    return total
+    """Write one container to a temporary name and rename it into place; returns its size in bytes."""
+    with atomic_path(path, inputs=inputs) as tmp:
+        return _write_container(tmp, magic, fixed, meta, arrays)
 
 
 def _write_container(tmp, magic: bytes, fixed: bytes, meta: dict, arrays: dict[str, np.ndarray]) -> int:

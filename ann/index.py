@@ -143,7 +143,6 @@ class Index:
         self.store_mode = store
         self.store: Codec | None = None        # chosen at the first add for "auto"
         self._store_codes: np.ndarray | None = None
-        self._store_file: Path | None = None   # the file load() read the store from
         self.ef = DEFAULT_EF
         self._codes = np.zeros((0, self.codec.walk_bytes), np.uint8)
         self._labels = np.zeros(0, np.int64)
@@ -580,7 +579,7 @@ class Index:
                     raise FormatError(f"{where}: belongs to a different save of the index")
             if sc is None or sc.shape != want or sc.dtype != np.uint8:
                 raise FormatError(f"{where}: re-rank store does not match the index (dim/count/store)")
-            idx._store_codes, idx._store_file = sc, Path(where)
+            idx._store_codes = sc
         idx.path = Path(path)
         return idx
 

@@ -136,7 +136,7 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     """Search INDEX with QUERIES (a vector file, or a dataset name for its held-out queries); report QPS and recall.
 
     QPS counts the search call alone, one thread, every query handed over at once."""
-    from qkit.ann import Index
+    from qkit.ann import Index, vectors_path
     from qkit.eval import datasets
 
     _check_out_dir(output, "-o")
@@ -166,8 +166,8 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     qps = len(Q) / search_s if search_s > 0 else float("inf")
     reranked = rerank > 0 and index.store is not None and index.codec_name != "flat"
     disk = Path(index_path).stat().st_size
-    if index._store_file is not None and index._store_file != Path(index_path):
-        disk += index._store_file.stat().st_size   # a file from before 2026-11-23: the store beside it
+    if vectors_path(index_path).exists():   # a file from before 2026-11-23: the store beside it (a save removes it)
+        disk += vectors_path(index_path).stat().st_size
     rec = {"index": str(index_path), "queries": str(queries), "n_queries": int(len(Q)), "k": k,
            "ef": max(ef, k, rerank if reranked else 0), "rerank": rerank if reranked else 0,
            "store": index.store.name if index.store is not None else None,
