@@ -60,6 +60,9 @@ def all_rows() -> list[dict]:
     # the same with GPTQ's MSE grid (each group's range searched, --clip-search)
     rows += [dict(_row(f"awq-gptq-ao-mse-w{bits}g{g}", "awq", bits, g, True), round="gptq", clip_search=True)
              for bits, g in AWQ_GRIDS]
+    # ... with the alpha search on 16 calibration sequences instead of 4 (--search-samples 16)
+    rows += [dict(_row("awq-gptq-ao-mse-s16-w4g128", "awq", 4, 128, True), round="gptq", clip_search=True,
+                  search_samples=16)]
     rows += [_row(f"{m}-w8a8", m, 8, None, fmt="compressed-tensors", act_bits=8) for m in ("rtn", "smoothquant")]
     rows += [_row(f"rot-{m}{'-ao' if ao else ''}-w{bits}g{g}", m, bits, g, ao, rotate=True)
              for m, ao, bits, g in ROT_ROWS]
@@ -98,6 +101,29 @@ def _qkit(*args: str) -> None:
         raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {last[0]}")
 
 
+def quantize_args(row: dict, setup: Setup, out: Path, qjson: Path) -> list[str]:
+    """The `qkit quantize` command line of a row (everything the row's keys ask for)."""
+    args = ["quantize", setup.model, "--method", row["method"], "--bits", str(row["bits"]), "--group-size",
+            str(row["group_size"] or -1), "--format", row["format"], "-o", str(out), "--json", str(qjson)]
+    if row["method"] in CALIBRATED:
+        args += setup.quant_args()
+    if row.get("round"):
+        args += ["--round", row["round"]]
+    if row.get("clip_search"):
+        args.append("--clip-search")
+    if row.get("search_samples"):
+        args += ["--search-samples", str(row["search_samples"])]
+    if row["act_order"]:
+        args.append("--act-order")
+    if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
+        args.append("--rotate")
+    if row.get("online_hadamard"):
+        args.append("--online-hadamard")
+    if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations
+        args += ["--sym", "--act-bits", str(row["act_bits"])]
+    return args
+
+
 def run_row(row: dict, cache: Path, setup: Setup) -> dict:
     done = cache / f"{row['id']}.json"
     if done.is_file():  # rows cached before a key was added get it from the row's definition
@@ -114,22 +140,7 @@ def run_row(row: dict, cache: Path, setup: Setup) -> dict:
     else:
         out = cache / row["id"]
         qjson = cache / f"{row['id']}.quant.json"
-        args = ["quantize", setup.model, "--method", row["method"], "--bits", str(row["bits"]), "--group-size",
-                str(row["group_size"] or -1), "--format", row["format"], "-o", str(out), "--json", str(qjson)]
-        if row["method"] in CALIBRATED:
-            args += setup.quant_args()
-        if row.get("round"):
-            args += ["--round", row["round"]]
-        if row.get("clip_search"):
-            args.append("--clip-search")
-        if row["act_order"]:
-            args.append("--act-order")
-        if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
-            args.append("--rotate")
-        if row.get("online_hadamard"):
-            args.append("--online-hadamard")
-        if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations
-            args += ["--sym", "--act-bits", str(row["act_bits"])]
+        args = quantize_args(row, setup, out, qjson)
         # resume inside a row too: a finished quantization (its summary and output) or evaluation is kept
         if not (qjson.is_file() and (out / "qkit_quantization.json").is_file()):
             _qkit(*args)

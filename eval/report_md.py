@@ -10,7 +10,7 @@ import re
 # bench_quant keys shown in fixed columns or in the header; any other numeric key gets a column of its own
 QUANT_KEYS = {"id", "method", "bits", "group_size", "act_order", "format", "act_bits", "ppl", "kl", "top1", "seconds",
               "peak_rss_mb", "bits_per_weight", "calibration", "model", "text", "windows", "ctx", "tokens", "round",
-              "type", "rotate"}
+              "type", "rotate", "search_samples"}
 RECALL_TARGETS = (0.9, 0.95)
 
 WEIGHTS_CAVEAT = ("The default model's fp32 weights are dequantized from Q4_1 (blocks of 32), so W4 g32 "

@@ -132,3 +132,20 @@ def test_bench_memory_rows_on_a_small_index(tmp_path):
     assert all(r["peak_rss_mb"] > 20 for r in rows[:2])   # an interpreter with numpy, measured, not zero
     assert rows[2]["rss_mb"] <= rows[3]["rss_mb"] + 1    # loading touches no more than searching
     assert "qkit ann build" in bench_memory.table(rows)
+
+
+def test_bench_quant_rows_are_valid_quantize_command_lines(tmp_path):
+    """Every safetensors row's command line parses with `qkit quantize`'s own options, and carries its keys."""
+    from qkit.cli.llm import quantize_cmd
+    from qkit.eval import bench_quant
+
+    setup = bench_quant.Setup()
+    rows = [r for r in bench_quant.all_rows() if r["method"] != "base" and r["format"] != "gguf"]
+    assert len(rows) > 20
+    for r in rows:
+        args = bench_quant.quantize_args(r, setup, tmp_path / r["id"], tmp_path / "q.json")
+        assert args[0] == "quantize"
+        p = quantize_cmd.make_context("quantize", args[1:]).params
+        assert (p["method"], p["bits"], p["act_order"], p["rotate"]) == (r["method"], r["bits"], r["act_order"],
+                                                                         r["rotate"]), r["id"]
+        assert p["search_samples"] == r.get("search_samples", 4) and p["clip_search"] == r.get("clip_search"), r["id"]
