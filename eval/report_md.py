@@ -88,6 +88,24 @@ def pareto(recs: list[dict], x="bits_per_weight", y="ppl") -> list[dict]:
     return front
 
 
+def gap_closed(ppl_plain: float, ppl: float, ppl_base: float) -> float:
+    """The share of the plain quantizer's perplexity gap to the base model that a method closes (the issues' measure:
+    (ppl_plain - ppl) / (ppl_plain - ppl_base))."""
+    return (ppl_plain - ppl) / (ppl_plain - ppl_base)
+
+
+def llamacpp_gap(rs: list[dict], rtn: dict, recs: list[dict]) -> str:
+    """The same measure in llama.cpp's perplexity, for GGUF rows scored by llama.cpp against its F32 GGUF row."""
+    f32 = next((r for r in recs if r.get("method") == "base" and r.get("ppl_llamacpp") is not None), None)
+    scored = [r for r in rs if r.get("ppl_llamacpp") is not None and r is not rtn]
+    if f32 is None or rtn.get("ppl_llamacpp") is None or not scored or rtn["ppl_llamacpp"] <= f32["ppl_llamacpp"]:
+        return ""
+    b = min(scored, key=lambda r: r["ppl_llamacpp"])
+    g = gap_closed(rtn["ppl_llamacpp"], b["ppl_llamacpp"], f32["ppl_llamacpp"])
+    return (f"; by llama.cpp, {b['id']} {b['ppl_llamacpp']:.3f} against {rtn['ppl_llamacpp']:.3f} and F32 "
+            f"{f32['ppl_llamacpp']:.3f}: {g:.1%} of the gap closed")
+
+
 def weights_reading(recs: list[dict]) -> list[str]:
     """What wins where, computed from the rows (no number here is typed in by hand)."""
     out = []
@@ -112,6 +130,9 @@ def weights_reading(recs: list[dict]) -> list[str]:
         line = f"{g}: best {best['id']} (ppl {best['ppl']:.3f}, KL {fmt(best.get('kl'), '.4f')})"
         if rtn is not None and rtn is not best:
             line += f", {100 * (best['ppl'] / rtn['ppl'] - 1):+.1f}% ppl against RTN ({rtn['ppl']:.3f})"
+            if base and rtn["ppl"] > base["ppl"]:
+                line += f", closing {gap_closed(rtn['ppl'], best['ppl'], base['ppl']):.1%} of its gap to base"
+            line += llamacpp_gap(rs, rtn, recs)
         elif worst is not best:
             line += f"; worst {worst['id']} (ppl {worst['ppl']:.3f})"
         out.append(line + ".")

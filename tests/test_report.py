@@ -178,6 +178,8 @@ def test_readings_are_computed_from_the_records(inputs):
     lines = report_md.weights_reading(recs)
     w3 = next(line for line in lines if line.startswith("W3 g128"))
     assert "best gptq-ao-w3g128" in w3 and f"{100 * (82.6479 / 120.4567 - 1):+.1f}%" in w3
+    assert f"closing {(120.4567 - 82.6479) / (120.4567 - 26.28):.1%} of its gap to base" in w3
+
     front = next(line for line in lines if line.startswith("Pareto front"))
     assert "gptq-ao-w3g128" in front and "rtn-w3g128" not in front and "gguf-q4_k_m" in front
     v = report_md.vectors_reading(files["ann"]["records"], files["codecs"]["records"])
@@ -185,6 +187,19 @@ def test_readings_are_computed_from_the_records(inputs):
     assert any("re-ranking the best 100" in line and "qkit rabitq1" in line for line in v)
     k = report_md.kernels_reading(files["kernels"], {"read_gbps": 10.0, "copy_gbps": 12.0})
     assert k[0] == "dot_i8: fastest native-avx2, 15.63 GB/s (156% of the read bandwidth), 1.6x numba."
+
+
+def test_gguf_reading_gives_llamacpp_gap_closed():
+    common = dict(format="gguf", type="Q3_K_M", bits=None, group_size=None, bits_per_weight=5.46)
+    recs = [dict(id="base", method="base", ppl=26.28, bits_per_weight=32.0),
+            dict(id="f32", method="base", format="gguf", type="F32", ppl=26.28, ppl_llamacpp=26.0,
+                 bits_per_weight=32.0),
+            dict(common, id="q3_k_m", method="rtn", ppl=30.0, ppl_llamacpp=30.0),
+            dict(common, id="q3_k_m-imatrix", method="rtn", ppl=29.0, ppl_llamacpp=29.5),
+            dict(common, id="q3_k_m-gptq-imatrix", method="gptq", ppl=28.0, ppl_llamacpp=28.0)]
+    line = next(x for x in report_md.weights_reading(recs) if x.startswith("Q3_K_M"))
+    assert "best q3_k_m-gptq-imatrix" in line and "closing 53.8% of its gap to base" in line
+    assert "by llama.cpp, q3_k_m-gptq-imatrix 28.000 against 30.000 and F32 26.000: 50.0% of the gap closed" in line
 
 
 def test_pareto_front_matches_brute_force():
