@@ -38,6 +38,15 @@ def _torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _warn_damped(ref) -> None:
+    """--rotate with round-to-nearest on a model whose norms switch channels off (qkit.quarot.damped_norms)."""
+    from qkit.quarot import damped_warning
+
+    w = damped_warning(ref)
+    if w:
+        click.echo(f"qkit: warning: {w}", err=True)
+
+
 @click.command("quantize")
 @click.argument("model", required=False)
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output directory.")
@@ -168,6 +177,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             from qkit.quarot import RotateConfig, rotated_ref
 
             ref = rotated_ref(ref, RotateConfig(seed=rotate_seed))
+            if method == "rtn":  # the source's norms (the rotated store's are ones)
+                _warn_damped(_loader.resolve(model))
         click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules, "
                    + ("its rounding" if method == "rtn" else f"{method} in its grids" + (", act-order, static groups"
                                                                                        if act_order else ""))
@@ -222,6 +233,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
         rot = RotateConfig(seed=rotate_seed, online=online_hadamard)
         check_rotatable(loader.load_config(ref))  # before the calibration text is tokenized
+        if method == "rtn":
+            _warn_damped(ref)
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
               "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
     samples = calib_desc = None

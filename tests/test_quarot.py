@@ -319,3 +319,38 @@ def test_online_hadamard_before_down_proj(tmp_path):
     with pytest.raises(UsageError, match="cannot apply the online Hadamard"):
         rtn = RTN(affine.AffineConfig(bits=4, group_size=32, scale_dtype="float16"))
         pipeline.quantize_model(ref, tmp_path / "p", rtn, fmt="gptq_v2", rotate=rc)
+
+
+def test_damped_norms_warn_rotate_with_rtn(tmp_path, capsys):
+    """A norm weight that nearly switches its channel off is named: --rotate with rtn warns (one stderr line, exit 0),
+    into GGUF too; gptq and runs without --rotate do not; a model without such norms gets no warning."""
+    from test_export import run_cli
+    from test_gguf_load import train_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    make_model("llama", tmp_path / "m")
+    r = run_cli(capsys, "quantize", str(tmp_path / "m"), "--rotate", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    model = make_model("llama", tmp_path / "d")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[3] = 1e-6
+    model.save_pretrained(str(tmp_path / "d"))
+    PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(300), eos_token="<|endoftext|>").save_pretrained(
+        str(tmp_path / "d"))  # the GGUF writer needs tokenizer.json
+    ref = loader.resolve(str(tmp_path / "d"))
+    store = ref.store()
+    found = quarot.damped_norms(store, loader.load_config(ref))
+    store.close()
+    assert [n for n, _ in found] == ["model.layers.1.post_attention_layernorm.weight"] and found[0][1] < 1e-5
+    r = run_cli(capsys, "quantize", str(tmp_path / "d"), "--rotate", "-o", str(tmp_path / "b"))
+    warn = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert r.returncode == 0 and len(warn) == 1 and "layers.1.post_attention_layernorm" in warn[0], r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "d"), "--rotate", "--type", "Q8_0", "-o", str(tmp_path / "b.gguf"))
+    assert r.returncode == 0 and "layers.1.post_attention_layernorm" in r.stderr, r.stderr
+    r = run_cli(capsys, "quantize", str(tmp_path / "d"), "-o", str(tmp_path / "c"))
+    assert r.returncode == 0 and "warning" not in r.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    r = run_cli(capsys, "quantize", str(tmp_path / "d"), "--rotate", "--method", "gptq", "--calib", str(text),
+                "--nsamples", "2", "--seqlen", "16", "-o", str(tmp_path / "g"))
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
