@@ -39,7 +39,10 @@ def _torch_threads(threads: int | None) -> None:
 
 
 def _warn_damped(ref) -> None:
-    """--rotate with round-to-nearest on a model whose norms switch channels off (qkit.quarot.damped_norms)."""
+    """--rotate with round-to-nearest on a model whose norms switch channels off (qkit.quarot.damped_norms).
+
+    Only rtn: it is the measured loss. GPTQ (and AWQ + GPTQ) fit calibration outputs, which carry the un-damped
+    channel, and compensate; AWQ's scale search sees it too, its effect after rotation is not measured."""
     from qkit.quarot import damped_warning
 
     w = damped_warning(ref)
@@ -176,9 +179,9 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         if rotate:  # the writer reads every tensor through the rotation; the head becomes output.weight
             from qkit.quarot import RotateConfig, rotated_ref
 
-            ref = rotated_ref(ref, RotateConfig(seed=rotate_seed))
             if method == "rtn":  # the source's norms (the rotated store's are ones)
-                _warn_damped(_loader.resolve(model))
+                _warn_damped(ref)
+            ref = rotated_ref(ref, RotateConfig(seed=rotate_seed))
         click.echo(f"quantizing {ref.name} to GGUF {mix} (llama.cpp's mix rules, "
                    + ("its rounding" if method == "rtn" else f"{method} in its grids" + (", act-order, static groups"
                                                                                        if act_order else ""))

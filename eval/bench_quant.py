@@ -165,13 +165,14 @@ def print_table(recs: list[dict]) -> None:
     calib = next((r["calibration"] for r in recs if r.get("calibration")), "none (no calibrated row)")
     print(f"model: {r0['model']}{' = SmolLM2-135M-Instruct, fp32 dequantized from Q4_1' if r0['model'] == 'default' else ''}")
     print(f"eval: {r0['text']}, {r0['windows']} windows x {r0['ctx']} tokens; calibration: {calib}")
-    head = (f"{'row':18s} {'format':>18s} {'bpw':>6s} {'ppl':>9s} {'KL':>8s} {'top-1':>7s} {'quant s':>8s} "
+    w = max(18, *(len(r["id"]) for r in recs))
+    head = (f"{'row':{w}s} {'format':>18s} {'bpw':>6s} {'ppl':>9s} {'KL':>8s} {'top-1':>7s} {'quant s':>8s} "
             f"{'peak MB':>8s}")
     print(head)
     print("-" * len(head))
     for r in recs:
         rss = f"{r['peak_rss_mb']:8.0f}" if r.get("peak_rss_mb") else f"{'':>8s}"
-        print(f"{r['id']:18s} {r.get('format', 'safetensors'):>18s} {r['bits_per_weight']:6.2f} {r['ppl']:9.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
+        print(f"{r['id']:{w}s} {r.get('format', 'safetensors'):>18s} {r['bits_per_weight']:6.2f} {r['ppl']:9.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
               f"{r['seconds']:8.1f} {rss}")
 
 

@@ -89,8 +89,9 @@ def pareto(recs: list[dict], x="bits_per_weight", y="ppl") -> list[dict]:
 
 
 def gap_closed(ppl_plain: float, ppl: float, ppl_base: float) -> float:
-    """The share of the plain quantizer's perplexity gap to the base model that a method closes (the issues' measure:
-    (ppl_plain - ppl) / (ppl_plain - ppl_base))."""
+    """The share of the plain quantizer's perplexity gap to the base model that a method closes:
+    (ppl_plain - ppl) / (ppl_plain - ppl_base); 1 is the base model's perplexity, 0 no better than plain, below 0
+    worse."""
     return (ppl_plain - ppl) / (ppl_plain - ppl_base)
 
 
@@ -102,8 +103,9 @@ def llamacpp_gap(rs: list[dict], rtn: dict, recs: list[dict]) -> str:
         return ""
     b = min(scored, key=lambda r: r["ppl_llamacpp"])
     g = gap_closed(rtn["ppl_llamacpp"], b["ppl_llamacpp"], f32["ppl_llamacpp"])
+    said = f"{g:.1%} of the gap closed" if g >= 0 else "no row better than plain"
     return (f"; by llama.cpp, {b['id']} {b['ppl_llamacpp']:.3f} against {rtn['ppl_llamacpp']:.3f} and F32 "
-            f"{f32['ppl_llamacpp']:.3f}: {g:.1%} of the gap closed")
+            f"{f32['ppl_llamacpp']:.3f}: {said}")
 
 
 def weights_reading(recs: list[dict]) -> list[str]:

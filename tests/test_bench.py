@@ -135,17 +135,22 @@ def test_bench_memory_rows_on_a_small_index(tmp_path):
 
 
 def test_bench_quant_rows_are_valid_quantize_command_lines(tmp_path):
-    """Every safetensors row's command line parses with `qkit quantize`'s own options, and carries its keys."""
+    """Every safetensors row's command line parses with `qkit quantize`'s own options (parsed only: the checks
+    quantize_cmd makes when it runs are its own tests'), and every key of the row reaches its option."""
     from qkit.cli.llm import quantize_cmd
     from qkit.eval import bench_quant
 
     setup = bench_quant.Setup()
     rows = [r for r in bench_quant.all_rows() if r["method"] != "base" and r["format"] != "gguf"]
     assert len(rows) > 20
+    default = {o.name: o.default for o in quantize_cmd.params}
     for r in rows:
         args = bench_quant.quantize_args(r, setup, tmp_path / r["id"], tmp_path / "q.json")
         assert args[0] == "quantize"
         p = quantize_cmd.make_context("quantize", args[1:]).params
         assert (p["method"], p["bits"], p["act_order"], p["rotate"]) == (r["method"], r["bits"], r["act_order"],
                                                                          r["rotate"]), r["id"]
-        assert p["search_samples"] == r.get("search_samples", 4) and p["clip_search"] == r.get("clip_search"), r["id"]
+        assert (p["rounding"], p["online_hadamard"], p["act_bits"], p["fmt"], p["group_size"]) == (
+            r.get("round", "rtn"), r["online_hadamard"], r["act_bits"], r["format"], r["group_size"] or -1), r["id"]
+        assert p["search_samples"] == r.get("search_samples", default["search_samples"]), r["id"]
+        assert p["clip_search"] == r.get("clip_search") and p["sym"] == bool(r["act_bits"]), r["id"]

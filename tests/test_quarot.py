@@ -334,6 +334,7 @@ def test_damped_norms_warn_rotate_with_rtn(tmp_path, capsys):
     model = make_model("llama", tmp_path / "d")
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[3] = 1e-6
+        model.model.norm.weight[5] = 1e-7  # the final norm is folded into the head: checked too
     model.save_pretrained(str(tmp_path / "d"))
     PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(300), eos_token="<|endoftext|>").save_pretrained(
         str(tmp_path / "d"))  # the GGUF writer needs tokenizer.json
@@ -341,12 +342,13 @@ def test_damped_norms_warn_rotate_with_rtn(tmp_path, capsys):
     store = ref.store()
     found = quarot.damped_norms(store, loader.load_config(ref))
     store.close()
-    assert [n for n, _ in found] == ["model.layers.1.post_attention_layernorm.weight"] and found[0][1] < 1e-5
+    assert [n for n, _ in found] == ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"]
+    assert found[0][1] < 5e-7 < found[1][1] < 5e-6
     r = run_cli(capsys, "quantize", str(tmp_path / "d"), "--rotate", "-o", str(tmp_path / "b"))
     warn = [line for line in r.stderr.splitlines() if "warning" in line]
-    assert r.returncode == 0 and len(warn) == 1 and "layers.1.post_attention_layernorm" in warn[0], r.stderr
+    assert r.returncode == 0 and len(warn) == 1 and "2 norms" in warn[0] and "(model.norm.weight: 1.0e-07)" in warn[0]
     r = run_cli(capsys, "quantize", str(tmp_path / "d"), "--rotate", "--type", "Q8_0", "-o", str(tmp_path / "b.gguf"))
-    assert r.returncode == 0 and "layers.1.post_attention_layernorm" in r.stderr, r.stderr
+    assert r.returncode == 0 and "(model.norm.weight: 1.0e-07)" in r.stderr, r.stderr
     r = run_cli(capsys, "quantize", str(tmp_path / "d"), "-o", str(tmp_path / "c"))
     assert r.returncode == 0 and "warning" not in r.stderr
     text = tmp_path / "t.txt"
