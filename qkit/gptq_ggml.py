@@ -10,8 +10,11 @@ own rounding, with the importance matrix when one is given).
 * gptq: GPTQ (qkit.gptq) on the GGML grid of the linear's type (qkit.ggml.grid):
   each (super-)block's scales and mins from llama.cpp's search on the weights as
   GPTQ has left them when it reaches the block, then column-by-column rounding
-  inside that grid with GPTQ's error feedback. With an importance matrix the
-  search is llama.cpp's importance-weighted one (quantize_row_<type>_impl).
+  inside that grid with GPTQ's error feedback. The search is llama.cpp's
+  importance-weighted one (quantize_row_<type>_impl), weighted by the given
+  importance matrix or, without one, by the diagonal of GPTQ's own Hessian: the
+  per-column sum of x^2 over the same calibration tokens, which is what an
+  imatrix holds (hessian_importance).
   Act-order implies static groups: the blocks are searched up front on the
   original weights, and only the processing order follows decreasing diag(H).
 * awq: AWQ's scales (qkit.awq), searched with the GGML type's own rounding as the
@@ -93,14 +96,27 @@ def _float_result(W: np.ndarray, t: str) -> QuantResult:
                        np.zeros((rows, 1), np.float32), np.zeros(cols, np.int32), 16 if t == "f16" else 32, True)
 
 
+def hessian_importance(H) -> np.ndarray:
+    """diag(H) as an importance matrix: H = sum_t x_t x_t^T (up to a constant), so its diagonal is the per-column sum
+    of x^2 that llama.cpp's imatrix holds (llama-imatrix: the mean of x^2 over the calibration tokens, so the
+    two differ by the token count, a factor the weighted searches barely see). GPTQ minimises tr(dW H dW^T), whose diagonal part weighs a
+    column's error by exactly this; a column no calibration token reached gets a tiny weight, not zero, so a
+    block of such columns still has a defined search."""
+    d = np.asarray(H.diagonal().double().cpu().numpy() if hasattr(H, "double") else np.diagonal(H), np.float64)
+    d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
+    return (d + 1e-6 * (d.mean() or 1.0)).astype(np.float32)
+
+
 class GGMLGPTQ(GPTQ):
     """GPTQ with each linear's GGML grid; keeps {name: (type, GGML rows)} in `blocks`."""
 
-    def __init__(self, types: dict[str, str], cfg: GPTQConfig = GPTQConfig(), imatrix: dict | None = None):
+    def __init__(self, types: dict[str, str], cfg: GPTQConfig = GPTQConfig(), imatrix: dict | None = None,
+                 hessian_importance: bool = True):
         # act-order needs the blocks fixed up front (qkit.gptq: a positional grid): static groups
         super().__init__(replace(cfg, static_groups=cfg.static_groups or cfg.act_order))
         self.types = types
         self.imatrix = imatrix or {}
+        self.hessian_importance = hessian_importance  # False: llama.cpp's unweighted search where no imatrix
         self.blocks: dict[str, tuple[str, np.ndarray]] = {}
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
@@ -117,6 +133,8 @@ class GGMLGPTQ(GPTQ):
         if H is None:
             raise UsageError(f"GPTQ got no calibration inputs for {name}")
         im = self.imatrix.get(name)
+        if im is None and self.hessian_importance:  # no --imatrix: the calibration's own, diag(H)
+            im = hessian_importance(H)
         # llama.cpp's legacy _impl searches weight by sqrt(sigma2 + x^2), sigma2 = mean x^2 of the row
         sigma2 = (W.astype(np.float32) ** 2).mean(axis=1, dtype=np.float32) if im is not None else None
         grid = GGMLGrid(t, W.shape[1], im, row_sigma2=sigma2)

@@ -137,7 +137,7 @@ def test_without_correlation_it_is_llama_cpp_rounding():
     rng = np.random.default_rng(4)
     W = rng.normal(0, 0.05, (16, 512)).astype(np.float32)
     for qtype in ("q4_K", "q3_K", "q6_K", "q4_0", "q5_1"):
-        ch = GGMLGPTQ({"lin": qtype}, GPTQConfig(damp=0.0))
+        ch = GGMLGPTQ({"lin": qtype}, GPTQConfig(damp=0.0), hessian_importance=False)
         ch.H["lin"], ch.n["lin"] = torch.eye(512), 1
         Q = ch.quantize("lin", W).weight
         bt = ggml.get_type(qtype)
@@ -148,6 +148,35 @@ def test_without_correlation_it_is_llama_cpp_rounding():
         assert (np.abs(Q - W) <= np.abs(rtn - W) + 1e-7).all(), qtype
         if qtype.endswith("K"):
             assert (ours == ref).all(axis=1).mean() >= 0.97, qtype
+
+
+@pytest.mark.parametrize("qtype", ["q4_K", "q3_K", "q5_0"])
+def test_without_an_imatrix_the_search_is_weighted_by_diag_h(qtype):
+    """No importance matrix: the grid search is weighted by diag(H), the per-column sum of x^2 (llama-imatrix's
+    mean of x^2 times the token count); the unweighted search gives other weights."""
+    from qkit.gptq_ggml import hessian_importance
+
+    W, X = correlated(16, 512, seed=5)
+    W32 = W.astype(np.float32)
+    H, _ = hessian_update(None, 0, torch.from_numpy(X.astype(np.float32)))
+    d = np.diag(H.double().numpy())
+    assert np.allclose(hessian_importance(H), d + 1e-6 * d.mean(), rtol=1e-6)
+    assert np.allclose(d / d.mean(), (X ** 2).mean(0) / (X ** 2).mean(), rtol=1e-4)  # imatrix up to a factor
+
+    def run(**kw):
+        ch = GGMLGPTQ({"lin": qtype}, **kw)
+        ch.H["lin"], ch.n["lin"] = H.clone(), X.shape[0]
+        return ch.quantize("lin", W32).weight
+
+    default = run()
+    assert np.array_equal(default, run(imatrix={"lin": hessian_importance(H)}))
+    assert not np.array_equal(default, run(hessian_importance=False))
+    dead = H.clone()
+    dead[:, :32] = 0
+    dead[:32, :] = 0  # a block no calibration token reached: still a defined search, finite weights
+    ch = GGMLGPTQ({"lin": qtype})
+    ch.H["lin"], ch.n["lin"] = dead, X.shape[0]
+    assert np.isfinite(ch.quantize("lin", W32).weight).all()
 
 
 def test_act_order_without_static_groups_is_refused_for_positional_grids():
