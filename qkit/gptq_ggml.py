@@ -99,8 +99,8 @@ def _float_result(W: np.ndarray, t: str) -> QuantResult:
 def hessian_importance(H) -> np.ndarray:
     """diag(H) as an importance matrix: H = sum_t x_t x_t^T (up to a constant), so its diagonal is the per-column sum
     of x^2 that llama.cpp's imatrix holds (llama-imatrix: the mean of x^2 over the calibration tokens, so the
-    two differ by the token count, a factor the weighted searches barely see). GPTQ minimises tr(dW H dW^T), whose diagonal part weighs a
-    column's error by exactly this; a column no calibration token reached gets a tiny weight, not zero, so a
+    two differ by the token count, a factor the weighted searches barely see). GPTQ minimises tr(dW H dW^T),
+    whose diagonal part weighs a column's error by exactly this; a column no calibration token reached gets a tiny weight, not zero, so a
     block of such columns still has a defined search."""
     d = np.asarray(H.diagonal().double().cpu().numpy() if hasattr(H, "double") else np.diagonal(H), np.float64)
     d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
