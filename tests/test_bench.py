@@ -154,3 +154,22 @@ def test_bench_quant_rows_are_valid_quantize_command_lines(tmp_path):
             r.get("round", "rtn"), r["online_hadamard"], r["act_bits"], r["format"], r["group_size"] or -1), r["id"]
         assert p["search_samples"] == r.get("search_samples", default["search_samples"]), r["id"]
         assert p["clip_search"] == r.get("clip_search") and p["sym"] == bool(r["act_bits"]), r["id"]
+
+
+def test_bench_gguf_rows_are_valid_quantize_command_lines(tmp_path):
+    """Every GGUF row's command line parses with `qkit quantize`'s options, and its mix, imatrix, calibration
+    and act-order reach them; the ids say which way the row quantizes."""
+    from qkit.cli.llm import quantize_cmd
+    from qkit.eval import bench_gguf, bench_quant
+
+    setup = bench_quant.Setup()
+    rows = [r for r in bench_gguf.gguf_rows() if r["method"] != "base"]
+    ids = [r["id"] for r in rows]
+    assert {"q4_k_m", "q4_k_m-imatrix", "q4_k_m-gptq", "q4_k_m-gptq-imatrix", "q4_k_m-gptq-ao",
+            "q3_k_m-gptq-ao"} <= set(ids) and len(set(ids)) == len(ids)
+    for r in rows:
+        args = bench_gguf.quantize_args(r, setup, tmp_path / "o.gguf", tmp_path / "q.json", tmp_path / "im.gguf")
+        p = quantize_cmd.make_context("quantize", args[1:]).params
+        assert (p["method"], p["ggml_type"], p["act_order"]) == (r["method"], r["type"], r["act_order"]), r["id"]
+        assert (p["imatrix_path"] is not None) == r["imatrix"] == ("-imatrix" in r["id"]), r["id"]
+        assert r["act_order"] == ("-ao" in r["id"]) and (p["nsamples"] == setup.nsamples or r["method"] == "rtn")
