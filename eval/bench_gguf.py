@@ -109,8 +109,8 @@ def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None
         args += ["--imatrix", str(imatrix)]
     if row["method"] != "rtn":
         args += setup.quant_args()
-    if row["act_order"]:
-        args.append("--act-order")
+    if row["method"] == "gptq":  # explicit: qkit quantize's default for --type is act-order
+        args.append("--act-order" if row["act_order"] else "--no-act-order")
     return args
 
 

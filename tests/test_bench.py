@@ -148,7 +148,7 @@ def test_bench_quant_rows_are_valid_quantize_command_lines(tmp_path):
         args = bench_quant.quantize_args(r, setup, tmp_path / r["id"], tmp_path / "q.json")
         assert args[0] == "quantize"
         p = quantize_cmd.make_context("quantize", args[1:]).params
-        assert (p["method"], p["bits"], p["act_order"], p["rotate"]) == (r["method"], r["bits"], r["act_order"],
+        assert (p["method"], p["bits"], bool(p["act_order"]), p["rotate"]) == (r["method"], r["bits"], r["act_order"],
                                                                          r["rotate"]), r["id"]
         assert (p["rounding"], p["online_hadamard"], p["act_bits"], p["fmt"], p["group_size"]) == (
             r.get("round", "rtn"), r["online_hadamard"], r["act_bits"], r["format"], r["group_size"] or -1), r["id"]
@@ -170,6 +170,6 @@ def test_bench_gguf_rows_are_valid_quantize_command_lines(tmp_path):
     for r in rows:
         args = bench_gguf.quantize_args(r, setup, tmp_path / "o.gguf", tmp_path / "q.json", tmp_path / "im.gguf")
         p = quantize_cmd.make_context("quantize", args[1:]).params
-        assert (p["method"], p["ggml_type"], p["act_order"]) == (r["method"], r["type"], r["act_order"]), r["id"]
+        assert (p["method"], p["ggml_type"], bool(p["act_order"])) == (r["method"], r["type"], r["act_order"]), r["id"]
         assert (p["imatrix_path"] is not None) == r["imatrix"] == ("-imatrix" in r["id"]), r["id"]
         assert r["act_order"] == ("-ao" in r["id"]) and (p["nsamples"] == setup.nsamples or r["method"] == "rtn")

@@ -273,7 +273,7 @@ def test_cli_gptq_with_imatrix_end_to_end(wide, tmp_path, cache_env, capsys):
     im = tmp_path / "im.gguf"
     write_imatrix(im, collect(ref, samples), ["test"], 64)
     out = tmp_path / "q3km.gguf"
-    rc, stdout, err = run_cli(capsys, "quantize", str(path), "--method", "gptq", "--type", "Q3_K_M", "--act-order",
+    rc, stdout, err = run_cli(capsys, "quantize", str(path), "--method", "gptq", "--type", "Q3_K_M",  # act-order: default
                               "--imatrix", str(im), "--calib", str(calib), "--nsamples", "4", "--seqlen", "64",
                               "-o", str(out))
     assert rc == 0, err
@@ -304,11 +304,31 @@ def test_awq_into_the_mix(wide, tmp_path, cache_env):
     assert np.array_equal(ours["token_embd.weight"].data, theirs["token_embd.weight"].data)
 
 
+@pytest.mark.parametrize("args,want", [([], True), (["--act-order"], True), (["--no-act-order"], False)])
+def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys, monkeypatch, args, want):
+    """--type with gptq: act-order unless --no-act-order (GGML blocks are positional: static groups)."""
+    from qkit.cli import llm
+    from qkit.errors import UsageError
+
+    got = []
+
+    def stop(*a):
+        got.append(a[10])  # _gguf_calibrated's act_order
+        raise UsageError("stopped before the work")
+    monkeypatch.setattr(llm, "_gguf_calibrated", stop)
+    path, _, _ = wide
+    rc, stdout, err = run_cli(capsys, "quantize", str(path), "--method", "gptq", "--type", "Q4_K_M", *args,
+                              "-o", str(tmp_path / "x.gguf"))
+    assert rc == 2 and "stopped before the work" in err and got == [want]
+    assert ("act-order, static groups" in stdout) == want
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--method", "gptq", "--type", "Q4_K_M", "--bits", "3"], "--bits do not apply to --type"),
     (["--method", "smoothquant", "--type", "Q4_K_M"], "smoothquant"),
     (["--method", "awq", "--type", "Q4_K_M", "--round", "gptq"], "--round gptq"),
     (["--method", "awq", "--type", "Q4_K_M", "--act-order"], "--act-order do not apply"),
+    (["--method", "rtn", "--type", "Q4_K_M", "--no-act-order"], "--act-order do not apply"),
     (["--method", "rtn", "--type", "Q4_K_M", "--nsamples", "4"], "--nsamples do not apply"),
 ])
 def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys, args, msg):
