@@ -203,7 +203,8 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
                   inputs=()):
     """Quantize `ref` with a calibrated chooser into llama.cpp's mix `mix`; write the GGUF `out`.
 
-    method "gptq" (config `gptq`) or "awq" (config `awq`, an AWQConfig); samples: calibration token ids
+    method "gptq" (config `gptq`; default act-order, as `qkit quantize --type` has it) or "awq" (config `awq`, an
+    AWQConfig); samples: calibration token ids
     (n, seqlen); imatrix: {GGUF name: importance} (qkit.imatrix.read_imatrix). Returns the GGUFSummary.
     """
     from qkit import pipeline
@@ -224,7 +225,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     types, gnames = plan_types(ref, mix, has_imatrix=imatrix is not None)
     im = {h: imatrix[g] for h, g in gnames.items() if imatrix and g in imatrix} if imatrix else None
     if method == "gptq":
-        chooser = GGMLGPTQ(types, gptq or GPTQConfig(), im)
+        chooser = GGMLGPTQ(types, gptq or GPTQConfig(act_order=True), im)
         blocks_of = chooser
     elif method == "awq":
         from qkit.awq import AWQConfig
