@@ -61,7 +61,7 @@ def _warn_damped(ref) -> None:
               help="rtn/gptq: MSE search of each group's range (default off); awq: AWQ's clip search on the "
                    "layer outputs (default on); awq --round gptq: GPTQ's MSE search (default off).")
 @click.option("--act-order/--no-act-order", default=None,
-              help="GPTQ: columns by decreasing diag(H) (desc_act). Default: on for --type (GGML blocks are "
+              help="GPTQ: columns by decreasing diag(H) (desc_act). Default: on for gptq with --type (GGML blocks are "
                    "positional, so it implies static groups and costs nothing at run time), off otherwise "
                    "(AutoGPTQ's desc_act=False: a packed g_idx slows some kernels).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
@@ -160,7 +160,10 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
                              f"{', '.join(GGUF_OPTIONS)}")
         if method == "awq" and rounding != "rtn":
             raise UsageError("--round gptq does not apply to --type: use --method gptq for GPTQ in the GGML grids")
-        ignored = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "clip_search", "act_order",
+        def flag(n):  # as the user typed it
+            return "--no-act-order" if n == "act_order" and act_order is False else f"--{n.replace('_', '-')}"
+
+        ignored = [flag(n) for n in ("bits", "group_size", "sym", "clip_search", "act_order",
                                                         "static_groups", "damp", "calib", "nsamples", "seqlen", "seed")
                    if given(n) and n not in GGUF_OPTIONS[method]]
         if ignored:
@@ -207,8 +210,10 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             from qkit.fileio import atomic_write
 
             with atomic_write(json_path, "w") as f:
-                json.dump({**asdict(g), **({"rotate": {"kind": "hadamard", "seed": rotate_seed}} if rotate else {})},
-                          f, indent=1)
+                gptq_rec = {"desc_act": act_order, "static_groups": act_order or static_groups,
+                            "damp_percent": damp} if method == "gptq" else {}  # act-order implies static groups
+                json.dump({**asdict(g), **gptq_rec,
+                           **({"rotate": {"kind": "hadamard", "seed": rotate_seed}} if rotate else {})}, f, indent=1)
         return
     if ggml_type or imatrix_path:
         raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")

@@ -1,5 +1,8 @@
 """GPTQ in GGML grids (qkit.ggml.grid, qkit.gptq_ggml): a float64 reference, error vs llama.cpp's rounding,
 bit-valid blocks under the gguf package's dequantizer, the GGUF written, and the CLI."""
+import inspect
+import json
+
 import numpy as np
 import pytest
 
@@ -237,9 +240,17 @@ def test_gguf_holds_gptq_weights_and_rtn_elsewhere(wide, tmp_path, cache_env, mo
         got[name] = res.weight
         return res
     monkeypatch.setattr(gptq_ggml.GGMLGPTQ, "quantize", spy)
+    cfgs = []
+    init = gptq_ggml.GGMLGPTQ.__init__
+
+    def spy_init(self, *a, **kw):
+        init(self, *a, **kw)
+        cfgs.append(self.cfg)
+    monkeypatch.setattr(gptq_ggml.GGMLGPTQ, "__init__", spy_init)
     ids = loader.load_tokenizer(ref)(TEXT * 4).input_ids
     out = tmp_path / "gptq.gguf"
     s = gptq_ggml.quantize_gguf(ref, out, "Q4_K_M", "gptq", calibration_samples(ids, 4, 64, 0))
+    assert [(c.act_order, c.static_groups) for c in cfgs] == [(True, True)]  # the library's default, as the CLI's
     rtn = tmp_path / "rtn.gguf"
     write_gguf(ref, rtn, "Q4_K_M")
     ours, theirs = _tensors(out), _tensors(rtn)
@@ -275,8 +286,10 @@ def test_cli_gptq_with_imatrix_end_to_end(wide, tmp_path, cache_env, capsys):
     out = tmp_path / "q3km.gguf"
     rc, stdout, err = run_cli(capsys, "quantize", str(path), "--method", "gptq", "--type", "Q3_K_M",  # act-order: default
                               "--imatrix", str(im), "--calib", str(calib), "--nsamples", "4", "--seqlen", "64",
-                              "-o", str(out))
+                              "-o", str(out), "--json", str(tmp_path / "s.json"))
     assert rc == 0, err
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert (rec["desc_act"], rec["static_groups"], rec["mix"]) == (True, True, "Q3_K_M")
     assert "gptq in its grids, act-order, static groups" in stdout and "done:" in stdout
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert {"Q3_K", "Q5_K"} <= types  # Q3_K_M: q3_K, attn_v of the first layers q5_K
@@ -312,8 +325,10 @@ def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys
 
     got = []
 
-    def stop(*a):
-        got.append(a[10])  # _gguf_calibrated's act_order
+    sig = inspect.signature(llm._gguf_calibrated)
+
+    def stop(*a, **kw):
+        got.append(sig.bind(*a, **kw).arguments["act_order"])
         raise UsageError("stopped before the work")
     monkeypatch.setattr(llm, "_gguf_calibrated", stop)
     path, _, _ = wide
@@ -328,7 +343,7 @@ def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys
     (["--method", "smoothquant", "--type", "Q4_K_M"], "smoothquant"),
     (["--method", "awq", "--type", "Q4_K_M", "--round", "gptq"], "--round gptq"),
     (["--method", "awq", "--type", "Q4_K_M", "--act-order"], "--act-order do not apply"),
-    (["--method", "rtn", "--type", "Q4_K_M", "--no-act-order"], "--act-order do not apply"),
+    (["--method", "rtn", "--type", "Q4_K_M", "--no-act-order"], "--no-act-order do not apply"),
     (["--method", "rtn", "--type", "Q4_K_M", "--nsamples", "4"], "--nsamples do not apply"),
 ])
 def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys, args, msg):
