@@ -33,7 +33,7 @@ from qkit.fileio import atomic_write
 MIXES = ["Q4_K_M", "Q3_K_M"]
 # (method, with an imatrix, act-order)
 VARIANTS = [("rtn", False, False), ("rtn", True, False), ("gptq", False, False), ("gptq", True, False),
-            ("gptq", False, True)]
+            ("gptq", False, True), ("gptq", True, True)]
 
 
 def gguf_rows() -> list[dict]:
