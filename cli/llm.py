@@ -163,8 +163,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         def flag(n):  # as the user typed it
             return "--no-act-order" if n == "act_order" and act_order is False else f"--{n.replace('_', '-')}"
 
-        ignored = [flag(n) for n in ("bits", "group_size", "sym", "clip_search", "act_order",
-                                                        "static_groups", "damp", "calib", "nsamples", "seqlen", "seed")
+        ignored = [flag(n) for n in ("bits", "group_size", "sym", "clip_search", "act_order", "static_groups",
+                                     "damp", "calib", "nsamples", "seqlen", "seed")
                    if given(n) and n not in GGUF_OPTIONS[method]]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type} with --method {method}: the "
