@@ -384,8 +384,10 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--process-output", is_flag=True,
+              help="Also the LM head (output.weight), as llama-imatrix --process-output; an untied head only.")
 @click.option("--threads", type=click.IntRange(1, None), default=None)
-def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, threads):
+def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, process_output, threads):
     """Importance matrix of MODEL: per input column of each linear, the mean squared activation."""
     from qkit.imatrix import collect, write_imatrix
     from qkit.model import loader
@@ -400,7 +402,7 @@ def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, threads):
     samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
     if Path(output).is_dir():
         raise UsageError(f"output {output} is a directory; give a file name")
-    stats = collect(ref, samples, progress=True)
+    stats = collect(ref, samples, progress=True, process_output=process_output)
     write_imatrix(output, stats, [f"{desc} ({nsamples} x {seqlen} tokens, seed {seed})"], seqlen,
                   inputs=ref.input_files())
     click.echo(f"imatrix of {len(stats)} tensors from {nsamples} x {seqlen} tokens of {desc} -> {output}")

@@ -25,8 +25,14 @@ from qkit.fileio import atomic_path
 from qkit.model import loader
 
 
-def collect(ref: loader.ModelRef, samples, progress: bool = False) -> dict[str, tuple[np.ndarray, int]]:
-    """{gguf name: (sum of squares per input column (float64), token count)} over `samples` (n, seqlen)."""
+def collect(ref: loader.ModelRef, samples, progress: bool = False,
+            process_output: bool = False) -> dict[str, tuple[np.ndarray, int]]:
+    """{gguf name: (sum of squares per input column (float64), token count)} over `samples` (n, seqlen).
+
+    process_output adds ``output.weight``, the head, as llama-imatrix's ``--process-output`` does (off by
+    default there too): its input is the final norm's output. A head tied to the token embedding is refused:
+    its GGUF has no output.weight (llama.cpp multiplies by token_embd, which its imatrix never collects).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -39,9 +45,10 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False) -> dict[str, 
     prefix, layers = pipeline.decoder_layers(model, config)
     tied = loader.tied_names(model)
     outer = [n for n in loader.persistent_names(model) if n not in tied and not n.startswith(prefix)]
+    names = hf_to_gguf_names(config)
+    final_norm = _final_norm(model, names) if process_output else None
     loader.place(model, outer, store)
     states, kws = pipeline.capture_layer_inputs(model, layers, samples)
-    names = hf_to_gguf_names(config)
     stats: dict[str, list] = {}
     for i in tqdm(range(len(layers)), desc="imatrix", unit="layer", disable=not progress):
         layer = layers[i]
@@ -62,7 +69,28 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False) -> dict[str, 
             h.remove()
         layer.to("meta")
         store.close()
+    if final_norm is not None:  # the head's input: the final norm of the last layer's output
+        x = pipeline.run_module(final_norm, states, {}, layer_kwargs=False)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        stats["output.weight"] = [(x * x).sum(0), x.shape[0]]
     return {k: (v[0].numpy(), int(v[1])) for k, v in stats.items()}
+
+
+def _final_norm(model, names: dict[str, str]):
+    """The module whose output the LM head reads (its GGUF name output_norm), for --process-output."""
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is None or "output.weight" not in names.values():
+        raise UsageError(f"--process-output: {type(model).__name__} has no LM head that GGUF names output.weight")
+    if emb is not None and head.weight is emb.weight:
+        raise UsageError("--process-output: this model ties its head to the token embedding, so its GGUF has no "
+                         "output.weight to weight (llama.cpp multiplies by token_embd.weight)")
+    by_name = dict(model.named_modules())
+    norm = next((by_name[h[: -len(".weight")]] for h, g in names.items()
+                 if g == "output_norm.weight" and h[: -len(".weight")] in by_name), None)
+    if norm is None:
+        raise UsageError(f"--process-output: no final norm (output_norm) found in {type(model).__name__}")
+    return norm
 
 
 def write_imatrix(path: str | os.PathLike, stats: dict, datasets: list[str], chunk_size: int, inputs=()) -> None:

@@ -146,6 +146,39 @@ def test_imatrix_is_the_mean_squared_activation(wide_gguf, tmp_path, monkeypatch
     assert np.allclose(back["blk.3.ffn_down.weight"], (x * x).mean(0).numpy(), rtol=1e-5)
 
 
+def test_imatrix_process_output_is_the_final_norms_output(tmp_path, monkeypatch, capsys):
+    """--process-output: output.weight's importance is the mean x^2 of the head's input, which HF's model returns
+    as the last hidden state (after the final norm); a tied head is refused in one line."""
+    from transformers import PreTrainedTokenizerFast
+
+    from qkit.cli.main import main
+    from qkit.imatrix import collect, read_imatrix
+
+    monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
+    model = make_model("llama", tmp_path / "untied", tie_word_embeddings=False)
+    ref = loader.resolve(str(tmp_path / "untied"))
+    samples = torch.randint(0, model.config.vocab_size, (3, 16))
+    stats = collect(ref, samples, process_output=True)
+    with torch.no_grad():
+        h = model.model(samples).last_hidden_state.reshape(-1, model.config.hidden_size).double()
+    s, c = stats["output.weight"]
+    assert c == 3 * 16 and np.allclose(s, (h * h).sum(0).numpy(), rtol=1e-5)
+    assert "output.weight" not in collect(ref, samples)  # off by default, as in llama-imatrix
+    make_model("llama", tmp_path / "tied")
+    with pytest.raises(UsageError, match="ties its head"):
+        collect(loader.resolve(str(tmp_path / "tied")), samples, process_output=True)
+    PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(300), eos_token="<|endoftext|>").save_pretrained(
+        str(tmp_path / "untied"))
+    calib = tmp_path / "c.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "im.gguf"
+    rc = main(["imatrix", str(tmp_path / "untied"), "--calib", str(calib), "--nsamples", "2", "--seqlen", "16",
+               "--process-output", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    back = read_imatrix(out)
+    assert "output.weight" in back and back["output.weight"].shape == (model.config.hidden_size,)
+
+
 def test_read_imatrix_rejects_other_files(wide_gguf, tmp_path):
     from qkit.errors import FormatError
     from qkit.imatrix import read_imatrix
