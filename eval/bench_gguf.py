@@ -44,7 +44,8 @@ def gguf_rows() -> list[dict]:
     rows = [row("f32", "base", "F32", False)]
     for mix in MIXES:
         for method, im, ao in VARIANTS:
-            rid = mix.lower() + ("-gptq" if method == "gptq" else "") + ("-ao" if ao else "") + ("-imatrix" if im else "")
+            rid = (mix.lower() + ("-gptq" if method == "gptq" else "") + ("-ao" if ao else "")
+                   + ("-imatrix" if im else ""))
             rows.append(row(rid, method, mix, im, ao))
     return rows
 

@@ -46,7 +46,7 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
     tied = loader.tied_names(model)
     outer = [n for n in loader.persistent_names(model) if n not in tied and not n.startswith(prefix)]
     names = hf_to_gguf_names(config)
-    final_norm = _final_norm(model, names) if process_output else None
+    final_norm = _final_norm(model) if process_output else None
     loader.place(model, outer, store)
     states, kws = pipeline.capture_layer_inputs(model, layers, samples)
     stats: dict[str, list] = {}
@@ -59,10 +59,7 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
             key = names.get(lp + name + ".weight", lp + name + ".weight")
 
             def hook(m, inp, _out, _key=key):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float64)
-                s = stats.setdefault(_key, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
-                s[0] += (x * x).sum(0)
-                s[1] += x.shape[0]
+                _accumulate(stats, _key, inp[0])
             hooks.append(mod.register_forward_hook(hook))
         states = pipeline._run_layer(layer, states, kws[i])
         for h in hooks:
@@ -70,24 +67,32 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
         layer.to("meta")
         store.close()
     if final_norm is not None:  # the head's input: the final norm of the last layer's output
-        x = pipeline.run_module(final_norm, states, {}, layer_kwargs=False)
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        stats["output.weight"] = [(x * x).sum(0), x.shape[0]]
+        _accumulate(stats, "output.weight", pipeline.run_module(final_norm, states, {}, layer_kwargs=False))
     return {k: (v[0].numpy(), int(v[1])) for k, v in stats.items()}
 
 
-def _final_norm(model, names: dict[str, str]):
+def _accumulate(stats: dict, key: str, x) -> None:
+    """Add x's per-column sum of squares (float64) and token count to stats[key] (llama-imatrix: in_sum2, counts)."""
+    import torch
+
+    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    s = stats.setdefault(key, [torch.zeros(x.shape[1], dtype=torch.float64), 0])
+    s[0] += (x * x).sum(0)
+    s[1] += x.shape[0]
+
+
+def _final_norm(model):
     """The module whose output the LM head reads (its GGUF name output_norm), for --process-output."""
+    from qkit.model.gguf_convert import GLOBAL_NAMES
+
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
-    if head is None or "output.weight" not in names.values():
+    if head is None:
         raise UsageError(f"--process-output: {type(model).__name__} has no LM head that GGUF names output.weight")
     if emb is not None and head.weight is emb.weight:
         raise UsageError("--process-output: this model ties its head to the token embedding, so its GGUF has no "
                          "output.weight to weight (llama.cpp multiplies by token_embd.weight)")
-    by_name = dict(model.named_modules())
-    norm = next((by_name[h[: -len(".weight")]] for h, g in names.items()
-                 if g == "output_norm.weight" and h[: -len(".weight")] in by_name), None)
+    norm = dict(model.named_modules()).get(GLOBAL_NAMES["output_norm"])
     if norm is None:
         raise UsageError(f"--process-output: no final norm (output_norm) found in {type(model).__name__}")
     return norm
