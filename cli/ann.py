@@ -36,7 +36,11 @@ def _write_json(path: str, record: dict) -> None:
 
 @click.group("ann")
 def ann_group() -> None:
-    """Vector search: an HNSW index over flat, SQ8 or SQ4 codes."""
+    """Vector search: an HNSW graph over quantized codes, exact re-ranking from a stored copy.
+
+    Codecs: flat, sq8, sq4 (affine grid per dimension), rabitq1..9 (RaBitQ, extended), tq1..8 (TurboQuant MSE),
+    tqp2..8 (TurboQuant inner product) and qjl (QJL sign sketch), the last two for ip/cosine only.
+    Commands: build, search (faiss-style D, I), bench (qkit vs hnswlib and faiss on one data set)."""
 
 
 @ann_group.command("build")

@@ -8,8 +8,11 @@ from pathlib import Path
 import click
 
 from qkit.errors import UsageError
+from qkit.export.common import FORMATS as EXPORT_FORMATS
+from qkit.ggml.mixes import FTYPES
 
 log = logging.getLogger("qkit.cli")
+MIXES = tuple(FTYPES)  # llama.cpp's mix names, as `--type` takes them
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "smoothquant")
 # --type (GGUF): the methods that write llama.cpp's mixes, and the options each takes beyond the mix
@@ -91,11 +94,12 @@ def _warn_damped(ref) -> None:
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
 @click.option("--type", "ggml_type", default=None,
-              help="A llama.cpp mix (Q4_K_M, Q6_K, ... case-insensitive): writes a GGUF with llama.cpp's bytes.")
+              help="A llama.cpp mix, case-insensitive, written as a GGUF with llama.cpp's bytes: "
+                   + ", ".join(MIXES) + ".")
 @click.option("--imatrix", "imatrix_path", type=click.Path(), default=None,
               help="Importance matrix for the GGML quantizers: qkit imatrix or llama-imatrix GGUF, or a legacy imatrix.dat.")
 @click.option("--format", "fmt", default=None,
-              type=click.Choice(["safetensors", "gguf", "gptq", "gptq_v2", "awq", "compressed-tensors"]),
+              type=click.Choice(["safetensors", "gguf", *EXPORT_FORMATS]),
               help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir). "
                    "gptq (v1: zeros stored minus 1, so asymmetric zeros are kept >= 1), gptq_v2, awq (GEMM, 4 bits) "
                    "and compressed-tensors (pack-quantized) write packed checkpoints that `qkit eval ppl` reads back.")

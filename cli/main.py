@@ -70,27 +70,58 @@ def data_fetch(names: tuple[str, ...]) -> None:
         click.echo(f"{a.name}: {data.fetch(a)}")
 
 
+# Every benchmark is a `qkit bench NAME` subcommand over the qkit.eval module's own argument parser
+# (`qkit bench NAME --help` shows it), so it runs from any directory against the installed qkit.
+BENCHES = {
+    "kernels": ("bench_kernels", "Kernel throughput: int8/int4/1-bit/FastScan scans vs numpy, BLAS and torch."),
+    "affine": ("affine_table", "Affine grid error table (bits x granularity x parameter choice)."),
+    "quant": ("bench_quant", "Weight methods on the default model (RTN/GPTQ/AWQ/SmoothQuant/QuaRot, GGUF mixes): "
+                             "ppl, KL, time, RSS."),
+    "gguf": ("bench_gguf", "Q4_K_M / Q3_K_M GGUF rows (plain, imatrix, GPTQ-in-grid), llama.cpp's perplexity too."),
+    "kquants": ("bench_kquants", "GGML quantize throughput, qkit vs libggml (if llama-cpp-python is installed)."),
+    "ann": ("bench_ann", "HNSW recall/QPS/bytes/build: qkit vs hnswlib and faiss on one data set."),
+    "codecs": ("bench_codecs", "Every vector codec by brute force: bytes, encode rate, recall@10 vs faiss."),
+    "layout": ("bench_layout", "Index memory layouts: codes by id vs copied beside each layer-0 list."),
+    "stream": ("bench_stream", "Peak RSS of 2- vs 8-layer models: is quantization streamed?"),
+    "memory": ("bench_memory", "Peak RSS per job: qkit quantize per method, ann build/search, Index.load."),
+    "bandwidth": ("bandwidth", "One core's streaming copy / read GB/s."),
+    "fuzz": ("fuzz", "Fuzz every file loader with mutated inputs: a readable error, never a crash or a hang."),
+}
+
+
 @cli.group("bench")
 def bench_group() -> None:
-    """Benchmarks (the same entry points as python -m qkit.eval.bench_*)."""
+    """Benchmarks (each takes its own options: qkit bench NAME --help)."""
 
 
-@bench_group.command("kernels", context_settings={"ignore_unknown_options": True})
+def _bench_command(name: str, module: str, doc: str) -> None:
+    @bench_group.command(name, help=doc, add_help_option=False,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def run_bench(args: tuple[str, ...]) -> None:
+        import importlib
+
+        mod = importlib.import_module(f"qkit.eval.{module}")
+        rc = mod.main([*args])
+        if isinstance(rc, int) and rc:
+            raise SystemExit(rc)
+
+
+for _name, (_module, _doc) in BENCHES.items():
+    _bench_command(_name, _module, _doc)
+
+
+@cli.command("run", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_kernels(args: tuple[str, ...]) -> None:
-    """Kernel throughput against numpy, BLAS and torch (see --help of the module)."""
-    from qkit.eval import bench_kernels as mod
+def run_cmd(args: tuple[str, ...]) -> None:
+    """The main job on built-in defaults: GPTQ vs RTN on the default model, qkit's index vs hnswlib on
+    Fashion-MNIST, one summary table (qkit run --help for its options)."""
+    from qkit.eval import main_job
 
-    mod.main(list(args))
-
-
-@bench_group.command("affine", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_affine(args: tuple[str, ...]) -> None:
-    """Affine grid error table (bits x granularity x parameter choice)."""
-    from qkit.eval import affine_table as mod
-
-    mod.main(list(args))
+    rc = main_job.main([*args])
+    if rc:
+        raise SystemExit(rc)
 
 
 from qkit.cli.llm import eval_group, imatrix_cmd, quantize_cmd  # noqa: E402

@@ -20,7 +20,7 @@ import click
 @click.option("--codecs-json", type=click.Path(), default=None, help="Read brute-force results from bench_codecs --json.")
 @click.option("--kernels-json", type=click.Path(), default=None, help="Read kernel results from bench_kernels --json.")
 @click.option("--bandwidth-json", type=click.Path(), default=None,
-              help="Read memory bandwidth from python -m qkit.eval.bandwidth --json.")
+              help="Read memory bandwidth from qkit bench bandwidth --json.")
 @click.option("--cache", default=".qkit-run", show_default=True, type=click.Path(),
               help="Benchmark caches (bench_quant rows; full sections under CACHE/report/).")
 @click.option("--rerun", is_flag=True, help="Run full sections again instead of reusing CACHE/report/.")

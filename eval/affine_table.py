@@ -1,6 +1,6 @@
 """Affine-grid error table: bits x granularity x how scale/zero are chosen.
 
-    python -m qkit.eval.affine_table [--rows 576] [--cols 1536] [--json PATH]
+    qkit bench affine [--rows 576] [--cols 1536] [--json PATH]
 
 Quantizes synthetic weight matrices shaped like the default model's MLP
 (576 x 1536) with round-to-nearest on the affine grid and reports the relative
@@ -82,7 +82,7 @@ def print_table(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.affine_table", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench affine", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=576)
     ap.add_argument("--cols", type=int, default=1536)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])

@@ -1,6 +1,6 @@
 """Memory bandwidth of one core: a streaming copy and a streaming read, the ceiling a memory-bound scan can reach.
 
-    python -m qkit.eval.bandwidth [--mb 256] [--repeat 5] [--json PATH]
+    qkit bench bandwidth [--mb 256] [--repeat 5] [--json PATH]
 
 Both work on buffers of `mb` MB (far larger than any cache), one thread, best
 of `repeat` runs, as McCalpin's STREAM does:
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from qkit.eval import machine
     from qkit.fileio import atomic_write
 
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bandwidth", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench bandwidth", description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=256, help="buffer size in MB (default 256)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", metavar="PATH")

@@ -1,6 +1,6 @@
 """ANN benchmark: qkit's HNSW (flat/sq8/sq4) next to hnswlib and faiss, same data, same run.
 
-    python -m qkit.eval.bench_ann fashion-mnist [--json out.json] [--plot out.png]
+    qkit bench ann fashion-mnist [--json out.json] [--plot out.png]
     qkit ann bench glove-50 --ef 32,64,128
 
 For every implementation: build once (``--threads`` build threads, 2 by

@@ -1,6 +1,6 @@
 """Vector codecs by brute force: bytes, encode speed, recall@10 before and after exact re-ranking.
 
-    python -m qkit.eval.bench_codecs [--datasets fashion-mnist,glove-50] [--json PATH] [--plot PNG]
+    qkit bench codecs [--datasets fashion-mnist,glove-50] [--json PATH] [--plot PNG]
 
 For every dataset and codec: encode the base, scan ALL codes for each query
 with the codec's estimator (no graph: this isolates the code's accuracy),
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     from qkit.eval import datasets
     from qkit.eval.machine import describe
 
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_codecs", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench codecs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default=",".join(datasets.DATASETS))
     ap.add_argument("--codecs", default=",".join(DEFAULT_QKIT), help="qkit codec names")
     ap.add_argument("--faiss", default=",".join(DEFAULT_FAISS), help="faiss counterparts (rabitqB, tqB); '' for none")

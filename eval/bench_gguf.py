@@ -16,7 +16,7 @@ in fp32 by transformers; KL and top-1 against the default model) and
 ``ppl_llamacpp`` by llama.cpp through llama-cpp-python (its CPU kernels, which
 quantize activations to 8 bits on the fly). Each runs in its own process.
 
-    python -m qkit.eval.bench_gguf GGUF [--text T] [--ctx 512] [--windows 40] --json PATH   # llama.cpp's ppl
+    qkit bench gguf GGUF [--text T] [--ctx 512] [--windows 40] --json PATH   # llama.cpp's ppl
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def gguf_rows() -> list[dict]:
 
 
 def _run(*args: str) -> None:
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-P", *args], capture_output=True, text=True)
     if r.returncode:
         last = (r.stderr or "").strip().splitlines()[-1:] or [f"exit {r.returncode}"]
         raise RuntimeError(f"{' '.join(args[:4])} failed: {last[0]}")
@@ -195,7 +195,7 @@ def llamacpp_perplexity(gguf_path, ids, ctx: int, max_windows: int | None = None
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_gguf", description="llama.cpp's perplexity of a GGUF")
+    ap = argparse.ArgumentParser(prog="qkit bench gguf", description="llama.cpp's perplexity of a GGUF")
     ap.add_argument("gguf")
     ap.add_argument("--tokenizer", default="default", help="model whose tokenizer gives the token ids")
     ap.add_argument("--text", default=None)

@@ -1,6 +1,6 @@
 """Kernel throughput: qkit's int8 scans against numpy, BLAS and torch, one thread each.
 
-    python -m qkit.eval.bench_kernels [--rows 1000000] [--dim 128] [--repeat 7] [--lowbit-mb 64] [--json PATH]
+    qkit bench kernels [--rows 1000000] [--dim 128] [--repeat 7] [--lowbit-mb 64] [--json PATH]
 
 Scans `rows` int8 vectors of `dim` bytes (128 MB by default: larger than any
 cache, so this measures the memory-bound regime a vector index lives in)
@@ -167,7 +167,7 @@ def print_table(records: list[dict], info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_kernels", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=7)

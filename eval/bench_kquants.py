@@ -1,6 +1,6 @@
 """GGML quantization throughput per type: qkit against libggml's reference, one thread, same input.
 
-    python -m qkit.eval.bench_kquants [--mb 16] [--repeat 3] [--json PATH]
+    qkit bench kquants [--mb 16] [--repeat 3] [--json PATH]
 
 Input: Gaussian float32 rows of 4096 (`mb` MB in all). libggml is
 llama-cpp-python's libggml-base (quantize_row_<type>_ref through ctypes),
@@ -66,7 +66,7 @@ def run(mb: float, repeat: int) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_kquants", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench kquants", description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="PATH")

@@ -1,6 +1,6 @@
 """Graph layout experiment: neighbour codes by id, copied beside each layer-0 list, or ids renumbered for locality.
 
-    python -m qkit.eval.bench_layout fashion-mnist [--codecs sq4,rabitq1,rabitq4] [--ef 16,32,64] [--json P]
+    qkit bench layout fashion-mnist [--codecs sq4,rabitq1,rabitq4] [--ef 16,32,64] [--json P]
 
 Layout "ids" (qkit's default): the codes are one array in id order; expanding a node reads
 its M0 neighbours' codes from M0 scattered rows (the walk prefetches them all before it
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from qkit.eval import datasets
     from qkit.eval.machine import describe
 
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_layout", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench layout", description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", choices=datasets.DATASETS)
     ap.add_argument("--codecs", default="sq4,rabitq1,rabitq4")
     ap.add_argument("--orders", default="bfs,kmeans", help="node renumberings to compare (bfs, rcm, kmeans)")

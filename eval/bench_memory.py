@@ -1,10 +1,10 @@
 """Memory bounds: peak resident memory of qkit's long jobs, each in its own process.
 
-    python -m qkit.eval.bench_memory [--dataset glove-50] [--codec sq8] [--quant-cache DIR] [--json PATH]
+    qkit bench memory [--dataset glove-50] [--codec sq8] [--quant-cache DIR] [--json PATH]
 
 Rows:
   * ``qkit quantize`` per method on the default model: the peak RSS that
-    ``python -m qkit.eval.bench_quant`` recorded for each row (each row there is
+    ``qkit bench quant`` recorded for each row (each row there is
     one ``qkit quantize`` process); read from its cache, not re-run, since a GPTQ
     or AWQ row takes 10-20 minutes. Compared with the fp32 model's size.
   * ``qkit ann build DATASET`` (2 threads) and ``qkit ann search`` on the index
@@ -131,7 +131,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_memory", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="glove-50")
     ap.add_argument("--codec", default="sq8")
     ap.add_argument("--threads", type=int, default=2)

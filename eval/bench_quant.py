@@ -1,6 +1,6 @@
 """Weight quantization methods on the default model: perplexity, KL from base, time, peak memory.
 
-    python -m qkit.eval.bench_quant [--json PATH] [--windows 40] [--rows ID ...] [--cache DIR]
+    qkit bench quant [--json PATH] [--windows 40] [--rows ID ...] [--cache DIR]
                                     [--model M --text T --calib C --ctx N --nsamples N --seqlen N]
 
 Rows: the base model; RTN, GPTQ and GPTQ with act-order at W4 g128, W3 g128,
@@ -95,7 +95,7 @@ class Setup:
 
 
 def _qkit(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-P", "-m", "qkit.cli.main", *args], capture_output=True, text=True)
     if r.returncode:
         last = (r.stderr or "").strip().splitlines()[-1:] or [f"exit {r.returncode}"]
         raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {last[0]}")
@@ -178,7 +178,7 @@ def print_table(recs: list[dict]) -> None:
 
 def main(argv=None) -> list[dict]:
     rows = all_rows()
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_quant", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench quant", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", choices=[r["id"] for r in rows], help="only these rows (default: all)")
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens (default 40)")
     ap.add_argument("--cache", default=".qkit-run/bench_quant", help="per-row results, for resuming")

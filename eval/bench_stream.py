@@ -1,6 +1,6 @@
 """Is quantization really streamed? Peak RSS of 2-layer vs 8-layer models whose layers are >= 64 MB.
 
-    python -m qkit.eval.bench_stream [--hidden 1024] [--intermediate 4096] [--layers 2 8] [--json PATH]
+    qkit bench stream [--hidden 1024] [--intermediate 4096] [--layers 2 8] [--json PATH]
 
 Builds random Llama checkpoints (fp32 safetensors) that differ only in depth,
 quantizes each with RTN W4 g128 in its own process (`qkit quantize`), and
@@ -35,7 +35,7 @@ def make_checkpoint(path: Path, layers: int, hidden: int, intermediate: int, voc
 
 
 def quantize_in_subprocess(src: Path, out: Path, summary: Path) -> dict:
-    cmd = [sys.executable, "-m", "qkit.cli.main", "quantize", str(src), "-o", str(out), "--bits", "4",
+    cmd = [sys.executable, "-P", "-m", "qkit.cli.main", "quantize", str(src), "-o", str(out), "--bits", "4",
            "--group-size", "128", "--json", str(summary)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -62,7 +62,7 @@ def run(hidden: int, intermediate: int, depths: list[int], workdir: str | None =
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.bench_stream", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench stream", description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--layers", type=int, nargs=2, default=[2, 8])

@@ -1,8 +1,8 @@
 """Fuzz every file loader qkit has: mutated files must load or fail with one QkitError line.
 
-    python -m qkit.eval.fuzz --cases 10000                 # every loader, one worker process each in turn
-    python -m qkit.eval.fuzz --cases 2000 --loader gguf    # one loader
-    python -m qkit.eval.fuzz --loader index --replay 1234  # re-run one case in this process, with its traceback
+    qkit bench fuzz --cases 10000                 # every loader, one worker process each in turn
+    qkit bench fuzz --cases 2000 --loader gguf    # one loader
+    qkit bench fuzz --loader index --replay 1234  # re-run one case in this process, with its traceback
 
 A case takes one seed file set (qkit.eval.fuzz_targets), applies one or two
 mutations drawn from a generator seeded by (loader, case number), writes the
@@ -239,7 +239,7 @@ def _campaign(name: str, cases: int, log: Path) -> dict:
     t0 = time.perf_counter()
     while start < cases:
         log.write_text("")
-        cmd = [sys.executable, "-m", "qkit.eval.fuzz", "--worker", "--loader", name, "--start", str(start),
+        cmd = [sys.executable, "-P", "-m", "qkit.eval.fuzz", "--worker", "--loader", name, "--start", str(start),
                "--cases", str(cases - start), "--log", str(log)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         last_size, last_change = 0, time.monotonic()
@@ -277,7 +277,7 @@ def _campaign(name: str, cases: int, log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qkit.eval.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qkit bench fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=10_000, help="cases per loader")
     ap.add_argument("--loader", action="append", choices=list(TARGETS), help="loader(s) to fuzz (default: all)")
     ap.add_argument("--replay", type=int, default=None, help="run one case here and print its outcome")

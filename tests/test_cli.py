@@ -8,7 +8,7 @@ from qkit.cli.main import main
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-P", "-m", "qkit.cli.main", *args], capture_output=True, text=True, env=env)
 
 
 def test_version_and_help(capsys):
@@ -60,3 +60,60 @@ def test_info_reports_backend():
 def test_bench_bad_flags_are_usage_errors(args):
     r = run(*args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_every_bench_module_is_a_subcommand_with_its_own_help():
+    """`qkit bench NAME` for every benchmark module in qkit.eval; NAME --help is the module's own parser."""
+    import importlib
+    import pkgutil
+
+    import qkit.eval
+    from qkit.cli.main import BENCHES
+
+    modules = {m.name for m in pkgutil.iter_modules(qkit.eval.__path__)}
+    benches = {m for m in modules if m.startswith("bench_")} | {"affine_table", "bandwidth", "fuzz"}
+    assert {mod for mod, _ in BENCHES.values()} == benches
+    for name, (mod, _) in BENCHES.items():
+        assert callable(importlib.import_module(f"qkit.eval.{mod}").main), name
+    r = run("bench", "--help")
+    assert r.returncode == 0 and all(name in r.stdout for name in BENCHES)
+    r = run("bench", "stream", "--help")
+    assert r.returncode == 0 and "usage: qkit bench stream" in r.stdout
+
+
+def test_run_help_is_the_main_jobs_parser():
+    r = run("run", "--help")
+    assert r.returncode == 0 and "usage: qkit run" in r.stdout and "--nsamples" in r.stdout
+
+
+def _expand(families: str) -> set[str]:
+    """'flat, sq8, rabitq1..3, qjl' -> {'flat', 'sq8', 'rabitq1', 'rabitq2', 'rabitq3', 'qjl'}."""
+    import re
+
+    out = set()
+    for name in re.findall(r"[a-z]+\d*(?:\.\.\d+)?", families):
+        m = re.fullmatch(r"([a-z]+)(\d+)\.\.(\d+)", name)
+        out |= {f"{m[1]}{b}" for b in range(int(m[2]), int(m[3]) + 1)} if m else {name}
+    return out
+
+
+def test_help_lists_what_the_registries_hold():
+    """The codecs, methods, formats and mixes the help texts name are exactly those the code accepts."""
+    import re
+
+    from qkit.ann.codecs import codec_names
+    from qkit.cli.llm import METHODS
+    from qkit.export.common import FORMATS
+    from qkit.ggml.mixes import FTYPES
+
+    flat = lambda s: " ".join(s.split())  # noqa: E731  (click wraps the help text)
+    ann = flat(run("ann", "--help").stdout)
+    listed = re.search(r"Codecs: (.*?)\. Commands", ann)[1]
+    assert _expand(re.sub(r"\([^)]*\)|the last two for ip/cosine only|and", " ", listed)) == set(codec_names())
+    build = flat(run("ann", "build", "--help").stdout)
+    listed = re.search(r"Vector codec: (.*?)\.(?:\s|$)", build)[1]
+    assert _expand(re.sub(r"and|for ip/cosine", " ", listed)) == set(codec_names())
+    q = flat(run("quantize", "--help").stdout)
+    assert re.search(r"Chooser: (.*?)\.", q)[1].split(", ") == list(METHODS)
+    assert set(re.search(r"written as a GGUF with llama.cpp's bytes: (.*?)\.", q)[1].split(", ")) == set(FTYPES)
+    assert set(re.search(r"--format \[(.*?)\]", q)[1].split("|")) == {"safetensors", "gguf", *FORMATS}

@@ -51,7 +51,7 @@ def start(args, tmp_path: Path, point: str | None = None):
         env.update(QKIT_TEST_PAUSE=point, QKIT_TEST_PAUSE_FILE=str(ready))
     # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
     # (nohup ... &) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all
-    p = subprocess.Popen([sys.executable, "-m", "qkit.cli.main", *args], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-P", "-m", "qkit.cli.main", *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return p, ready

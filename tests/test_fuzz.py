@@ -1,7 +1,7 @@
 """Fuzzed inputs: every loader ends in a one-line QkitError or a load, never another exception, crash or hang.
 
 The cases are qkit.eval.fuzz's (the same generators the 10,000-case campaign runs,
-`python -m qkit.eval.fuzz`), drawn here by hypothesis, a few hundred per loader;
+`qkit bench fuzz`), drawn here by hypothesis, a few hundred per loader;
 every truncation at a section boundary is run exhaustively.
 """
 from __future__ import annotations

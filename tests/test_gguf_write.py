@@ -241,7 +241,7 @@ def test_outputs_never_replace_inputs(wide_gguf, tmp_path, monkeypatch):
     assert src.read_bytes() == before
 
     def cli(*a):
-        return subprocess.run([sys.executable, "-m", "qkit.cli.main", *a], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-P", "-m", "qkit.cli.main", *a], capture_output=True, text=True,
                               env={**__import__("os").environ, "QKIT_CACHE": str(tmp_path / "cache")})
 
     r = cli("quantize", str(src), "--type", "q8_0", "-o", str(tmp_path))

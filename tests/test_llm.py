@@ -314,7 +314,7 @@ class TestBadInput:
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qkit.cli.main", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-P", "-m", "qkit.cli.main", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_quantize_then_eval(models, tmp_path):
