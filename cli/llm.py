@@ -10,6 +10,7 @@ import click
 from qkit.errors import UsageError
 from qkit.export.common import FORMATS as EXPORT_FORMATS
 from qkit.ggml.mixes import FTYPES
+from qkit.text import BUILTIN, DEFAULT_CALIB, DEFAULT_EVAL, HELD_OUT
 
 log = logging.getLogger("qkit.cli")
 MIXES = tuple(FTYPES)  # llama.cpp's mix names, as `--type` takes them
@@ -26,6 +27,12 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+CALIB_HELP = (f"Calibration text: a built-in set ({', '.join(n for n in BUILTIN if n not in HELD_OUT)}), "
+              f"a local file or a dataset (default: {DEFAULT_CALIB}).")
+TEXT_HELP = (f"Evaluation text: a built-in held-out text ({', '.join(HELD_OUT)}), a local file or a dataset "
+             f"(default: {DEFAULT_EVAL}).")
 
 
 def _check_json_path(path: str | None) -> None:
@@ -89,7 +96,7 @@ def _warn_damped(ref) -> None:
 @click.option("--online-hadamard", is_flag=True,
               help="With --rotate: also rotate down_proj's input by a Hadamard applied at run time (QuaRot stage 1b); "
                    "fake-quantized safetensors only (qkit eval ppl applies it); not with awq.")
-@click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
@@ -117,7 +124,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     from qkit.gptq import GPTQ, GPTQConfig
     from qkit.model import loader
     from qkit.rtn import RTN
-    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
+    from qkit.text import calibration_set
 
     method = method.lower()
     if method not in METHODS:
@@ -259,8 +266,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     samples = calib_desc = None
     if method in CALIBRATED:
         tok = loader.load_tokenizer(ref)
-        body, calib_desc = load_text(calib, default=DEFAULT_CALIB)
-        samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
+        samples, calib_desc = calibration_set(calib, lambda t: tok(t).input_ids, nsamples, seqlen, seed)
         calib_desc = f"{calib_desc}: {nsamples} x {seqlen} tokens, seed {seed}"
         record["calibration"] = calib_desc
     if method == "gptq":
@@ -324,10 +330,10 @@ def _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples
     from qkit.gptq import GPTQConfig
     from qkit.gptq_ggml import quantize_gguf
     from qkit.model import loader
-    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
+    from qkit.text import calibration_set
 
-    body, desc = load_text(calib, default=DEFAULT_CALIB)
-    samples = calibration_samples(loader.load_tokenizer(ref)(body).input_ids, nsamples, seqlen, seed)
+    tok = loader.load_tokenizer(ref)
+    samples, desc = calibration_set(calib, lambda t: tok(t).input_ids, nsamples, seqlen, seed)
     desc = f"{desc}: {nsamples} x {seqlen} tokens, seed {seed}"
     click.echo(f"calibration: {desc}")
     return quantize_gguf(ref, output, mix, method, samples, calibration=desc, imatrix=im, progress=True,
@@ -343,7 +349,7 @@ def eval_group():
 
 @eval_group.command("ppl")
 @click.argument("model", required=False)
-@click.option("--text", default=None, help="Evaluation text (default: shakespeare:britannica).")
+@click.option("--text", default=None, help=TEXT_HELP)
 @click.option("--ctx", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--windows", type=click.IntRange(1, None), default=None, help="Evaluate only the first N windows.")
 @click.option("--llamacpp-protocol", is_flag=True, help="Score only the second half of each window.")
@@ -384,7 +390,7 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
 @click.command("imatrix")
 @click.argument("model", required=False)
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output imatrix GGUF.")
-@click.option("--calib", default=None, help="Calibration text (default: shakespeare:texts).")
+@click.option("--calib", default=None, help=CALIB_HELP)
 @click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -395,15 +401,14 @@ def imatrix_cmd(model, output, calib, nsamples, seqlen, seed, process_output, th
     """Importance matrix of MODEL: per input column of each linear, the mean squared activation."""
     from qkit.imatrix import collect, write_imatrix
     from qkit.model import loader
-    from qkit.text import DEFAULT_CALIB, calibration_samples, load_text
+    from qkit.text import calibration_set
 
     if not Path(output).resolve().parent.is_dir():
         raise UsageError(f"output directory does not exist: {Path(output).resolve().parent}")
     _torch_threads(threads)
     ref = loader.resolve(model)
     tok = loader.load_tokenizer(ref)
-    body, desc = load_text(calib, default=DEFAULT_CALIB)
-    samples = calibration_samples(tok(body).input_ids, nsamples, seqlen, seed)
+    samples, desc = calibration_set(calib, lambda t: tok(t).input_ids, nsamples, seqlen, seed)
     if Path(output).is_dir():
         raise UsageError(f"output {output} is a directory; give a file name")
     stats = collect(ref, samples, progress=True, process_output=process_output)

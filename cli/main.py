@@ -23,7 +23,7 @@ from qkit.errors import QkitError, UsageError
 def cli(ctx: click.Context, debug: bool) -> None:
     """qkit: quantizers for LLM weights and vector search."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("numba", "urllib3", "filelock", "fsspec", "transformers", "accelerate", "datasets"):
+    for noisy in ("numba", "urllib3", "filelock", "fsspec", "transformers", "accelerate", "datasets", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"debug": debug}
 
@@ -77,6 +77,7 @@ BENCHES = {
     "affine": ("affine_table", "Affine grid error table (bits x granularity x parameter choice)."),
     "quant": ("bench_quant", "Weight methods on the default model (RTN/GPTQ/AWQ/SmoothQuant/QuaRot, GGUF mixes): "
                              "ppl, KL, time, RSS."),
+    "gptq-diag": ("gptq_diag", "GPTQ vs RTN output error per layer on calibration and held-out text's activations."),
     "gguf": ("bench_gguf", "Q4_K_M / Q3_K_M GGUF rows (plain, imatrix, GPTQ-in-grid), llama.cpp's perplexity too."),
     "kquants": ("bench_kquants", "GGML quantize throughput, qkit vs libggml (if llama-cpp-python is installed)."),
     "ann": ("bench_ann", "HNSW recall/QPS/bytes/build: qkit vs hnswlib and faiss on one data set."),

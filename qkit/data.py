@@ -63,6 +63,15 @@ ARTIFACTS: dict[str, Artifact] = {
                  "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
                  "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
                  "Fashion-MNIST 60,000 + 10,000 images of 784 uint8 pixels (L2)"),
+        # A PyPI file never changes, so the modern prose for calibration comes from an sdist's docs rather
+        # than from a Debian package that security updates re-version (python3.11-doc): a pinned deb version
+        # leaves the archive when its successor lands. debian-reference-en gets no such updates.
+        Artifact("django", "pypi", "Django", "5.1.4", "Django-5.1.4.tar.gz",
+                 "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a",
+                 "Django 5.1.4 sdist: its documentation (docs/*.txt), modern English prose, BSD: calibration text"),
+        Artifact("debian-reference", "deb", "debian-reference-en", "2.100", "debian-reference-en_2.100_all.deb",
+                 "9f31d3a17df505de09689ca255512ea58c1fc47c59bb1b0c7bf1c23362e9743f",
+                 "Debian Reference 2.100 (Osamu Aoki) as plain text, modern English prose: evaluation text"),
     ]
 }
 

