@@ -75,6 +75,10 @@ def _warn_damped(ref) -> None:
                    "positional, so it implies static groups and costs nothing at run time), off otherwise "
                    "(AutoGPTQ's desc_act=False: a packed g_idx slows some kernels).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
+@click.option("--group-aware", is_flag=True,
+              help="GPTQ with --act-order: groups stay at contiguous columns (g_idx = i // g, as kernels without "
+                   "g_idx read them), taken by decreasing top diag(H) and each group's columns by diag(H) "
+                   "(GPTQModel's act_group_aware); scale/zero chosen when a group is reached.")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="GPTQ: dampening, a fraction of mean(diag H).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
@@ -112,7 +116,8 @@ def _warn_damped(ref) -> None:
                    "and compressed-tensors (pack-quantized) write packed checkpoints that `qkit eval ppl` reads back.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
-def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, damp, alpha,
+def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, group_aware,
+                 damp, alpha,
                  act_bits, n_grid, search_samples, rounding, rotate, rotate_seed, online_hadamard, calib, nsamples,
                  seqlen, seed, ggml_type, imatrix_path, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
@@ -175,7 +180,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             return "--no-act-order" if n == "act_order" and act_order is False else f"--{n.replace('_', '-')}"
 
         ignored = [flag(n) for n in ("bits", "group_size", "sym", "clip_search", "act_order", "static_groups",
-                                     "damp", "calib", "nsamples", "seqlen", "seed")
+                                     "group_aware", "damp", "calib", "nsamples", "seqlen", "seed")
                    if given(n) and n not in GGUF_OPTIONS[method]]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type} with --method {method}: the "
@@ -243,13 +248,15 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         gptq_rounds = method == "gptq" or (method == "awq" and rounding == "gptq")
         spec = export.ExportSpec(fmt, bits, None if group_size == -1 else group_size, sym,
                                  act_order and gptq_rounds, static_groups and gptq_rounds,
-                                 act_bits=act_bits)
+                                 act_bits=act_bits, group_aware=act_order and group_aware and gptq_rounds)
         export.get_format(fmt).check(spec)  # bits / act-order the format cannot hold: refused before any work
     if clip_search is None:
         # AWQ's own clip search is part of the method (not before GPTQ rounding); RTN's MSE search is opt-in
         clip_search = method == "awq" and rounding == "rtn"
     if (act_order or static_groups) and not (method == "gptq" or (method == "awq" and rounding == "gptq")):
         raise UsageError("--act-order and --static-groups apply to --method gptq (or awq with --round gptq)")
+    if group_aware and not act_order:
+        raise UsageError("--group-aware orders columns by act-order inside contiguous groups: add --act-order")
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
                               method="mse" if clip_search and method in ("rtn", "gptq") else "minmax", **grid)
     ref = loader.resolve(model)
@@ -271,9 +278,11 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         record["calibration"] = calib_desc
     if method == "gptq":
         gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
-                          static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
+                          static_groups=static_groups, group_aware=group_aware, damp=damp, clip_search=clip_search,
+                          **grid)
         chooser = GPTQ(gcfg)
-        record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp})
+        record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp,
+                       **({"act_group_aware": True} if group_aware else {})})
     elif method == "awq":
         from qkit.awq import AWQ, AWQConfig
 
@@ -282,7 +291,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         if rounding == "gptq":
             # --clip-search here is GPTQ's MSE grid; AWQ's own clip would hand GPTQ clipped weights to reproduce
             gptq_cfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
-                                  static_groups=static_groups, damp=damp, clip_search=clip_search, **grid)
+                                  static_groups=static_groups, group_aware=group_aware, damp=damp,
+                                  clip_search=clip_search, **grid)
             awq_clip = False
             record.update({"round": "gptq", "desc_act": act_order, "static_groups": static_groups,
                            "damp_percent": damp})

@@ -78,6 +78,8 @@ BENCHES = {
     "quant": ("bench_quant", "Weight methods on the default model (RTN/GPTQ/AWQ/SmoothQuant/QuaRot, GGUF mixes): "
                              "ppl, KL, time, RSS."),
     "gptq-diag": ("gptq_diag", "GPTQ vs RTN output error per layer on calibration and held-out text's activations."),
+    "heldout": ("bench_heldout", "Calibrated rows (GPTQ, AWQ, imatrix, GPTQ-in-grid) on three held-out texts: "
+                "perplexity and the share of RTN's gap closed on each."),
     "gguf": ("bench_gguf", "Q4_K_M / Q3_K_M GGUF rows (plain, imatrix, GPTQ-in-grid), llama.cpp's perplexity too."),
     "kquants": ("bench_kquants", "GGML quantize throughput, qkit vs libggml (if llama-cpp-python is installed)."),
     "ann": ("bench_ann", "HNSW recall/QPS/bytes/build: qkit vs hnswlib and faiss on one data set."),

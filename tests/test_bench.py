@@ -175,3 +175,45 @@ def test_bench_gguf_rows_are_valid_quantize_command_lines(tmp_path):
         assert p["act_order"] is (r["act_order"] if r["method"] == "gptq" else None), r["id"]
         assert (p["imatrix_path"] is not None) == r["imatrix"] == ("-imatrix" in r["id"]), r["id"]
         assert r["act_order"] == ("-ao" in r["id"]) and (p["nsamples"] == setup.nsamples or r["method"] == "rtn")
+
+
+def test_bench_heldout_rows_are_valid_quantize_command_lines(tmp_path):
+    """Every held-out row's command line parses with `qkit quantize`'s options; its calibration set, act-order,
+    static groups, damping, mix and imatrix reach them; each calibrated row names a data-free row that exists."""
+    from qkit.cli.llm import quantize_cmd
+    from qkit.eval import bench_heldout
+
+    rows = bench_heldout.all_rows()
+    ids = {r["id"] for r in rows}
+    assert len(ids) == len(rows) and {"base", "rtn-w4g128", "gptq-ao-w4g128@mix", "q4_k_m-imatrix@plays"} <= ids
+    for r in rows:
+        if r["method"] == "base":
+            continue
+        assert r["ref"] is None if r["calib"] is None else r["ref"] in ids, r["id"]
+        setup = bench_heldout._setup(r, type("A", (), {"windows": 40, "nsamples": 128})())
+        args = bench_heldout.quantize_args(r, setup, tmp_path / "o", tmp_path / "q.json", tmp_path / "im.gguf")
+        p = quantize_cmd.make_context("quantize", args[1:]).params
+        # an imatrix row's calibration reaches it through the imatrix file, computed on the row's set
+        calib = None if r["method"] == "rtn" else bench_heldout.CALIBS[r["calib"]]
+        assert p["method"] == r["method"] and p["calib"] == calib, r["id"]
+        assert bool(p["act_order"]) == r["act_order"] == ("-ao" in r["id"]), r["id"]
+        assert p["static_groups"] == ("static" in r["id"]) and p["damp"] == r["opts"].get("damp", 0.01), r["id"]
+        assert p["group_aware"] == ("-ga" in r["id"]), r["id"]
+        assert (p["imatrix_path"] is not None) == ("imatrix" in r["id"]), r["id"]
+        assert p["ggml_type"] == r["opts"].get("type") and (r["format"] == "gguf") == (p["ggml_type"] is not None)
+
+
+def test_bench_heldout_gap_closed_table_and_plot(tmp_path, capsys):
+    from qkit.eval import bench_heldout
+
+    texts = ["a:x", "b:y"]
+    recs = [{"id": "base", "ppl": {"a:x": 10.0, "b:y": 20.0}, "bits_per_weight": 32.0, "seconds": 0.0, "windows": 4},
+            {"id": "rtn", "ref": None, "ppl": {"a:x": 14.0, "b:y": 30.0}, "bits_per_weight": 4.2, "seconds": 1.0},
+            {"id": "gptq", "ref": "rtn", "ppl": {"a:x": 12.0, "b:y": 31.0}, "bits_per_weight": 4.2, "seconds": 5.0}]
+    closed = bench_heldout.gap_closed(recs, texts)
+    assert set(closed) == {"gptq"} and closed["gptq"] == {"a:x": 0.5, "b:y": -0.1}
+    bench_heldout.print_table(recs, texts)
+    out = capsys.readouterr().out
+    assert "50%" in out and "-10%" in out and "20%" in out  # the mean of 50% and -10%
+    bench_heldout.plot(recs, texts, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

