@@ -71,39 +71,22 @@ def _texts(calibs, held_out, tokenize, nsamples: int, seqlen: int, windows: int,
 
 
 def _hessians(layer, states, kw, pipeline) -> tuple[dict, object]:
-    """({linear name: X^T X / n (in, in)}, the layer's output) on one text's inputs.
+    """({linear name: GPTQ's H = 2 X^T X / n}, the layer's output) on one text's inputs.
 
-    q/k/v (and gate/up) are handed the very same input tensor: recognised by identity with the previous
-    call's input (as qkit.gptq.GPTQ does), they share one Hessian object.
+    The GPTQ chooser's own accumulation (qkit.gptq.GPTQ.add_batch): linears fed the same input tensor
+    (q/k/v, gate/up) share one H object.
     """
-    import torch
+    from qkit.gptq import GPTQ, GPTQConfig
 
-    acc: dict = {}
-    owner: dict = {}
-    last = [None]
-
-    def hook(_mod, inp, _out, name):
-        x = inp[0]
-        if owner.get(name, name) != name:  # an alias: its owner accumulates
-            return
-        if name not in owner and last[0] is not None and x is last[0][0]:
-            owner[name] = last[0][1]
-            return
-        owner[name] = name
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # float32 sums: 2x the speed, ~1e-6 relative error
-        acc[name] = acc[name].addmm_(x.T, x) if name in acc else x.T @ x
-        last[0] = (x, name)
-
-    hooks = [mod.register_forward_hook(lambda m, i, o, _n=name: hook(m, i, o, _n))
+    acc = GPTQ(GPTQConfig())
+    hooks = [mod.register_forward_hook(lambda m, i, o, _n=name: acc.add_batch(_n, i[0]))
              for name, mod, _ in pipeline.linear_modules(layer)]
     try:
         out = pipeline._run_layer(layer, states, kw)
     finally:
         for h in hooks:
             h.remove()
-    n = states.shape[0] * states.shape[1]
-    mean = {k: v / n for k, v in acc.items()}
-    return {name: mean[o] for name, o in owner.items()}, out
+    return dict(acc.H), out
 
 
 def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
@@ -154,12 +137,12 @@ def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, ns
         for name, mod, transposed in pipeline.linear_modules(layer) if i in wanted else ():
             W = mod.weight.detach().numpy()
             W = np.ascontiguousarray(W.T if transposed else W, dtype=np.float32)
-            H_np = {t: Hs[t][name].numpy().astype(np.float64) for t in texts}
+            H_np = {t: Hs[t][name].numpy().astype(np.float64) / 2 for t in texts}  # X^T X / n
             rec = LinearRecord(i, name)
             rtn = affine.quantize_affine(W, bits, (1, group_size)).dequantize().astype(np.float64)
             rec.err["rtn"] = {t: output_error(W, rtn, H_np[t]) for t in texts}
             for c in calibs:
-                H_gptq = (2 * Hs[c][name]).to(torch.float32)  # GPTQ's H = 2 X^T X / n
+                H_gptq = Hs[c][name]
                 for v in variants:
                     cfg = GPTQConfig(bits=bits, group_size=group_size, **VARIANTS[v])
                     s0 = time.perf_counter()
@@ -167,7 +150,7 @@ def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, ns
                     solve_s += time.perf_counter() - s0
                     rec.err[f"{v} @ {c}"] = {t: output_error(W, Q, H_np[t]) for t in texts}
             if reference and i in reference_layers and name.endswith(tuple(reference_linears)):
-                checks.append(_reference_check(W, (2 * Hs[calibs[0]][name]), bits, group_size, i, name,
+                checks.append(_reference_check(W, Hs[calibs[0]][name], bits, group_size, i, name,
                                                gptq_quantize, GPTQConfig, reference_gptq))
             records.append(rec)
         del Hs
