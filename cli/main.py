@@ -77,6 +77,8 @@ BENCHES = {
     "affine": ("affine_table", "Affine grid error table (bits x granularity x parameter choice)."),
     "quant": ("bench_quant", "Weight methods on the default model (RTN/GPTQ/AWQ/SmoothQuant/QuaRot, GGUF mixes): "
                              "ppl, KL, time, RSS."),
+    "gptq-ablate": ("gptq_ablate", "Hybrids of two quantized models: which linears' calibrated weights move "
+                                   "held-out perplexity."),
     "gptq-diag": ("gptq_diag", "GPTQ vs RTN output error per layer on calibration and held-out text's activations."),
     "heldout": ("bench_heldout", "Calibrated rows (GPTQ, AWQ, imatrix, GPTQ-in-grid) on three held-out texts: "
                 "perplexity and the share of RTN's gap closed on each."),

@@ -52,7 +52,9 @@ def all_rows() -> list[dict]:
                  _row(f"gptq-ao-damp0.1-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
                       damp=0.1),
                  _row(f"gptq-ao-ga-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
-                      group_aware=True)]
+                      group_aware=True),
+                 _row(f"gptq-ao-gptaq-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
+                      gptaq=True)]
     for mix in bench_gguf.MIXES:
         plain = mix.lower()
         rows.append(_row(plain, "rtn", fmt="gguf", type=mix))

@@ -36,6 +36,26 @@ block with its sub-block scales, qkit.ggml.grid) sets `positional = True` and
 gets `params(W_group, first_column)` and `quantize(w, p, column_in_group)`;
 with act-order such a grid needs static groups (a group is then still a run
 of consecutive original columns).
+
+Asymmetric calibration (GPTAQ, Li et al. 2025, "GPTAQ: Efficient Finetuning-Free
+Quantization for Asymmetric Calibration", GPTQModel's v2): in the sequential
+pipeline a layer's inputs X~ come from the already-quantized layers, and plain
+GPTQ matches W X~ (the float weights on those inputs), so it never undoes what the
+earlier layers got wrong. GPTAQ's target is the float model's output W X instead,
+with X the float model's inputs of the same linear:
+
+    min_Q ||W X - Q X~||^2 (+ damp ||W - Q||^2, the dampening as a ridge term)
+
+With H = X~ X~^T + damp I (H of this module) and dXX = (X - X~) X~^T, expanding the
+square gives ||W X - Q X~||^2 = const + tr((W* - Q) H (W* - Q)^T), where
+
+    W* = W + W dXX H^-1
+
+is the unconstrained optimum (the normal equations Q H = W X X~^T + damp W). So
+GPTAQ is GPTQ's column loop run on W* with the same H: every step's error feedback
+(the optimal remaining columns given the quantized ones) is the same for both
+objectives, as they differ by a constant. The paper derives an equivalent
+column-wise update; here the asymmetric term is folded into the target once.
 """
 from __future__ import annotations
 
@@ -59,6 +79,7 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False  # MSE clip search for each group's range
+    gptaq: bool = False  # asymmetric calibration: the float model's outputs as the target (GPTAQ)
     scale_dtype: affine.ScaleDType = "float32"  # "float16": the grid a packed checkpoint stores
     min_zero: int = 0  # 1 for GPTQ v1 checkpoints (zero - 1 stored)
 
@@ -120,6 +141,36 @@ def hessian_update(H, n: int, X, blocks: int = 4):
     return H, n
 
 
+def cross_update(D, n: int, dX, X):
+    """Running dXX = (2 / n) sum dx x^T with hessian_update's scaling (call it first, with n before the update)."""
+    import torch
+
+    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
+    dX = dX.reshape(-1, dX.shape[-1]).to(torch.float32)
+    m, k = X.shape
+    if dX.shape != X.shape:
+        raise InputError(f"float inputs of shape {tuple(dX.shape)} do not match the quantized inputs' {tuple(X.shape)}")
+    if D is None:
+        D = torch.zeros(k, k, dtype=torch.float32)
+    D.mul_(n / (n + m))
+    D.addmm_(dX.T, X, alpha=2.0 / (n + m))
+    return D
+
+
+def asymmetric_target(W, H, dXX, damp: float):
+    """GPTAQ's W* = W + W dXX (H + damp mean(diag H) I)^-1: the optimum of ||W X - Q X~||^2 + damp ||W - Q||^2."""
+    import torch
+
+    cols = H.shape[0]
+    Hd = H.clone()
+    Hd[range(cols), range(cols)] += damp * torch.mean(torch.diag(H))
+    try:
+        L = torch.linalg.cholesky(Hd)
+    except RuntimeError:
+        raise InputError("the Hessian is not positive definite even after damping; raise --damp") from None
+    return W + torch.cholesky_solve((W @ dXX).T.contiguous(), L).T
+
+
 def _group_aware_order(d, g: int):
     """Columns grouped at i // g: groups by decreasing max diag(H), within a group by decreasing diag(H)."""
     import torch
@@ -132,9 +183,10 @@ def _group_aware_order(d, g: int):
                       for k in order])
 
 
-def gptq_quantize(W, H, cfg: GPTQConfig, grid=None):
+def gptq_quantize(W, H, cfg: GPTQConfig, grid=None, dXX=None):
     """Quantize W (out, in) given H (in, in). Returns (Q dequantized, codes, scales, zeros, g_idx) as torch.
 
+    dXX (in, in): GPTAQ's cross term (X - X~) X~^T, scaled as H; the target is then the float model's output.
     scales/zeros are (out, n_groups) in group order; g_idx (in,) maps each original column to its group.
     Runs on one torch thread: the column loop is thousands of small operations, for which a
     second OpenMP thread only adds synchronisation (10x slower here when another process is busy).
@@ -144,12 +196,12 @@ def gptq_quantize(W, H, cfg: GPTQConfig, grid=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(W, H, cfg, grid)
+        return _gptq(W, H, cfg, grid, dXX)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(W, H, cfg: GPTQConfig, grid=None):
+def _gptq(W, H, cfg: GPTQConfig, grid=None, dXX=None):
     import torch
 
     grid = grid or AffineGrid(cfg.affine())
@@ -168,6 +220,10 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None):
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if dXX is not None:  # GPTAQ: the float model's output as the target (module docstring)
+        if dXX.shape != H.shape:
+            raise InputError(f"cross term of shape {tuple(dXX.shape)} does not match the Hessian's {tuple(H.shape)}")
+        W = asymmetric_target(W, H, dXX.to(dtype), cfg.damp)
 
     positional = getattr(grid, "positional", False)
     if positional and cfg.act_order and not cfg.static_groups:
@@ -261,16 +317,28 @@ class GPTQ:
         self.grid = grid
         self.H: dict = {}
         self.n: dict = {}
+        self.D: dict = {}  # GPTAQ's cross terms
         self._last = None  # (input tensor, name): q/k/v (and gate/up) see the same input; share one H
 
-    def add_batch(self, name: str, X) -> None:
+    @property
+    def needs_float_inputs(self) -> bool:
+        """GPTAQ: the pipeline also runs the float model and hands add_batch each linear's float inputs."""
+        return self.cfg.gptaq
+
+    def add_batch(self, name: str, X, X_float=None) -> None:
         last = self._last
         if last is not None and X is last[0] and last[1] in self.H and self.H.get(name) is None:
             self.H[name] = self.H[last[1]]  # same inputs every batch: alias, accumulate once
             self.n[name] = None
+            if last[1] in self.D:
+                self.D[name] = self.D[last[1]]
         if self.n.get(name, 0) is None:  # an alias: its owner accumulates
             self._last = (X, name)
             return
+        if self.cfg.gptaq:
+            if X_float is None:
+                raise UsageError(f"GPTAQ needs the float model's inputs of {name}")
+            self.D[name] = cross_update(self.D.get(name), self.n.get(name, 0), X_float - X, X)
         self.H[name], self.n[name] = hessian_update(self.H.get(name), self.n.get(name, 0), X)
         self._last = (X, name)
 
@@ -278,11 +346,14 @@ class GPTQ:
         import torch
 
         H = self.H.pop(name, None)
+        D = self.D.pop(name, None)
         self.n.pop(name, None)
         self._last = None
         if H is None:
             raise UsageError(f"GPTQ got no calibration inputs for {name}")
-        Q, codes, scales, zeros, g_idx = gptq_quantize(torch.from_numpy(W), H, self.cfg, self.grid)
+        if self.cfg.gptaq and D is None:
+            raise UsageError(f"GPTAQ got no float inputs for {name}")
+        Q, codes, scales, zeros, g_idx = gptq_quantize(torch.from_numpy(W), H, self.cfg, self.grid, D)
         zero_np = zeros.numpy()
         return QuantResult(Q.numpy(), codes.numpy().astype(np.uint8), scales.numpy(),
                            zero_np.astype(np.int32) if self.cfg.affine().zero_domain == "int" else zero_np,

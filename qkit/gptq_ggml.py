@@ -129,6 +129,7 @@ class GGMLGPTQ(GPTQ):
         if t is None:
             raise UsageError(f"{name}: the mix gives this linear no GGML type")
         H = self.H.pop(name, None)
+        D = self.D.pop(name, None)  # GPTAQ's cross term, when cfg.gptaq
         self.n.pop(name, None)
         self._last = None
         if t in FLOAT_TYPES:
@@ -142,7 +143,7 @@ class GGMLGPTQ(GPTQ):
         sigma2 = (W.astype(np.float32) ** 2).mean(axis=1, dtype=np.float32) if im is not None else None
         grid = GGMLGrid(t, W.shape[1], im, row_sigma2=sigma2)
         cfg = replace(self.cfg, group_size=grid.block_size)
-        Q, codes, a, m, _ = gptq_quantize(torch.from_numpy(W), H, cfg, grid)
+        Q, codes, a, m, _ = gptq_quantize(torch.from_numpy(W), H, cfg, grid, D)
         Q = Q.numpy().astype(np.float32)
         blocks = grid.pack(codes.numpy())
         ggml.validate(blocks, t)

@@ -40,7 +40,10 @@ the output's head is untied (config.json ``tie_word_embeddings: false``). With
 ``rotate.online`` each layer's down_proj also gets its run-time Hadamard (a forward
 pre-hook) while it is calibrated, and config.json records it for the loader. A chooser with
 ``propagate_float = True`` (AWQ) hands the next layer the float layer's outputs
-from the calibration pass instead of running the quantized layer again. When a layer was
+from the calibration pass instead of running the quantized layer again. A chooser with
+``needs_float_inputs = True`` (GPTAQ) also gets, in ``add_batch(name, X, X_float)``, each
+linear's inputs in the float model: the pipeline runs the float model's layer stream beside
+the quantized one (one more layer forward per layer). When a layer was
 transformed, a packed export writes its other tensors (norms, biases) as the
 layer now holds them, cast to their stored dtype; otherwise as stored.
 """
@@ -201,6 +204,46 @@ def _run_layer(layer, states, kw, batch: int = 8):
     return run_module(layer, states, kw, batch)
 
 
+def calibrate_layer(layer, lins, lp: str, chooser, states, kw, fstates=None, batch: int = 8):
+    """The float layer on its calibration inputs, each linear's inputs fed to chooser.add_batch.
+
+    Returns (the layer's outputs, the float model's next inputs or None). With fstates (GPTAQ:
+    the float model's inputs of this layer), each batch first runs on fstates, and each linear's
+    float-model input is handed to add_batch beside its input on `states`, batch by batch, so no
+    more than one batch of float inputs is held.
+    """
+    captured: dict = {}
+    float_pass = [False]
+    hooks = []
+    for name, mod, _transposed in lins:
+        def hook(m, inp, _out, _name=lp + name):
+            # the very input tensor (inference mode, no graph): linears fed the same tensor
+            # (q/k/v, gate/up) can be recognised by identity and share statistics
+            if float_pass[0]:
+                captured[_name] = inp[0]
+            elif fstates is not None:
+                chooser.add_batch(_name, inp[0], captured.pop(_name))
+            else:
+                chooser.add_batch(_name, inp[0])
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        if fstates is None:
+            return _run_layer(layer, states, kw, batch), None
+        import torch
+
+        outs, fouts = [], []
+        for b in range(0, states.shape[0], batch):
+            float_pass[0] = True
+            fouts.append(_run_layer(layer, fstates[b:b + batch], kw, batch))
+            float_pass[0] = False
+            outs.append(_run_layer(layer, states[b:b + batch], kw, batch))
+            captured.clear()
+        return torch.cat(outs), torch.cat(fouts)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @dataclass
 class LayerInputs:
     """One decoder layer's calibration inputs, for a chooser's transform_layer."""
@@ -320,8 +363,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             writer.write_shard({n: sd[n] for n in outer})
             del sd
         states = kws = None
+        fstates = None  # GPTAQ: the float model's inputs of each layer, beside the quantized model's
         if chooser.needs_calibration:
             states, kws = capture_layer_inputs(model, layers, samples)
+            if getattr(chooser, "needs_float_inputs", False):
+                fstates = states  # the same tensor until the first quantized layer; never written in place
         _release(model, outer)  # embeddings and head are written: free them
         store.close()
         n_lin = n_par = 0
@@ -336,17 +382,8 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             lins = linear_modules(layer)
             if not lins:
                 raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
-            hooks = []
             if chooser.needs_calibration:
-                for name, mod, transposed in lins:
-                    def hook(m, inp, _out, _name=lp + name):
-                        # the very input tensor (inference mode, no graph): linears fed the same tensor
-                        # (q/k/v, gate/up) can be recognised by identity and share statistics
-                        chooser.add_batch(_name, inp[0])
-                    hooks.append(mod.register_forward_hook(hook))
-                float_out = _run_layer(layer, states, kws[i])
-                for h in hooks:
-                    h.remove()
+                float_out, fstates_next = calibrate_layer(layer, lins, lp, chooser, states, kws[i], fstates)
             if transform is not None:
                 transform(layer, LayerInputs(states, kws[i]), lp)
             packed = {}
@@ -365,7 +402,8 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
                 # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
                 states = float_out if getattr(chooser, "propagate_float", False) else _run_layer(layer, states, kws[i])
-                del float_out
+                fstates = fstates_next
+                del float_out, fstates_next
             if exporter is not None:
                 tensors = {}
                 layer_sd = layer.state_dict()

@@ -217,3 +217,16 @@ def test_bench_heldout_gap_closed_table_and_plot(tmp_path, capsys):
     assert "50%" in out and "-10%" in out and "20%" in out  # the mean of 50% and -10%
     bench_heldout.plot(recs, texts, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_gptq_ablate_selects_linears_by_layer_module_and_complement():
+    from qkit.eval.gptq_ablate import select
+
+    names = [f"model.layers.{i}.{m}.weight" for i in range(4)
+             for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert select(names, "all") == set(names) and select(names, "none") == set()
+    assert select(names, "attn") == {n for n in names if "self_attn" in n}
+    assert select(names, "L1-2:mlp") == {f"model.layers.{i}.mlp.{m}.weight" for i in (1, 2)
+                                         for m in ("up_proj", "down_proj")}
+    assert select(names, "-L0-0") == {n for n in names if not n.startswith("model.layers.0.")}
+    assert select(names, "down_proj") == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}

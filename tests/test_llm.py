@@ -126,6 +126,61 @@ def test_sequential_inputs_come_from_quantized_layers(kind, extra, tmp_path):
         assert not torch.allclose(float_hs[1], hs[1], atol=1e-3)
 
 
+class FloatRecorder(Recorder):
+    """Recorder that also asks for the float model's inputs (as GPTAQ does) and keeps them."""
+
+    needs_float_inputs = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.float_inputs = {}
+
+    def add_batch(self, name, x, x_float):
+        super().add_batch(name, x)
+        self.float_inputs.setdefault(name, []).append(x_float.clone())
+
+
+def test_float_inputs_beside_the_quantized_ones_come_from_the_float_model(tmp_path):
+    """A chooser with needs_float_inputs (GPTAQ) gets, batch for batch, each linear's input in the float model
+    beside its input in the quantized model."""
+    model = make_model("llama", tmp_path / "m", num_hidden_layers=3)
+    samples = torch.randint(0, 300, (10, 16))  # two batches of 8 and 2
+    rec = FloatRecorder(affine.AffineConfig(bits=2, group_size=32))
+    pipeline.quantize_model(loader.resolve(str(tmp_path / "m")), tmp_path / "q", rec, samples=samples)
+    q = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    with torch.no_grad():
+        fh = model(samples, output_hidden_states=True).hidden_states
+        qh = q(samples, output_hidden_states=True).hidden_states
+        for i in range(3):
+            name = f"model.layers.{i}.self_attn.q_proj"
+            torch.testing.assert_close(torch.cat(rec.float_inputs[name]), model.model.layers[i].input_layernorm(fh[i]),
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.cat(rec.inputs[name]), q.model.layers[i].input_layernorm(qh[i]),
+                                       rtol=1e-4, atol=1e-5)
+            down = f"model.layers.{i}.mlp.down_proj"
+            assert len(rec.float_inputs[down]) == len(rec.inputs[down]) == 2
+        assert not torch.allclose(torch.cat(rec.float_inputs["model.layers.2.self_attn.q_proj"]),
+                                  torch.cat(rec.inputs["model.layers.2.self_attn.q_proj"]), atol=1e-3)
+
+
+def test_gptaq_through_the_pipeline_fits_the_float_model_better(tmp_path):
+    """End to end on a tiny model: GPTAQ's last-layer output is closer to the float model's than GPTQ's."""
+    from qkit.gptq import GPTQ, GPTQConfig
+
+    model = make_model("llama", tmp_path / "m", num_hidden_layers=3)
+    samples = torch.randint(0, 300, (16, 32))
+    ref = loader.resolve(str(tmp_path / "m"))
+    errs = {}
+    for gptaq in (False, True):
+        out = tmp_path / f"q{gptaq}"
+        pipeline.quantize_model(ref, out, GPTQ(GPTQConfig(bits=2, group_size=32, gptaq=gptaq)), samples=samples)
+        q = loader.load_model(loader.resolve(str(out)))
+        with torch.no_grad():
+            want = model(samples, output_hidden_states=True).hidden_states[-1]
+            errs[gptaq] = torch.linalg.norm(q(samples, output_hidden_states=True).hidden_states[-1] - want).item()
+    assert errs[True] < errs[False], errs
+
+
 def plain_loop_ppl(model, ids, ctx):
     """Perplexity the plain transformers way: labels = inputs, mean loss per window, weighted."""
     total, n = 0.0, 0
