@@ -213,11 +213,15 @@ def test_gptaq_target_is_the_least_squares_optimum_of_the_asymmetric_objective()
 def test_gptaq_equals_the_paper_transcription_on_the_asymmetric_target(act_order):
     """GPTQ's column loop on W* (float64 numpy reference), and a lower asymmetric error than plain GPTQ."""
     W, Xf, Xq, H, D = _asym_setup(seed=5)
-    cfg = GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, block_size=16)
+    cfg = GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, gptaq_alpha=1.0, block_size=16)
     Q = gptq_quantize(W, H, cfg, dXX=D)[0]
     from qkit.gptq import asymmetric_target
 
     Ws = asymmetric_target(W, H, D, cfg.damp).numpy()
+    Qa = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, block_size=16),
+                       dXX=D)[0]  # the default alpha = 0.25: a quarter of the correction
+    Qa_r, _ = reference_gptq(W.numpy() + 0.25 * (Ws - W.numpy()), H.numpy(), 3, 16, act_order=act_order)
+    assert np.mean(np.isclose(Qa.numpy(), Qa_r, atol=1e-9)) >= 0.999
     Qr, _ = reference_gptq(Ws, H.numpy(), 3, 16, act_order=act_order)
     assert np.mean(np.isclose(Q.numpy(), Qr, atol=1e-9)) >= 0.999
     asym = lambda Q_: torch.linalg.norm(Xf @ W.T - Xq @ Q_.T).item()  # noqa: E731
