@@ -74,7 +74,8 @@ def test_every_bench_module_is_a_subcommand_with_its_own_help():
     from qkit.cli.main import BENCHES
 
     modules = {m.name for m in pkgutil.iter_modules(qkit.eval.__path__)}
-    benches = {m for m in modules if m.startswith("bench_")} | {"affine_table", "bandwidth", "fuzz", "gptq_diag"}
+    benches = {m for m in modules if m.startswith("bench_")} | {"affine_table", "bandwidth", "fuzz", "gptq_diag",
+                                                                       "gptq_ablate"}
     assert {mod for mod, _ in BENCHES.values()} == benches
     for name, (mod, _) in BENCHES.items():
         assert callable(importlib.import_module(f"qkit.eval.{mod}").main), name
