@@ -37,7 +37,8 @@ def select(names, spec: str) -> set[str]:
     parts = spec.lstrip("-").split(":")
     out = set()
     for k in names:
-        layer, module = int(LINEAR.search(k).group(1)), LINEAR.search(k).group(2)
+        m = LINEAR.search(k)
+        layer, module = int(m.group(1)), m.group(2)
         ok = True
         for p in parts:
             if p == "all":
@@ -59,8 +60,6 @@ def select(names, spec: str) -> set[str]:
 
 
 def main(argv=None) -> list[dict]:
-    import torch
-
     from qkit.errors import UsageError
     from qkit.eval.perplexity import perplexity
     from qkit.model import loader

@@ -163,16 +163,22 @@ def cross_update(D, n: int, dX, X):
     return D
 
 
+def damped(H, damp: float):
+    """H + damp mean(diag H) I, in place: GPTQ's dampening (section 4, step 3)."""
+    import torch
+
+    cols = H.shape[0]
+    H[range(cols), range(cols)] += damp * torch.mean(torch.diag(H))
+    return H
+
+
 def asymmetric_target(W, H, dXX, damp: float, alpha: float = 1.0):
     """GPTAQ's W* = W + alpha W dXX (H + damp mean(diag H) I)^-1; alpha = 1: the optimum of
     ||W X - Q X~||^2 + damp ||W - Q||^2."""
     import torch
 
-    cols = H.shape[0]
-    Hd = H.clone()
-    Hd[range(cols), range(cols)] += damp * torch.mean(torch.diag(H))
     try:
-        L = torch.linalg.cholesky(Hd)
+        L = torch.linalg.cholesky(damped(H.clone(), damp))
     except RuntimeError:
         raise InputError("the Hessian is not positive definite even after damping; raise --damp") from None
     return W + alpha * torch.cholesky_solve((W @ dXX).T.contiguous(), L).T
@@ -249,8 +255,7 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None, dXX=None):
         H = H[perm][:, perm]
     group_aware = perm is not None and cfg.group_aware and static is None
 
-    damp = cfg.damp * torch.mean(torch.diag(H))
-    H[range(cols), range(cols)] += damp
+    damped(H, cfg.damp)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
