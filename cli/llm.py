@@ -17,8 +17,8 @@ MIXES = tuple(FTYPES)  # llama.cpp's mix names, as `--type` takes them
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "smoothquant")
 # --type (GGUF): the methods that write llama.cpp's mixes, and the options each takes beyond the mix
-GGUF_OPTIONS = {"rtn": (), "gptq": ("act_order", "static_groups", "damp", "gptaq", "gptaq_alpha", "calib", "nsamples",
-                                    "seqlen", "seed"),
+GGUF_OPTIONS = {"rtn": (), "gptq": ("act_order", "static_groups", "damp", "gptaq", "gptaq_alpha", "true_sequential",
+                                    "calib", "nsamples", "seqlen", "seed"),
                 "awq": ("calib", "nsamples", "seqlen", "seed")}
 
 
@@ -87,6 +87,10 @@ def _warn_damped(ref) -> None:
                    "output, W X, solved on the quantized model's inputs; one more layer forward per layer.")
 @click.option("--gptaq-alpha", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="GPTAQ: share of the asymmetric correction applied (the GPTAQ authors' default 0.25).")
+@click.option("--true-sequential", is_flag=True,
+              help="GPTQ: inside each layer, calibrate and quantize the linears in the order they run (q/k/v, o, "
+                   "gate/up, down), each on the outputs of the quantized ones before it (AutoGPTQ's "
+                   "true_sequential).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="smoothquant: migration strength, s = max|X|^alpha / max|W|^(1-alpha) (default 0.5).")
 @click.option("--act-bits", type=click.IntRange(8, 8), default=None,
@@ -123,7 +127,7 @@ def _warn_damped(ref) -> None:
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="Torch threads (default: torch's choice).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the summary as JSON.")
 def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_order, static_groups, group_aware,
-                 damp, gptaq, gptaq_alpha, alpha,
+                 damp, gptaq, gptaq_alpha, true_sequential, alpha,
                  act_bits, n_grid, search_samples, rounding, rotate, rotate_seed, online_hadamard, calib, nsamples,
                  seqlen, seed, ggml_type, imatrix_path, fmt, threads, json_path):
     """Quantize MODEL (default: SmolLM2-135M-Instruct) layer by layer and write OUTPUT.
@@ -186,8 +190,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             return "--no-act-order" if n == "act_order" and act_order is False else f"--{n.replace('_', '-')}"
 
         ignored = [flag(n) for n in ("bits", "group_size", "sym", "clip_search", "act_order", "static_groups",
-                                     "group_aware", "damp", "gptaq", "gptaq_alpha", "calib", "nsamples", "seqlen",
-                                     "seed")
+                                     "group_aware", "damp", "gptaq", "gptaq_alpha", "true_sequential", "calib",
+                                     "nsamples", "seqlen", "seed")
                    if given(n) and n not in GGUF_OPTIONS[method]]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do not apply to --type {ggml_type} with --method {method}: the "
@@ -223,7 +227,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             g = write_gguf(ref, output, mix, imatrix=im, progress=True, inputs=(imatrix_path,) if imatrix_path else ())
         else:
             g = _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples, seqlen, seed,
-                                 act_order, static_groups, damp, n_grid, search_samples, gptaq, gptaq_alpha)
+                                 act_order, static_groups, damp, n_grid, search_samples, gptaq, gptaq_alpha,
+                                 true_sequential)
         types = ", ".join(f"{k} x{v}" for k, v in sorted(g.types.items()))
         click.echo(f"done: {g.tensors} tensors ({types}); {g.bits_per_weight:.3f} bits/weight; "
                    f"{g.seconds:.1f} s; output {_fmt_bytes(g.output_bytes)}")
@@ -235,7 +240,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             with atomic_write(json_path, "w") as f:
                 gptq_rec = {"desc_act": act_order, "static_groups": act_order or static_groups,
                             # act-order implies static groups
-                            "damp_percent": damp, **({"gptaq": True} if gptaq else {})} if method == "gptq" else {}
+                            "damp_percent": damp, "true_sequential": true_sequential,
+                            **({"gptaq": True, "gptaq_alpha": gptaq_alpha} if gptaq else {})} if method == "gptq" else {}
                 json.dump({**asdict(g), **gptq_rec,
                            **({"rotate": {"kind": "hadamard", "seed": rotate_seed}} if rotate else {})}, f, indent=1)
         return
@@ -269,6 +275,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         raise UsageError("--gptaq applies to --method gptq")
     if given("gptaq_alpha") and not gptaq:
         raise UsageError("--gptaq-alpha applies with --gptaq")
+    if true_sequential and method != "gptq":
+        raise UsageError("--true-sequential applies to --method gptq")
     cfg = affine.AffineConfig(bits=bits, group_size=None if group_size == -1 else group_size, symmetric=sym,
                               method="mse" if clip_search and method in ("rtn", "gptq") else "minmax", **grid)
     ref = loader.resolve(model)
@@ -291,9 +299,10 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     if method == "gptq":
         gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
                           static_groups=static_groups, group_aware=group_aware, damp=damp, clip_search=clip_search,
-                          gptaq=gptaq, gptaq_alpha=gptaq_alpha, **grid)
+                          gptaq=gptaq, gptaq_alpha=gptaq_alpha, true_sequential=true_sequential, **grid)
         chooser = GPTQ(gcfg)
         record.update({"desc_act": act_order, "static_groups": static_groups, "damp_percent": damp,
+                       "true_sequential": true_sequential,
                        **({"gptaq": True, "gptaq_alpha": gptaq_alpha} if gptaq else {}),
                        **({"act_group_aware": True} if group_aware else {})})
     elif method == "awq":
@@ -347,7 +356,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
 
 
 def _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples, seqlen, seed, act_order,
-                     static_groups, damp, n_grid, search_samples, gptaq=False, gptaq_alpha=0.25):
+                     static_groups, damp, n_grid, search_samples, gptaq=False, gptaq_alpha=0.25,
+                     true_sequential=False):
     """GPTQ or AWQ into the mix's GGML grids (qkit.gptq_ggml), calibrated on `calib`."""
     from qkit.awq import AWQConfig
     from qkit.gptq import GPTQConfig
@@ -362,7 +372,7 @@ def _gguf_calibrated(ref, output, mix, method, im, imatrix_path, calib, nsamples
     return quantize_gguf(ref, output, mix, method, samples, calibration=desc, imatrix=im, progress=True,
                          inputs=(imatrix_path,) if imatrix_path else (),
                          gptq=GPTQConfig(act_order=act_order, static_groups=static_groups, damp=damp, gptaq=gptaq,
-                                         gptaq_alpha=gptaq_alpha),
+                                         gptaq_alpha=gptaq_alpha, true_sequential=true_sequential),
                          awq=AWQConfig(n_grid=n_grid, search_samples=search_samples))
 
 

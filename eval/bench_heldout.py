@@ -55,6 +55,12 @@ def all_rows() -> list[dict]:
                       group_aware=True),
                  _row(f"gptq-ao-gptaq-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
                       gptaq=True)]
+        rows += [_row(f"gptq-ao-gptaq{a}-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
+                      gptaq=True, gptaq_alpha=a) for a in (0.1, 0.5)]
+        rows += [_row(f"gptq-ao-ts-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
+                      true_sequential=True),
+                 _row(f"gptq-ao-gptaq-ts-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
+                      gptaq=True, true_sequential=True)]
     for mix in bench_gguf.MIXES:
         plain = mix.lower()
         rows.append(_row(plain, "rtn", fmt="gguf", type=mix))

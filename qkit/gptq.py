@@ -86,6 +86,7 @@ class GPTQConfig:
     clip_search: bool = False  # MSE clip search for each group's range
     gptaq: bool = False  # asymmetric calibration: the float model's outputs as the target (GPTAQ)
     gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (the GPTAQ authors' default)
+    true_sequential: bool = False  # inside a layer, each linear group calibrated on the quantized groups before it
     scale_dtype: affine.ScaleDType = "float32"  # "float16": the grid a packed checkpoint stores
     min_zero: int = 0  # 1 for GPTQ v1 checkpoints (zero - 1 stored)
 
@@ -336,6 +337,11 @@ class GPTQ:
     def needs_float_inputs(self) -> bool:
         """GPTAQ: the pipeline also runs the float model and hands add_batch each linear's float inputs."""
         return self.cfg.gptaq
+
+    @property
+    def true_sequential(self) -> bool:
+        """The pipeline calibrates and quantizes each layer's linear groups in order (pipeline.calibrate_sequential)."""
+        return self.cfg.true_sequential
 
     def add_batch(self, name: str, X, X_float=None) -> None:
         last = self._last

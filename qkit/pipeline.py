@@ -244,6 +244,109 @@ def calibrate_layer(layer, lins, lp: str, chooser, states, kw, fstates=None, bat
             h.remove()
 
 
+def linear_groups(layer, lins, states, kw) -> list[list[str]]:
+    """The layer's linears in the order they run, grouped by shared input (q/k/v, gate/up).
+
+    One sample through the layer, each linear's first call recorded with its input tensor;
+    consecutive linears fed the very same tensor form a group. Within a decoder layer the call
+    order is the data flow: every group's input depends only on groups before it.
+    """
+    calls: list[tuple[str, object]] = []
+    hooks = [mod.register_forward_hook(lambda m, inp, _o, _n=name: calls.append((_n, inp[0])))
+             for name, mod, _t in lins]
+    try:
+        _run_layer(layer, states[:1], kw, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen, last = set(), None
+    for name, x in calls:
+        if name in seen:  # a module called twice: its first call places it
+            continue
+        seen.add(name)
+        if groups and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    missing = [n for n, _m, _t in lins if n not in seen]
+    if missing:
+        raise UsageError(f"linear {missing[0]} never ran in a forward of its layer; --true-sequential needs every "
+                         "linear on the layer's path")
+    return groups
+
+
+def _run_until_stop(layer, h, kw):
+    """layer(h) (one batch) that may be cut short by a hook raising _Stop: the output, or None if cut."""
+    try:
+        return run_module(layer, h, kw, h.shape[0])
+    except _Stop:
+        return None
+
+
+def calibrate_sequential(layer, lins, lp: str, chooser, states, kw, quantize_linear, fstates=None,
+                         batch: int = 8):
+    """GPTQ's true-sequential order inside a layer: each group's inputs from the groups before it, quantized.
+
+    AutoGPTQ's ``true_sequential`` (and the GPTQ/GPTAQ reference code's): q/k/v are calibrated
+    and quantized first, then o_proj on the outputs of the quantized q/k/v, then gate/up, then
+    down_proj on the quantized MLP inputs, so each linear's Hessian is taken on what it will see.
+    Each group's pass stops (a hook raises) right after the group's last linear, so it costs
+    only the part of the layer up to it. quantize_linear(name, module, transposed) quantizes one
+    linear in place. With fstates (GPTAQ), each batch first runs through the float layer (the
+    float weights swapped back in for the pass) to hand add_batch the float model's inputs; the
+    last group's float pass runs whole and gives the float model's next inputs, returned
+    (None without fstates). The caller runs the quantized layer for the next inputs.
+    """
+    import torch
+
+    by_name = {n: (m, t) for n, m, t in lins}
+    groups = linear_groups(layer, lins, states, kw)
+    float_w = {n: m.weight.data for n, m, _t in lins} if fstates is not None else None
+    done: list[str] = []
+    fouts = []
+    for gi, group in enumerate(groups):
+        last_group = gi == len(groups) - 1
+        captured: dict = {}
+        mode = ["quant"]
+
+        def hook(m, inp, _out, _name=None):
+            if mode[0] == "float":
+                captured[_name] = inp[0]
+            elif fstates is not None:
+                chooser.add_batch(lp + _name, inp[0], captured.pop(_name))
+            else:
+                chooser.add_batch(lp + _name, inp[0])
+            if _name == group[-1] and not (mode[0] == "float" and last_group):
+                raise _Stop
+        hooks = [by_name[n][0].register_forward_hook(lambda m, i, o, _n=n: hook(m, i, o, _n)) for n in group]
+        try:
+            for b in range(0, states.shape[0], batch):
+                if fstates is not None:
+                    quantized = {n: by_name[n][0].weight.data for n in done}
+                    for n in done:
+                        by_name[n][0].weight.data = float_w[n]
+                    mode[0] = "float"
+                    try:
+                        out = _run_until_stop(layer, fstates[b:b + batch], kw)
+                    finally:
+                        for n in done:
+                            by_name[n][0].weight.data = quantized[n]
+                    if last_group:
+                        fouts.append(out)
+                    mode[0] = "quant"
+                _run_until_stop(layer, states[b:b + batch], kw)
+                captured.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in group:
+            quantize_linear(n, *by_name[n])
+            done.append(n)
+    return torch.cat(fouts) if fstates is not None else None
+
+
 @dataclass
 class LayerInputs:
     """One decoder layer's calibration inputs, for a chooser's transform_layer."""
@@ -373,6 +476,11 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         n_lin = n_par = 0
         stored_bits = packed_bytes = 0
         transform = getattr(chooser, "transform_layer", None)
+        # GPTQ's true-sequential order inside each layer (a chooser option; not with a layer transform)
+        sequential = bool(getattr(chooser, "true_sequential", False)) and chooser.needs_calibration
+        if sequential and (transform is not None or getattr(chooser, "propagate_float", False)):
+            raise UsageError(f"method {chooser.name}: true-sequential calibration needs a chooser that only "
+                             "takes each linear's inputs (GPTQ)")
         for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
             layer = layers[i]
             lp = f"{prefix}{i}."
@@ -382,12 +490,10 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             lins = linear_modules(layer)
             if not lins:
                 raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
-            if chooser.needs_calibration:
-                float_out, fstates_next = calibrate_layer(layer, lins, lp, chooser, states, kws[i], fstates)
-            if transform is not None:
-                transform(layer, LayerInputs(states, kws[i]), lp)
             packed = {}
-            for name, mod, transposed in lins:
+
+            def quantize_linear(name, mod, transposed):
+                nonlocal n_lin, n_par, stored_bits
                 W = mod.weight.detach().numpy()
                 W = W.T if transposed else W
                 res = chooser.quantize(lp + name, np.ascontiguousarray(W, dtype=np.float32))
@@ -398,6 +504,18 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
                 stored_bits += _stored_bits(res)
                 if exporter is not None:
                     packed[name + ".weight"] = exporter.pack(lp + name, res, spec)
+
+            if sequential:
+                float_out = None
+                fstates_next = calibrate_sequential(layer, lins, lp, chooser, states, kws[i], quantize_linear,
+                                                    fstates)
+            else:
+                if chooser.needs_calibration:
+                    float_out, fstates_next = calibrate_layer(layer, lins, lp, chooser, states, kws[i], fstates)
+                if transform is not None:
+                    transform(layer, LayerInputs(states, kws[i]), lp)
+                for name, mod, transposed in lins:
+                    quantize_linear(name, mod, transposed)
             if chooser.needs_calibration:
                 # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
                 # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less

@@ -136,6 +136,19 @@ def test_group_aware_act_order_round_trip(tiny, tmp_path, fmt):
         assert qcfg["desc_act"] is False and qcfg["act_group_aware"] is True
 
 
+def test_true_sequential_gptq_round_trip_and_config(tiny, tmp_path):
+    """True-sequential GPTQ packs exactly as computed, and the GPTQ config says true_sequential."""
+    d, _ = tiny
+    ch = Recording(GPTQ(GPTQConfig(bits=4, group_size=32, true_sequential=True, **grid_requirements("gptq"))))
+    ch.true_sequential = True
+    export(d, tmp_path / "q", "gptq", ch)
+    store = loader.resolve(str(tmp_path / "q")).store()
+    for name, res in ch.results.items():
+        assert torch.equal(store.get(name + ".weight"), torch.from_numpy(res.weight)), name
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["true_sequential"] is True
+
+
 @pytest.mark.parametrize("fmt", ["gptq_v2", "awq", "compressed-tensors"])
 def test_per_channel_round_trip(tiny, tmp_path, fmt):
     """group size -1: one scale per output row (config group_size -1; compressed-tensors strategy 'channel')."""

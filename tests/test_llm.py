@@ -163,6 +163,86 @@ def test_float_inputs_beside_the_quantized_ones_come_from_the_float_model(tmp_pa
                                   torch.cat(rec.inputs["model.layers.2.self_attn.q_proj"]), atol=1e-3)
 
 
+def linear_inputs(model, samples) -> dict:
+    """{linear name: its input} in one forward of model, by forward hooks (an independent capture)."""
+    got, hooks = {}, []
+
+    def keep(name, x):
+        got.setdefault(name, x.clone())  # returns None: the hook leaves the output alone
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            hooks.append(mod.register_forward_hook(lambda m, i, o, _n=name: keep(_n, i[0])))
+    with torch.no_grad():
+        model(samples)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_linear_groups_follow_the_data_flow(models, kind):
+    path, model = models[kind]
+    _, layers = pipeline.decoder_layers(model, model.config)
+    lins = pipeline.linear_modules(layers[0])
+    x = torch.randn(2, 8, model.config.hidden_size)
+    _, kws = pipeline.capture_layer_inputs(model, layers, torch.randint(0, 300, (1, 8)))
+    groups = pipeline.linear_groups(layers[0], lins, x, kws[0])
+    want = {"llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+            "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]}[kind]
+    assert groups == want
+
+
+class SequentialRecorder(Recorder):
+    true_sequential = True
+
+
+class SequentialFloatRecorder(FloatRecorder):
+    true_sequential = True
+
+
+@pytest.mark.parametrize("float_inputs", [False, True])
+def test_true_sequential_inputs_are_the_quantized_models_own(tmp_path, float_inputs):
+    """--true-sequential: every linear is calibrated on exactly what it sees in the quantized model (o_proj on
+    the quantized q/k/v's attention, down_proj on the quantized gate/up), over two batches; without it, o_proj
+    sees the float q/k/v's. With float inputs (GPTAQ), each linear's float-model input is the float model's own
+    (the float weights swapped back in for the float pass)."""
+    model = make_model("llama", tmp_path / "m", num_hidden_layers=3)
+    samples = torch.randint(0, 300, (10, 16))  # two batches of 8 and 2
+    ref = loader.resolve(str(tmp_path / "m"))
+    cfg = affine.AffineConfig(bits=2, group_size=32)
+    rec = (SequentialFloatRecorder if float_inputs else SequentialRecorder)(cfg)
+    pipeline.quantize_model(ref, tmp_path / "q", rec, samples=samples)
+    q = loader.load_model(loader.resolve(str(tmp_path / "q")))
+    want = linear_inputs(q, samples)
+    assert set(rec.inputs) == set(want)
+    for name, x in want.items():
+        assert len(rec.inputs[name]) == 2
+        torch.testing.assert_close(torch.cat(rec.inputs[name]), x, rtol=1e-4, atol=1e-5)
+    if float_inputs:
+        fwant = linear_inputs(model, samples)
+        for name, x in fwant.items():
+            torch.testing.assert_close(torch.cat(rec.float_inputs[name]), x, rtol=1e-4, atol=1e-5)
+    # the same model without true-sequential: o_proj's inputs came through the float q/k/v
+    plain = Recorder(cfg)
+    pipeline.quantize_model(ref, tmp_path / "p", plain, samples=samples)
+    o = "model.layers.0.self_attn.o_proj"
+    assert not torch.allclose(torch.cat(plain.inputs[o]), linear_inputs(loader.load_model(
+        loader.resolve(str(tmp_path / "p"))), samples)[o], atol=1e-4)
+
+
+def test_true_sequential_refused_with_a_layer_transform(models, tmp_path):
+    class Transforming(SequentialRecorder):
+        def transform_layer(self, layer, inputs, prefix):
+            pass
+
+    path, _ = models["llama"]
+    with pytest.raises(UsageError, match="true-sequential"):
+        pipeline.quantize_model(loader.resolve(str(path)), tmp_path / "q", Transforming(affine.AffineConfig()),
+                                samples=torch.randint(0, 300, (2, 8)))
+
+
 def test_gptaq_through_the_pipeline_fits_the_float_model_better(tmp_path):
     """End to end on a tiny model: GPTAQ's last-layer output is closer to the float model's than GPTQ's."""
     from qkit.gptq import GPTQ, GPTQConfig

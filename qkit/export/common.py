@@ -40,6 +40,7 @@ class ExportSpec:
     method: str = "rtn"
     act_bits: int | None = None  # per-token dynamic int activations (W8A8): compressed-tensors int-quantized
     group_aware: bool = False  # act-order inside contiguous groups: g_idx = i // group_size, as static groups
+    true_sequential: bool = False  # GPTQ: each layer's linear groups calibrated in order on the quantized ones
 
     @property
     def dynamic_groups(self) -> bool:
@@ -51,7 +52,8 @@ class ExportSpec:
         c = chooser.cfg
         return cls(fmt, c.bits, c.group_size, c.symmetric, getattr(c, "act_order", False),
                    getattr(c, "static_groups", False), getattr(c, "damp", None) if chooser.name == "gptq" else None,
-                   chooser.name, act_bits, getattr(c, "act_order", False) and getattr(c, "group_aware", False))
+                   chooser.name, act_bits, getattr(c, "act_order", False) and getattr(c, "group_aware", False),
+                   bool(getattr(chooser, "true_sequential", False)))
 
 
 def grid_requirements(fmt: str) -> dict:

@@ -81,7 +81,8 @@ class GPTQFormat:
                # group-aware act-order leaves g_idx = i // g: the layout of desc_act False, which kernels read
                # without a g_idx gather; act_group_aware says how the columns were processed
                "desc_act": spec.act_order and not spec.group_aware, "sym": spec.symmetric, "static_groups": spec.static_groups,
-               "true_sequential": False,  # qkit quantizes a layer's linears from the same layer inputs
+               # False: a layer's linears all calibrated on the layer's inputs through the float layer
+               "true_sequential": spec.true_sequential,
                "checkpoint_format": self.name, "pack_dtype": "int32",
                "meta": {"quantizer": [f"qkit:{__version__}"], "qkit_method": spec.method}}
         if spec.damp is not None:
