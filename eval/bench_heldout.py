@@ -129,15 +129,9 @@ def run_row(row: dict, cache: Path, a, texts) -> dict:
 
 def gap_closed(recs: list[dict], texts) -> dict:
     """{row id: {text: share of the data-free row's gap to base closed}} for rows whose reference ran."""
-    by = {r["id"]: r for r in recs}
-    base = by.get("base")
-    out = {}
-    for r in recs:
-        ref = by.get(r.get("ref"))
-        if base is None or ref is None:
-            continue
-        out[r["id"]] = {t: (ref["ppl"][t] - r["ppl"][t]) / (ref["ppl"][t] - base["ppl"][t]) for t in texts}
-    return out
+    from qkit.eval.report_md import heldout_closed
+
+    return heldout_closed(recs, list(texts))
 
 
 def print_table(recs: list[dict], texts) -> None:
@@ -156,18 +150,17 @@ def print_table(recs: list[dict], texts) -> None:
         print(f"{r['id']:{w}s} {r['bits_per_weight']:5.2f} {r['seconds']:7.0f} {cells} {mean:>7s}")
 
 
-def plot(recs: list[dict], texts, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(recs: list[dict], texts):
+    """Bar chart of the gap closed per row and text (a matplotlib Figure), or None without calibrated rows."""
+    from matplotlib.figure import Figure
     import numpy as np
 
     closed = gap_closed(recs, texts)
-    ids = list(closed)
+    ids = [i for i in closed if i != "base"]
     if not ids:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ids)), 4))
+        return None
+    fig = Figure(figsize=(max(6, 0.6 * len(ids)), 4))
+    ax = fig.subplots()
     x = np.arange(len(ids))
     w = 0.8 / len(texts)
     for k, t in enumerate(texts):
@@ -179,8 +172,13 @@ def plot(recs: list[dict], texts, path: Path) -> None:
     ax.set_title("Calibrated methods on held-out texts (none in any calibration set)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot(recs: list[dict], texts, path: Path) -> None:
+    fig = figure(recs, texts)
+    if fig is not None:
+        fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> list[dict]:

@@ -1,13 +1,16 @@
 """The evaluation report: the benchmarks' results as Markdown tables and PNG plots, in one directory.
 
     qkit eval report [--full] -o DIR [--sections weights,vectors,kernels] [--datasets fashion-mnist,glove-50]
-                     [--quant-json P] [--ann-json P ...] [--codecs-json P] [--kernels-json P] [--bandwidth-json P]
+                     [--quant-json P] [--heldout-json P] [--ann-json P ...] [--codecs-json P] [--kernels-json P]
+                     [--bandwidth-json P]
 
 Every number comes from a benchmark module, run here or read from its JSON;
 nothing is measured twice:
 
 - weights: ``bench_quant`` (ppl, KL and top-1 against the base, quantization
-  time, peak RSS, bits per weight per row);
+  time, peak RSS, bits per weight per row) and ``bench_heldout`` (every
+  calibrated method's perplexity on three held-out texts of different domains,
+  and the share of the data-free row's gap it closes on each);
 - vectors: ``bench_ann`` (HNSW recall@10 vs QPS vs bytes, qkit against hnswlib
   and faiss in one run) and ``bench_codecs`` (every codec by brute force);
 - kernels: ``bench_kernels`` (GB/s per kernel and backend) against
@@ -42,6 +45,7 @@ COMMITTED = HERE / "report"  # the committed full report the README shows (a sou
 QUICK_ARGS = {
     "quant": ["--rows", "base", "rtn-w4g128", "rtn-w3g128", "gptq-w3g128", "--windows", "4", "--nsamples", "8",
               "--seqlen", "128"],
+    "heldout": ["--rows", "base", "rtn-w4g128", "gptq-ao-w4g128@mix", "--windows", "4", "--nsamples", "8"],
     "ann": {"n_base": 3000, "n_queries": 100, "efs": [16, 32, 64], "reranks": [0, 16], "codecs": ["sq8", "sq4"],
             "M": 16, "ef_construction": 100, "threads": 2, "repeats": 1},
     "codecs": {"n_base": 3000, "n_queries": 100, "qkit": ["sq8", "sq4", "rabitq1", "rabitq4", "tq4"],
@@ -97,6 +101,17 @@ def load_quant(path) -> list[dict]:
     return _order_quant(_need(recs, ("id", "method", "ppl", "bits_per_weight"), path, "bench_quant"))
 
 
+def load_heldout(path) -> dict:
+    """bench_heldout's --json output: {'rows': [...], 'gap_closed': {...}}."""
+    d = read_json(path)
+    if not isinstance(d, dict) or not isinstance(d.get("rows"), list):
+        raise InputError(f"{path}: not a bench_heldout JSON (no 'rows' list)")
+    _need(d["rows"], ("id", "ppl", "seconds", "bits_per_weight"), path, "bench_heldout")
+    if any(not isinstance(r["ppl"], dict) for r in d["rows"]):
+        raise InputError(f"{path}: bench_heldout rows need a perplexity per held-out text")
+    return d
+
+
 def load_ann(path) -> dict:
     """{'machine', 'records'} of bench_ann --json (records of one or more datasets)."""
     d = read_json(path)
@@ -148,6 +163,16 @@ def run_weights(full: bool = False, cache=".qkit-run", rerun: bool = False) -> l
     args = ["--cache", str(cache / "bench_quant")] + ([] if full else QUICK_ARGS["quant"])
     # never kept: bench_quant resumes from its own per-row cache, and picks up rows added since the last run
     return _section("quant", False, cache, rerun, lambda p: bench_quant.main(args + ["--json", p]), load_quant)
+
+
+def run_heldout(full: bool = False, cache=".qkit-run", rerun: bool = False) -> dict:
+    """bench_heldout on the default model: all rows (full, resumable per row) or QUICK_ARGS['heldout']."""
+    from qkit.eval import bench_heldout
+
+    cache = Path(cache)
+    args = ["--cache", str(cache / "bench_heldout")] + ([] if full else QUICK_ARGS["heldout"])
+    return _section("heldout", False, cache, rerun, lambda p: bench_heldout.main(args + ["--json", p]),
+                    load_heldout)
 
 
 def subset(name: str, n_base: int, n_queries: int):
@@ -234,6 +259,7 @@ class ReportData:
     """What a report is made of: each section's benchmark records (None: section absent)."""
 
     quant: list[dict] | None = None
+    heldout: dict | None = None               # bench_heldout: {'rows', 'gap_closed'}
     ann: dict[str, dict] | None = None        # dataset -> {'machine', 'records'}
     codecs: dict | None = None                # {'machine', 'records'}
     kernels: list[dict] | None = None
@@ -244,6 +270,8 @@ class ReportData:
         out = {}
         if self.quant is not None:
             out["quant.json"] = self.quant
+        if self.heldout is not None:
+            out["heldout.json"] = self.heldout
         for ds, d in (self.ann or {}).items():
             out[f"ann-{ds}.json"] = d
         if self.codecs is not None:
@@ -263,6 +291,8 @@ def load_report(directory) -> tuple[ReportData, dict]:
     rd = ReportData()
     if (data / "quant.json").is_file():
         rd.quant = load_quant(data / "quant.json")
+    if (data / "heldout.json").is_file():
+        rd.heldout = load_heldout(data / "heldout.json")
     for f in sorted(data.glob("ann-*.json")):
         rd.ann = rd.ann or {}
         rd.ann[f.stem[len("ann-"):]] = load_ann(f)
@@ -320,7 +350,7 @@ def make_meta(full: bool, sources: dict) -> dict:
 
 
 def build(out, *, full=False, sections=SECTIONS, datasets_=None, quant_json=None, ann_json=(), codecs_json=None,
-          kernels_json=None, bandwidth_json=None, cache=".qkit-run", rerun=False) -> Path:
+          kernels_json=None, bandwidth_json=None, heldout_json=None, cache=".qkit-run", rerun=False) -> Path:
     """Run (or read) each section's benchmarks and write the report directory; returns its path."""
     from qkit.eval import datasets
 
@@ -332,7 +362,7 @@ def build(out, *, full=False, sections=SECTIONS, datasets_=None, quant_json=None
     unknown = [d for d in datasets_ if d not in datasets.DATASETS]
     if unknown:
         raise UsageError(f"unknown dataset {unknown[0]!r}; known: {', '.join(datasets.DATASETS)}")
-    _check_out_dir(out, [quant_json, *ann_json, codecs_json, kernels_json, bandwidth_json])
+    _check_out_dir(out, [quant_json, heldout_json, *ann_json, codecs_json, kernels_json, bandwidth_json])
     # read every given file before any long run, so a bad path fails at once
     given_ann = {}
     for p in ann_json:
@@ -341,13 +371,16 @@ def build(out, *, full=False, sections=SECTIONS, datasets_=None, quant_json=None
             given_ann[ds] = {"machine": d["machine"], "records": [r for r in d["records"] if r["dataset"] == ds],
                              "source": str(p)}
     rd, src = ReportData(), {}
-    given = {"quant": quant_json and load_quant(quant_json), "codecs": codecs_json and load_codecs(codecs_json),
+    given = {"quant": quant_json and load_quant(quant_json), "heldout": heldout_json and load_heldout(heldout_json),
+             "codecs": codecs_json and load_codecs(codecs_json),
              "kernels": kernels_json and load_kernels(kernels_json),
              "bandwidth": bandwidth_json and load_bandwidth(bandwidth_json)}
     how = "run (full)" if full else "run (quick)"
     if "weights" in sections:
         rd.quant = given["quant"] or run_weights(full, cache, rerun)
         src["quant"] = str(quant_json) if quant_json else how
+        rd.heldout = given["heldout"] or run_heldout(full, cache, rerun)
+        src["heldout"] = str(heldout_json) if heldout_json else how
     if "vectors" in sections:
         rd.ann = {}
         for ds in datasets_:

@@ -167,6 +167,69 @@ def weights_md(recs: list[dict]) -> str:
 
 
 
+def heldout_texts(rows: list[dict]) -> list[str]:
+    """The held-out texts every row was scored on, in the first row's order."""
+    texts = list(rows[0]["ppl"]) if rows else []
+    return [t for t in texts if all(t in r["ppl"] for r in rows)]
+
+
+def heldout_closed(rows: list[dict], texts: list[str]) -> dict:
+    """{row id: {text: gap closed}} against each row's data-free reference (its 'ref') and the base row."""
+    by = {r["id"]: r for r in rows}
+    base = by.get("base")
+    out = {}
+    for r in rows:
+        ref = by.get(r.get("ref"))
+        if base is None or ref is None:
+            continue
+        out[r["id"]] = {t: gap_closed(ref["ppl"][t], r["ppl"][t], base["ppl"][t]) for t in texts}
+    return out
+
+
+def heldout_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    texts = heldout_texts(rows)
+    closed = heldout_closed(rows, texts)
+    h = ["row", "vs", "bits/w", "quant s"] + [c for t in texts for c in (f"ppl {t}", f"closed {t}")] + ["mean closed"]
+    out = []
+    for r in rows:
+        c = closed.get(r["id"])
+        cells = [r["id"], r.get("ref") or "", fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("seconds"), ".0f")]
+        for t in texts:
+            cells += [fmt(r["ppl"][t], ".3f"), f"{100 * c[t]:.0f}%" if c else ""]
+        cells.append(f"{100 * sum(c.values()) / len(c):.0f}%" if c else "")
+        out.append(cells)
+    return h, out
+
+
+def heldout_reading(rows: list[dict]) -> list[str]:
+    """The best calibrated row by mean gap closed, and every row that loses to its data-free row somewhere."""
+    texts = heldout_texts(rows)
+    closed = heldout_closed(rows, texts)
+    if not closed:
+        return []
+    mean = {i: sum(c.values()) / len(c) for i, c in closed.items()}
+    best = max(mean, key=mean.get)
+    out = [f"Best by the mean over the {len(texts)} held-out texts: {best} closes "
+           + ", ".join(f"{100 * closed[best][t]:.0f}% ({t})" for t in texts) + f"; mean {100 * mean[best]:.0f}%."]
+    worse = [f"{i} on {t}" for i, c in closed.items() for t in texts if c[t] < 0]
+    out.append("Worse than its data-free row: " + (", ".join(worse) if worse else "none") + ".")
+    return out
+
+
+def heldout_md(d: dict) -> str:
+    rows = d["rows"]
+    w = rows[0].get("windows", "?") if rows else "?"
+    calib = next((r["calibration"] for r in rows if r.get("calibration")), "none")
+    h, table = heldout_table(rows)
+    parts = ["## Weights on held-out text: does what a calibrated method fits carry over?",
+             f"`qkit bench heldout`: perplexity on the first {w} windows of 512 tokens of each text, none of them in "
+             f"any calibration set (calibration, e.g.: {calib}). A row's share of the gap closed is "
+             "(ppl(vs) - ppl(row)) / (ppl(vs) - ppl(base)), against its data-free row on the same grid (vs).", "",
+             "![gap closed per held-out text](heldout.png)", "", md_table(h, table), "", "Reading:", ""]
+    parts += [f"- {line}" for line in heldout_reading(rows)]
+    return "\n".join(parts)
+
+
 # --------------------------------------------------------------------------- vectors
 
 def ann_configs(recs: list[dict]) -> dict[tuple, list[dict]]:
@@ -332,6 +395,8 @@ def render(data, meta: dict) -> str:
              "`qkit.eval.report.load_report(this directory)` again gives this file.", ""]
     if data.quant:
         parts += [weights_md(data.quant), ""]
+    if data.heldout and data.heldout.get("rows"):
+        parts += [heldout_md(data.heldout), ""]
     for ds in sorted((data.ann or {}).keys() | {r["dataset"] for r in (data.codecs or {}).get("records", [])}):
         parts += [vectors_md(ds, (data.ann or {}).get(ds), data.codecs), ""]
     if data.kernels or data.bandwidth:

@@ -128,6 +128,13 @@ def figures(data) -> dict[str, Figure]:
     if data.quant:
         out["weights.png"] = fig_weights(data.quant)
         out["weights_cost.png"] = fig_weights_cost(data.quant)
+    if data.heldout and data.heldout.get("rows"):
+        from qkit.eval import bench_heldout, report_md
+
+        rows = data.heldout["rows"]
+        fig = bench_heldout.figure(rows, report_md.heldout_texts(rows))
+        if fig is not None:
+            out["heldout.png"] = fig
     crecs = (data.codecs or {}).get("records", [])
     for ds in sorted((data.ann or {}).keys() | {r["dataset"] for r in crecs}):
         arecs = ((data.ann or {}).get(ds) or {}).get("records", [])

@@ -63,11 +63,22 @@ def _kernels():
                                  ("hamming", "native-avx2", 12.0, 16), ("dot_many_i8", "native-avx2", 40.0, 128))]
 
 
+def _heldout():
+    t = ["shakespeare:britannica", "debian:reference"]
+    rows = [{"id": "base", "ref": None, "ppl": {t[0]: 26.0, t[1]: 17.5}, "seconds": 0.0, "bits_per_weight": 32.0,
+             "windows": 40, "calibration": None},
+            {"id": "rtn-w4g128", "ref": None, "ppl": {t[0]: 34.0, t[1]: 23.5}, "seconds": 14.0,
+             "bits_per_weight": 4.17, "windows": 40, "calibration": None},
+            {"id": "gptq-ao-w4g128@mix", "ref": "rtn-w4g128", "ppl": {t[0]: 30.0, t[1]: 24.1}, "seconds": 400.0,
+             "bits_per_weight": 4.17, "windows": 40, "calibration": "qkit:mix: 128 x 512 tokens, seed 0"}]
+    return {"rows": rows, "gap_closed": {}}
+
+
 @pytest.fixture
 def inputs(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    files = {"quant": _quant(), "ann": _ann(), "codecs": _codecs(), "kernels": _kernels(),
+    files = {"quant": _quant(), "heldout": _heldout(), "ann": _ann(), "codecs": _codecs(), "kernels": _kernels(),
              "bandwidth": {"copy_gbps": 11.5, "read_gbps": 9.25, "mb": 256, "repeat": 5,
                            "machine": {"cores": 2}, "load_average_1m": 9.2}}
     paths = {}
@@ -78,7 +89,8 @@ def inputs(tmp_path):
 
 
 def _args(paths):
-    return ["--datasets", "fashion-mnist", "--quant-json", str(paths["quant"]), "--ann-json", str(paths["ann"]),
+    return ["--datasets", "fashion-mnist", "--quant-json", str(paths["quant"]), "--heldout-json", str(paths["heldout"]),
+            "--ann-json", str(paths["ann"]),
             "--codecs-json", str(paths["codecs"]), "--kernels-json", str(paths["kernels"]),
             "--bandwidth-json", str(paths["bandwidth"])]
 
@@ -110,8 +122,8 @@ def test_report_from_json_writes_files_and_tables_equal_the_json(tmp_path, input
     assert main(["eval", "report", "-o", str(out), *_args(paths)]) == 0
     assert "report.md" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "report.json", "data", "weights.png", "weights_cost.png", "vectors-fashion-mnist.png",
-            "kernels.png"} <= names
+    assert {"report.md", "report.json", "data", "weights.png", "weights_cost.png", "heldout.png",
+            "vectors-fashion-mnist.png", "kernels.png"} <= names
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (out / "report.md").read_text()
@@ -167,6 +179,16 @@ def test_report_from_json_writes_files_and_tables_equal_the_json(tmp_path, input
     assert "11.50 GB/s in a copy" in md and "9.25 GB/s" in md
     assert "load average during the bandwidth run was 9.2 on 2 cores" in md
 
+    held = {r["row"]: r for r in _table_with(tables, "mean closed")}
+    assert list(held) == ["base", "rtn-w4g128", "gptq-ao-w4g128@mix"]
+    g = held["gptq-ao-w4g128@mix"]
+    assert g["vs"] == "rtn-w4g128" and float(g["ppl shakespeare:britannica"]) == 30.0
+    # (34 - 30) / (34 - 26) = 50%; (23.5 - 24.1) / (23.5 - 17.5) = -10%; mean 20%
+    assert (g["closed shakespeare:britannica"], g["closed debian:reference"], g["mean closed"]) == ("50%", "-10%", "20%")
+    assert held["rtn-w4g128"]["mean closed"] == ""
+    assert "Worse than its data-free row: gptq-ao-w4g128@mix on debian:reference." in md
+    assert meta["sources"]["heldout"] == str(paths["heldout"])
+    assert json.loads((out / "data" / "heldout.json").read_text()) == files["heldout"]
     # the report is a pure function of data/ and report.json: rendering it again gives the same file
     data, meta2 = report.load_report(out)
     assert report_md.render(data, meta2) == md
@@ -221,7 +243,7 @@ def test_rerun_replaces_a_report_atomically(tmp_path, inputs):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "src"]   # no temporaries left beside it
 
 
-@pytest.mark.parametrize("case", ["missing", "not-json", "wrong-records", "dataset", "section", "foreign-dir",
+@pytest.mark.parametrize("case", ["missing", "not-json", "wrong-records", "heldout-rows", "dataset", "section", "foreign-dir",
                                   "input-inside"])
 def test_bad_input_is_one_line(tmp_path, inputs, capsys, case):
     paths, _ = inputs
@@ -236,6 +258,9 @@ def test_bad_input_is_one_line(tmp_path, inputs, capsys, case):
     elif case == "wrong-records":
         paths["kernels"].write_text(json.dumps([{"kernel": "x"}]))
         want, rc = "not bench_kernels output", 1
+    elif case == "heldout-rows":
+        paths["heldout"].write_text(json.dumps([{"id": "base"}]))
+        want, rc = "not a bench_heldout JSON", 1
     elif case == "dataset":
         args[args.index("fashion-mnist")] = "mnist-1m"
         want, rc = "unknown dataset 'mnist-1m'", 2
