@@ -116,8 +116,11 @@ def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None
     return args
 
 
-def run_row(row: dict, cache: Path, setup) -> dict:
-    """Quantize (or write the F32 GGUF), then both perplexities; cached like bench_quant's rows."""
+def run_row(row: dict, cache: Path, setup, held_out=None) -> dict:
+    """Quantize (or write the F32 GGUF), then both perplexities; cached like bench_quant's rows.
+
+    held_out(model path, ppl on the evaluation text): the row's {text: ppl} on the held-out texts, or None.
+    """
     import shutil
 
     done = cache / f"{row['id']}.json"
@@ -147,6 +150,9 @@ def run_row(row: dict, cache: Path, setup) -> dict:
                calibration=f"{setup.calib or DEFAULT_CALIB}: {setup.nsamples} x {setup.seqlen} tokens"
                if row["method"] == "gptq" or row["imatrix"] else None,
                model=setup.model, text=p["text"], windows=p["windows"], ctx=setup.ctx, tokens=p["tokens"])
+    scored = held_out(str(out), p["ppl"]) if held_out is not None else None
+    if scored is not None:
+        rec["ppl_held_out"] = scored
     with atomic_write(done, "w") as f:
         json.dump(rec, f, indent=1)
     shutil.rmtree(_converted_dir(out), ignore_errors=True)

