@@ -259,11 +259,6 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         from qkit import export
 
         grid = export.grid_requirements(fmt)
-        gptq_rounds = method == "gptq" or (method == "awq" and rounding == "gptq")
-        spec = export.ExportSpec(fmt, bits, None if group_size == -1 else group_size, sym,
-                                 act_order and gptq_rounds, static_groups and gptq_rounds,
-                                 act_bits=act_bits, group_aware=act_order and group_aware and gptq_rounds)
-        export.get_format(fmt).check(spec)  # bits / act-order the format cannot hold: refused before any work
     if clip_search is None:
         # AWQ's own clip search is part of the method (not before GPTQ rounding); RTN's MSE search is opt-in
         clip_search = method == "awq" and rounding == "rtn"
@@ -290,12 +285,6 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
             _warn_damped(ref)
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
               "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
-    samples = calib_desc = None
-    if method in CALIBRATED:
-        tok = loader.load_tokenizer(ref)
-        samples, calib_desc = calibration_set(calib, lambda t: tok(t).input_ids, nsamples, seqlen, seed)
-        calib_desc = f"{calib_desc}: {nsamples} x {seqlen} tokens, seed {seed}"
-        record["calibration"] = calib_desc
     if method == "gptq":
         gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
                           static_groups=static_groups, group_aware=group_aware, damp=damp, clip_search=clip_search,
@@ -330,6 +319,15 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         record["alpha"] = alpha
     else:
         chooser = RTN(cfg)
+    if fmt != "safetensors":  # what the format cannot hold (bits, act-order's g_idx): refused before any work
+        export.check_chooser(fmt, chooser)
+        export.get_format(fmt).check(chooser.export_spec(fmt, act_bits))
+    samples = calib_desc = None
+    if method in CALIBRATED:
+        tok = loader.load_tokenizer(ref)
+        samples, calib_desc = calibration_set(calib, lambda t: tok(t).input_ids, nsamples, seqlen, seed)
+        calib_desc = f"{calib_desc}: {nsamples} x {seqlen} tokens, seed {seed}"
+        record["calibration"] = calib_desc
     click.echo(f"quantizing {ref.name} with {method} W{bits}" + (f"A{act_bits}" if act_bits else "")
                + (f" rotated (randomized Hadamard, seed {rotate_seed}"
                   + (", online before down_proj)" if online_hadamard else ")") if rotate else "")

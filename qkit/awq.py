@@ -51,7 +51,8 @@ import numpy as np
 from qkit import affine
 from qkit.errors import InputError, UsageError
 from qkit.model import arch as archs
-from qkit.rtn import RTN, QuantResult
+from qkit.chooser import ChooserBase, QuantResult
+from qkit.rtn import RTN
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def group_grams(X, group_size: int | None):
 
 
 # ------------------------------------------------------------------ the chooser
-class AWQ:
+class AWQ(ChooserBase):
     """AWQ for the sequential pipeline: mean|x| from add_batch, a layer-level step, then the grid per linear."""
 
     name = "awq"
@@ -290,6 +291,13 @@ class AWQ:
             raise InputError(f"{prefix}{g.block}: the block output error is NaN for every alpha")
         self.alphas[prefix + g.linears[0]] = best_alpha
         return best_s
+
+    def export_spec(self, fmt: str, act_bits: int | None = None):
+        """The rounding's spec (GPTQ's act-order, groups and damping with --round gptq), recorded as AWQ."""
+        from dataclasses import replace
+
+        inner = self.gptq if self.gptq is not None else self.grid
+        return replace(inner.export_spec(fmt, act_bits), method=self.name)
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
         s = self.input_scale.pop(name, None)

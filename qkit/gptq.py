@@ -70,7 +70,7 @@ import numpy as np
 
 from qkit import affine
 from qkit.errors import InputError, UsageError
-from qkit.rtn import QuantResult
+from qkit.chooser import ChooserBase, QuantResult
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def _gptq(W, H, cfg: GPTQConfig, grid=None, dXX=None):
     return Q, codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1), g_idx.to(torch.int32)
 
 
-class GPTQ:
+class GPTQ(ChooserBase):
     """The GPTQ chooser for the sequential pipeline: Hessians from calibration inputs, then gptq_quantize."""
 
     name = "gptq"
@@ -359,6 +359,14 @@ class GPTQ:
             self.D[name] = cross_update(self.D.get(name), self.n.get(name, 0), X_float - X, X)
         self.H[name], self.n[name] = hessian_update(self.H.get(name), self.n.get(name, 0), X)
         self._last = (X, name)
+
+    def export_spec(self, fmt: str, act_bits: int | None = None):
+        """The affine grid plus how GPTQ ran: act-order, static groups, group-aware order, damping, order."""
+        from dataclasses import replace
+
+        c = self.cfg
+        return replace(super().export_spec(fmt, act_bits), act_order=c.act_order, static_groups=c.static_groups,
+                       damp=c.damp, group_aware=c.act_order and c.group_aware, true_sequential=c.true_sequential)
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
         import torch

@@ -48,7 +48,7 @@ from qkit.errors import QkitError, UsageError
 from qkit.ggml import mixes
 from qkit.ggml.grid import CODES, GGMLGrid
 from qkit.gptq import GPTQ, GPTQConfig, gptq_quantize
-from qkit.rtn import QuantResult
+from qkit.chooser import ChooserBase, QuantResult
 
 log = logging.getLogger("qkit.gptq_ggml")
 FLOAT_TYPES = ("f32", "f16")
@@ -154,7 +154,7 @@ class GGMLGPTQ(GPTQ):
         return _result(Q, codes.numpy(), t, bs, a.numpy()[:, ::bs], m.numpy()[:, ::bs])
 
 
-class GGMLRTN:
+class GGMLRTN(ChooserBase):
     """llama.cpp's rounding of each linear's GGML type as a calibration-free grid (AWQ's quantizer).
 
     An importance matrix is used only for names in `input_scale` (set for the final rounding),

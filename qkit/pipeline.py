@@ -20,8 +20,9 @@ the float32 values of its grid), or a packed checkpoint (fmt "gptq", "gptq_v2",
 "awq", "compressed-tensors", qkit.export): each layer's linears packed as the
 format stores them, written as the layer finishes, every other tensor copied as
 stored (dtype kept), and ``quantization_config`` added to config.json.
-Choosers are objects with ``needs_calibration``, ``quantize(name, W)`` and,
-when calibrated, ``add_batch(name, X)``; the grid is the chooser's business.
+Choosers follow qkit.chooser's contract (``needs_calibration``, ``quantize(name, W)``,
+when calibrated ``add_batch(name, X)``, the hooks below; ChooserBase gives each its
+neutral default); the grid is the chooser's business.
 Two optional methods give a chooser a layer-level step (AWQ, SmoothQuant):
 
     prepare(config)                             before any work: check the model (architecture table)
@@ -440,8 +441,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         if online and fmt != "safetensors":
             raise UsageError(f"--format {fmt}: its readers cannot apply the online Hadamard before down_proj; the "
                              "fake-quantized safetensors output records it for qkit eval ppl")
-    if hasattr(chooser, "prepare"):
-        chooser.prepare(config)
+    chooser.prepare(config)
     model = loader.empty_model(config)
     prefix, layers = decoder_layers(model, config)
     if exporter is not None:
@@ -469,16 +469,16 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
         fstates = None  # GPTAQ: the float model's inputs of each layer, beside the quantized model's
         if chooser.needs_calibration:
             states, kws = capture_layer_inputs(model, layers, samples)
-            if getattr(chooser, "needs_float_inputs", False):
+            if chooser.needs_float_inputs:
                 fstates = states  # the same tensor until the first quantized layer; never written in place
         _release(model, outer)  # embeddings and head are written: free them
         store.close()
         n_lin = n_par = 0
         stored_bits = packed_bytes = 0
-        transform = getattr(chooser, "transform_layer", None)
+        transform = chooser.transform_layer
         # GPTQ's true-sequential order inside each layer (a chooser option; not with a layer transform)
-        sequential = bool(getattr(chooser, "true_sequential", False)) and chooser.needs_calibration
-        if sequential and (transform is not None or getattr(chooser, "propagate_float", False)):
+        sequential = chooser.true_sequential and chooser.needs_calibration
+        if sequential and (transform is not None or chooser.propagate_float):
             raise UsageError(f"method {chooser.name}: true-sequential calibration needs a chooser that only "
                              "takes each linear's inputs (GPTQ)")
         for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
@@ -519,7 +519,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             if chooser.needs_calibration:
                 # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
                 # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
-                states = float_out if getattr(chooser, "propagate_float", False) else _run_layer(layer, states, kws[i])
+                states = float_out if chooser.propagate_float else _run_layer(layer, states, kws[i])
                 fstates = fstates_next
                 del float_out, fstates_next
             if exporter is not None:

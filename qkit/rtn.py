@@ -5,24 +5,12 @@ qkit.affine.quantize_affine per output row, groups along the input dimension.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from qkit import affine
+from qkit.chooser import ChooserBase, QuantResult
 
-
-@dataclass(frozen=True)
-class QuantResult:
-    """What a chooser produced for one weight matrix (out, in)."""
-
-    weight: np.ndarray  # the dequantized (fake-quantized) weight, float32, shape (out, in)
-    codes: np.ndarray  # uint8 codes, shape (out, in)
-    scale: np.ndarray  # (out, n_groups)
-    zero: np.ndarray  # (out, n_groups)
-    g_idx: np.ndarray  # (in,) group of each input column
-    bits: int
-    symmetric: bool = False
+__all__ = ["RTN", "QuantResult", "group_index"]
 
 
 def group_index(in_features: int, group_size: int | None) -> np.ndarray:
@@ -31,7 +19,7 @@ def group_index(in_features: int, group_size: int | None) -> np.ndarray:
     return (np.arange(in_features) // g).astype(np.int32)
 
 
-class RTN:
+class RTN(ChooserBase):
     """Round-to-nearest on the affine grid of `cfg`."""
 
     name = "rtn"

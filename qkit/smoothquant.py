@@ -27,7 +27,8 @@ import numpy as np
 from qkit import affine
 from qkit.errors import InputError, UsageError
 from qkit.model import arch as archs
-from qkit.rtn import RTN, QuantResult
+from qkit.chooser import ChooserBase, QuantResult
+from qkit.rtn import RTN
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def weight_max(weights) -> object:
     return torch.stack([W.abs().amax(dim=0) for W in weights]).amax(dim=0)
 
 
-class SmoothQuant:
+class SmoothQuant(ChooserBase):
     """The chooser: max|X| from add_batch, smoothing folded per layer, then per-channel int8 RTN."""
 
     name = "smoothquant"

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from llm_models import make_model  # noqa: E402
 
 from qkit import affine, pipeline  # noqa: E402
+from qkit.chooser import ChooserBase  # noqa: E402
 from qkit.awq import AWQ, AWQConfig, awq_scales, clip_ranges, group_grams, subset_indices  # noqa: E402
 from qkit.errors import UsageError  # noqa: E402
 from qkit.model import arch as archs  # noqa: E402
@@ -117,7 +118,7 @@ def test_clip_search_matches_llm_awq_loop():
 
 
 # ------------------------------------------------------------------ folds keep the float model
-class FloatOut:
+class FloatOut(ChooserBase):
     """Wraps AWQ: searches and folds as AWQ does, but writes the folded *float* weights (no rounding)."""
 
     def __init__(self, awq):

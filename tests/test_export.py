@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 from llm_models import make_model  # noqa: E402
 
 from qkit import affine, pipeline  # noqa: E402
+from qkit.chooser import ChooserBase  # noqa: E402
 from qkit.errors import FormatError, InputError, UsageError  # noqa: E402
 from qkit.eval.perplexity import perplexity  # noqa: E402
 from qkit.export import grid_requirements  # noqa: E402
@@ -44,13 +45,17 @@ def tiny(tmp_path_factory):
     return root / "llama", model
 
 
-class Recording:
+class Recording(ChooserBase):
     """Wraps a chooser and keeps every QuantResult it returns: qkit's in-memory quantized weights."""
 
     def __init__(self, chooser):
         self.inner = chooser
         self.name, self.cfg, self.needs_calibration = chooser.name, chooser.cfg, chooser.needs_calibration
+        self.true_sequential = chooser.true_sequential
         self.results = {}
+
+    def export_spec(self, fmt, act_bits=None):
+        return self.inner.export_spec(fmt, act_bits)
 
     def add_batch(self, name, X):
         self.inner.add_batch(name, X)
@@ -140,7 +145,6 @@ def test_true_sequential_gptq_round_trip_and_config(tiny, tmp_path):
     """True-sequential GPTQ packs exactly as computed, and the GPTQ config says true_sequential."""
     d, _ = tiny
     ch = Recording(GPTQ(GPTQConfig(bits=4, group_size=32, true_sequential=True, **grid_requirements("gptq"))))
-    ch.true_sequential = True
     export(d, tmp_path / "q", "gptq", ch)
     store = loader.resolve(str(tmp_path / "q")).store()
     for name, res in ch.results.items():
@@ -623,3 +627,80 @@ def _awq_export_check(d, model, tmp_path, fmt, awq):
     ids = SAMPLES[:2]
     with torch.no_grad():
         assert torch.equal(q(ids).logits, f(ids).logits)
+
+
+# ------------------------------------------------------------------ every method x every format, from the CLI
+METHOD_ARGS = {
+    "rtn": [],
+    "gptq": ["--method", "gptq"],
+    "gptq-ao": ["--method", "gptq", "--act-order"],
+    "awq": ["--method", "awq", "--n-grid", "2", "--search-samples", "2"],
+    "awq-gptq-ao": ["--method", "awq", "--n-grid", "2", "--search-samples", "2", "--round", "gptq", "--act-order"],
+    "smoothquant": ["--method", "smoothquant", "--bits", "8"],
+}
+# (method, format) -> the start of the one-line refusal; every other pair is written
+REFUSED = {
+    ("gptq-ao", "awq"): "AWQ GEMM has no g_idx",
+    ("awq-gptq-ao", "awq"): "AWQ GEMM has no g_idx",
+    ("smoothquant", "safetensors"): "activation quantization (--act-bits, smoothquant) is written as compressed-tensors",
+    ("smoothquant", "gptq"): "activation quantization (--act-bits, smoothquant) is written as compressed-tensors",
+    ("smoothquant", "gptq_v2"): "activation quantization (--act-bits, smoothquant) is written as compressed-tensors",
+    ("smoothquant", "awq"): "activation quantization (--act-bits, smoothquant) is written as compressed-tensors",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny, tmp_path_factory):
+    import shutil
+
+    d, _ = tiny
+    root = tmp_path_factory.mktemp("matrix")
+    shutil.copytree(d, root / "m")
+    char_tokenizer(root / "m")
+    (root / "calib.txt").write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind. " * 40)
+    return root / "m", root / "calib.txt"
+
+
+def _linear_weights(d: Path, names=None) -> dict:
+    """The linears' weights as qkit's reader decodes them (a packed linear's under its .weight name)."""
+    store = loader.resolve(str(d)).store()
+    names = names or [n for n in store.keys() if n.endswith("proj.weight")]
+    return {n: store.get(n) for n in names}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_every_method_into_every_format_is_written_or_refused_up_front(tiny_tok, tmp_path, capsys, monkeypatch,
+                                                                       method):
+    """`qkit quantize` for each method x format: either a checkpoint that records how it was made (desc_act over
+    a permuted g_idx, damp_percent whenever GPTQ rounded, AWQ + GPTQ included) and decodes to the very weights
+    of the fake-quantized output, or one line refusing it before calibration starts."""
+    m, calib = tiny_tok
+    calibrated = []
+    real = pipeline.capture_layer_inputs
+    monkeypatch.setattr(pipeline, "capture_layer_inputs", lambda *a, **k: calibrated.append(1) or real(*a, **k))
+    common = ["quantize", str(m), "--group-size", "32", "--calib", str(calib), "--nsamples", "4", "--seqlen", "32"]
+    common = common if method != "rtn" else common[:4]
+    fake = None
+    for fmt in ("safetensors", "gptq", "gptq_v2", "awq", "compressed-tensors"):
+        calibrated.clear()
+        out = tmp_path / fmt
+        r = run_cli(capsys, *common, *METHOD_ARGS[method], "--format", fmt, "-o", str(out))
+        want = REFUSED.get((method, fmt))
+        if want:
+            assert r.returncode == 2, (fmt, r.stdout)
+            err = r.stderr.strip().splitlines()
+            assert len(err) == 1 and want in err[0], (fmt, err)
+            assert not calibrated and not out.exists(), fmt
+            continue
+        assert r.returncode == 0, (fmt, r.stderr)
+        if fmt == "safetensors":
+            fake = _linear_weights(out)
+            assert len(fake) == 14
+        elif fmt != "gptq" and fake is not None:  # gptq (v1) keeps every zero >= 1, a grid of its own
+            w = _linear_weights(out, list(fake))
+            assert all(torch.equal(w[n], fake[n]) for n in fake), fmt
+        if fmt in ("gptq", "gptq_v2"):
+            q = json.loads((out / "config.json").read_text())["quantization_config"]
+            assert q["desc_act"] is method.endswith("-ao"), fmt
+            assert ("damp_percent" in q) == ("gptq" in method), fmt
+            assert q["meta"]["qkit_method"] == method.split("-")[0]

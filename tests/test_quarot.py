@@ -14,6 +14,7 @@ from llm_models import make_model  # noqa: E402
 from test_awq import randomise_norms  # noqa: E402
 
 from qkit import affine, pipeline, quarot  # noqa: E402
+from qkit.chooser import ChooserBase  # noqa: E402
 from qkit.errors import UsageError  # noqa: E402
 from qkit.model import loader  # noqa: E402
 from qkit.rotation import make_rotation  # noqa: E402
@@ -33,7 +34,7 @@ def _small_runs(monkeypatch):
 IDS = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
 
 
-class Unrounded:
+class Unrounded(ChooserBase):
     """A chooser that keeps every weight as it is: the pipeline then writes the rotated float model."""
 
     name, needs_calibration = "float", False

@@ -49,11 +49,8 @@ class ExportSpec:
 
     @classmethod
     def from_chooser(cls, fmt: str, chooser, act_bits: int | None = None) -> ExportSpec:
-        c = chooser.cfg
-        return cls(fmt, c.bits, c.group_size, c.symmetric, getattr(c, "act_order", False),
-                   getattr(c, "static_groups", False), getattr(c, "damp", None) if chooser.name == "gptq" else None,
-                   chooser.name, act_bits, getattr(c, "act_order", False) and getattr(c, "group_aware", False),
-                   bool(getattr(chooser, "true_sequential", False)))
+        """The chooser's own statement of how it quantized (qkit.chooser: export_spec)."""
+        return chooser.export_spec(fmt, act_bits)
 
 
 def grid_requirements(fmt: str) -> dict:

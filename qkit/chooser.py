@@ -1,0 +1,88 @@
+"""The chooser contract: what the layer pipeline asks of a quantization method.
+
+A *grid* is the set of values a weight may take (affine groups, GGML blocks); a
+*chooser* picks, for each weight matrix, the point of its grid that stands for it
+(RTN: the nearest; GPTQ: with error feedback from calibration; AWQ: after scaling).
+qkit.pipeline drives a chooser through this protocol and nothing else:
+
+    prepare(config)                         once, before any work: check the model
+    add_batch(name, X[, X_float])           calibration inputs of one linear (needs_calibration)
+    transform_layer(layer, inputs, prefix)  a layer-level step in float (None: none)
+    quantize(name, W) -> QuantResult        one linear's weights, (out, in) float32
+    export_spec(fmt, act_bits) -> ExportSpec  how a packed checkpoint records the method
+
+and reads its flags: ``needs_calibration``; ``propagate_float`` (the next layer
+calibrates on the float layer's outputs, AWQ); ``needs_float_inputs`` (add_batch
+also gets the float model's inputs, GPTAQ); ``true_sequential`` (a layer's linear
+groups calibrated in order, GPTQ). ChooserBase gives every hook its neutral
+default, so a method states only what it does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qkit.export.common import ExportSpec
+
+__all__ = ["Chooser", "ChooserBase", "QuantResult"]
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """What a chooser produced for one weight matrix (out, in) on an affine grid."""
+
+    weight: np.ndarray  # the dequantized (fake-quantized) weight, float32, shape (out, in)
+    codes: np.ndarray  # uint8 codes, shape (out, in)
+    scale: np.ndarray  # (out, n_groups)
+    zero: np.ndarray  # (out, n_groups)
+    g_idx: np.ndarray  # (in,) group of each input column
+    bits: int
+    symmetric: bool = False
+
+
+@runtime_checkable
+class Chooser(Protocol):
+    name: str
+    needs_calibration: bool
+    propagate_float: bool
+    needs_float_inputs: bool
+    true_sequential: bool
+    transform_layer: object  # a method (layer, inputs, prefix) -> None, or None
+
+    def prepare(self, config) -> None: ...
+
+    def add_batch(self, name: str, X, X_float=None) -> None: ...
+
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult: ...
+
+    def export_spec(self, fmt: str, act_bits: int | None = None) -> ExportSpec: ...
+
+
+class ChooserBase:
+    """Neutral defaults for every hook of the contract (a data-free chooser needs only name, cfg, quantize)."""
+
+    name = "chooser"
+    needs_calibration = False
+    propagate_float = False
+    needs_float_inputs = False
+    true_sequential = False
+    transform_layer = None  # no layer-level step
+
+    def prepare(self, config) -> None:
+        """Check the model before any work (an architecture table, say); nothing by default."""
+
+    def add_batch(self, name: str, X, X_float=None) -> None:
+        raise NotImplementedError(f"{self.name} takes no calibration inputs")
+
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult:  # pragma: no cover - every chooser has one
+        raise NotImplementedError
+
+    def export_spec(self, fmt: str, act_bits: int | None = None) -> ExportSpec:
+        """The affine grid of self.cfg as a packed format records it; methods with more to say extend it."""
+        from qkit.export.common import ExportSpec
+
+        c = self.cfg
+        return ExportSpec(fmt, c.bits, c.group_size, c.symmetric, method=self.name, act_bits=act_bits)
