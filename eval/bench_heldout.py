@@ -60,7 +60,9 @@ def all_rows() -> list[dict]:
         rows += [_row(f"gptq-ao-ts-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
                       true_sequential=True),
                  _row(f"gptq-ao-gptaq-ts-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn, act_order=True,
-                      gptaq=True, true_sequential=True)]
+                      gptaq=True, true_sequential=True),
+                 _row(f"gptq-ao-gptaq0.5-ts-w{bits}g128@mix", "gptq", bits, 128, calib="mix", ref=rtn,
+                      act_order=True, gptaq=True, gptaq_alpha=0.5, true_sequential=True)]
     for mix in bench_gguf.MIXES:
         plain = mix.lower()
         rows.append(_row(plain, "rtn", fmt="gguf", type=mix))
