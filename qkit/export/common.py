@@ -152,30 +152,3 @@ def check_g_idx(name: str, g_idx: np.ndarray, n_groups: int, in_features: int) -
     if g.size and (g.min() < 0 or g.max() >= n_groups):
         raise shape_error(name, f"g_idx values outside [0, {n_groups}) for {n_groups} groups of scales")
     return g.astype(np.int64)
-
-
-def get_format(name: str):
-    from qkit.export import awq, compressed_tensors, gptq
-
-    table = {"gptq": gptq.GPTQFormat(v2=False), "gptq_v2": gptq.GPTQFormat(v2=True), "awq": awq.AWQFormat(),
-             "compressed-tensors": compressed_tensors.CompressedTensorsFormat()}
-    if name not in table:
-        raise UsageError(f"unknown export format {name!r}; available: {', '.join(FORMATS)}")
-    return table[name]
-
-
-def reader_for(qcfg) -> object:
-    """The format a config.json ``quantization_config`` names; FormatError for anything qkit cannot read."""
-    from qkit.export import awq, compressed_tensors, gptq
-
-    if not isinstance(qcfg, dict):
-        raise FormatError("config.json: quantization_config is not an object")
-    method = qcfg.get("quant_method")
-    for fmt in (gptq.GPTQFormat(v2=False), awq.AWQFormat(), compressed_tensors.CompressedTensorsFormat()):
-        if fmt.matches(qcfg):
-            try:
-                return fmt.for_reading(qcfg)
-            except (AttributeError, TypeError, ValueError, KeyError) as e:  # a nested field of the wrong JSON type
-                raise FormatError(f"config.json: malformed {method} quantization_config ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    raise FormatError(f"config.json: unknown quantization method {method!r} (qkit reads gptq, awq, compressed-tensors)")

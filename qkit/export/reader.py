@@ -12,7 +12,7 @@ compressed-tensors directory exactly like a float one, one tensor at a time.
 from __future__ import annotations
 
 from qkit.errors import FormatError
-from qkit.export.common import reader_for
+from qkit.export.registry import reader_for
 
 
 class QuantizedStore:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from qkit.errors import InputError, UsageError
-from qkit.ggml.blocks import TYPES, BlockType  # noqa: F401  (registers every type)
+from qkit.ggml import kquants  # noqa: F401  (registers the K types beside the legacy ones of blocks)
+from qkit.ggml.blocks import TYPES, BlockType  # noqa: F401  (registers the legacy types)
 
 
 def get_type(name: str) -> BlockType:

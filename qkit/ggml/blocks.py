@@ -218,6 +218,3 @@ class Q8_0(BlockType):
     def dequantize_blocks(self, b):
         d, qs = _head(b, 2, 32)
         return _f16(d) * qs.view(np.int8).astype(np.float32)
-
-
-from qkit.ggml import kquants  # noqa: E402,F401  (registers the K types)

@@ -307,9 +307,9 @@ def load_model(ref: ModelRef):
 
         actquant.attach(model, store.activations, store.bases)
         model.qkit_activations = store.activations
-    online = getattr(config, "qkit_online_rotation", None)
-    if online is not None:  # QuaRot's online Hadamard before down_proj: part of what the weights compute
-        from qkit import quarot
+    from qkit.model import online as online_rot
 
-        quarot.attach_online(model, quarot.check_online_spec(online, str(ref.config_path)))
+    spec = getattr(config, online_rot.ONLINE_KEY, None)
+    if spec is not None:  # QuaRot's online Hadamard before down_proj: part of what the weights compute
+        online_rot.attach_online(model, online_rot.check_online_spec(spec, str(ref.config_path)))
     return model
