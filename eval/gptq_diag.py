@@ -82,7 +82,7 @@ def _hessians(layer, states, kw, pipeline) -> tuple[dict, object]:
     hooks = [mod.register_forward_hook(lambda m, i, o, _n=name: acc.add_batch(_n, i[0]))
              for name, mod, _ in pipeline.linear_modules(layer)]
     try:
-        out = pipeline._run_layer(layer, states, kw)
+        out = pipeline.run_layer(layer, states, kw)
     finally:
         for h in hooks:
             h.remove()

@@ -61,7 +61,7 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
             def hook(m, inp, _out, _key=key):
                 _accumulate(stats, _key, inp[0])
             hooks.append(mod.register_forward_hook(hook))
-        states = pipeline._run_layer(layer, states, kws[i])
+        states = pipeline.run_layer(layer, states, kws[i])
         for h in hooks:
             h.remove()
         layer.to("meta")

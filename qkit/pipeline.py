@@ -201,7 +201,9 @@ def run_module(module, states, kw, batch: int = 8, *, layer_kwargs: bool = True)
     return torch.cat(outs)
 
 
-def _run_layer(layer, states, kw, batch: int = 8):
+def run_layer(layer, states, kw, batch: int = 8):
+    """A decoder layer on its inputs (samples, seqlen, hidden) with its keyword arguments, in batches: the
+    pipeline's, the imatrix's and the diagnostics' one way to walk a layer."""
     return run_module(layer, states, kw, batch)
 
 
@@ -229,15 +231,15 @@ def calibrate_layer(layer, lins, lp: str, chooser, states, kw, fstates=None, bat
         hooks.append(mod.register_forward_hook(hook))
     try:
         if fstates is None:
-            return _run_layer(layer, states, kw, batch), None
+            return run_layer(layer, states, kw, batch), None
         import torch
 
         outs, fouts = [], []
         for b in range(0, states.shape[0], batch):
             float_pass[0] = True
-            fouts.append(_run_layer(layer, fstates[b:b + batch], kw, batch))
+            fouts.append(run_layer(layer, fstates[b:b + batch], kw, batch))
             float_pass[0] = False
-            outs.append(_run_layer(layer, states[b:b + batch], kw, batch))
+            outs.append(run_layer(layer, states[b:b + batch], kw, batch))
             captured.clear()
         return torch.cat(outs), torch.cat(fouts)
     finally:
@@ -256,7 +258,7 @@ def linear_groups(layer, lins, states, kw) -> list[list[str]]:
     hooks = [mod.register_forward_hook(lambda m, inp, _o, _n=name: calls.append((_n, inp[0])))
              for name, mod, _t in lins]
     try:
-        _run_layer(layer, states[:1], kw, 1)
+        run_layer(layer, states[:1], kw, 1)
     finally:
         for h in hooks:
             h.remove()
@@ -519,7 +521,7 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
             if chooser.needs_calibration:
                 # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
                 # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
-                states = float_out if chooser.propagate_float else _run_layer(layer, states, kws[i])
+                states = float_out if chooser.propagate_float else run_layer(layer, states, kws[i])
                 fstates = fstates_next
                 del float_out, fstates_next
             if exporter is not None:
