@@ -295,8 +295,8 @@ def calibrate_sequential(layer, lins, lp: str, chooser, states, kw, quantize_lin
     AutoGPTQ's ``true_sequential`` (and the GPTQ/GPTAQ reference code's): q/k/v are calibrated
     and quantized first, then o_proj on the outputs of the quantized q/k/v, then gate/up, then
     down_proj on the quantized MLP inputs, so each linear's Hessian is taken on what it will see.
-    Each group's pass stops (a hook raises) right after the group's last linear, so it costs
-    only the part of the layer up to it. quantize_linear(name, module, transposed) quantizes one
+    Each group's pass stops (a pre-hook raises) at the group's input, before its first linear
+    computes, so it costs only the part of the layer before the group. quantize_linear(name, module, transposed) quantizes one
     linear in place. With fstates (GPTAQ), each batch first runs through the float layer (the
     float weights swapped back in for the pass) to hand add_batch the float model's inputs; the
     last group's float pass runs whole and gives the float model's next inputs, returned
@@ -311,19 +311,27 @@ def calibrate_sequential(layer, lins, lp: str, chooser, states, kw, quantize_lin
     fouts = []
     for gi, group in enumerate(groups):
         last_group = gi == len(groups) - 1
-        captured: dict = {}
+        captured: list = []
         mode = ["quant"]
 
-        def hook(m, inp, _out, _name=None):
+        def pre_hook(_m, args):
+            # the group's members share this input (linear_groups): take it before the first one computes, and
+            # stop the pass there, so the group's own linears never run in a calibration pass
+            x = args[0]
             if mode[0] == "float":
-                captured[_name] = inp[0]
-            elif fstates is not None:
-                chooser.add_batch(lp + _name, inp[0], captured.pop(_name))
+                captured.append(x)
+                if last_group:
+                    return None  # the whole float layer runs: its outputs are the float model's next inputs
             else:
-                chooser.add_batch(lp + _name, inp[0])
-            if _name == group[-1] and not (mode[0] == "float" and last_group):
-                raise _Stop
-        hooks = [by_name[n][0].register_forward_hook(lambda m, i, o, _n=n: hook(m, i, o, _n)) for n in group]
+                xf = captured.pop() if fstates is not None else None
+                for n in group:
+                    if fstates is not None:
+                        chooser.add_batch(lp + n, x, xf)
+                    else:
+                        chooser.add_batch(lp + n, x)
+            raise _Stop
+
+        hook = by_name[group[0]][0].register_forward_pre_hook(pre_hook)
         try:
             for b in range(0, states.shape[0], batch):
                 if fstates is not None:
@@ -342,8 +350,7 @@ def calibrate_sequential(layer, lins, lp: str, chooser, states, kw, quantize_lin
                 _run_until_stop(layer, states[b:b + batch], kw)
                 captured.clear()
         finally:
-            for h in hooks:
-                h.remove()
+            hook.remove()
         for n in group:
             quantize_linear(n, *by_name[n])
             done.append(n)
