@@ -10,6 +10,7 @@ import click
 from qkit.errors import UsageError
 from qkit.export.common import FORMATS as EXPORT_FORMATS
 from qkit.ggml.mixes import FTYPES
+from qkit.gptq import CLI_DEFAULTS as _GPTQ_DEFAULTS
 from qkit.text import BUILTIN, DEFAULT_CALIB, DEFAULT_EVAL, HELD_OUT
 
 log = logging.getLogger("qkit.cli")
@@ -73,8 +74,9 @@ def _warn_damped(ref) -> None:
                    "layer outputs (default on); awq --round gptq: GPTQ's MSE search (default off).")
 @click.option("--act-order/--no-act-order", default=None,
               help="GPTQ: columns by decreasing diag(H) (desc_act). Default: on for gptq with --type (GGML blocks are "
-                   "positional, so it implies static groups and costs nothing at run time), off otherwise "
-                   "(AutoGPTQ's desc_act=False: a packed g_idx slows some kernels).")
+                   "positional, so it implies static groups and costs nothing at run time); otherwise "
+                   + ("on" if _GPTQ_DEFAULTS["act_order"] else "off") + " (qkit's GPTQ defaults, chosen on held-out "
+                   "text: qkit bench heldout).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix every group's scale/zero before the updates.")
 @click.option("--group-aware", is_flag=True,
               help="GPTQ with --act-order: groups stay at contiguous columns (g_idx = i // g, as kernels without "
@@ -82,15 +84,18 @@ def _warn_damped(ref) -> None:
                    "(GPTQModel's act_group_aware); scale/zero chosen when a group is reached.")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="GPTQ: dampening, a fraction of mean(diag H).")
-@click.option("--gptaq", is_flag=True,
+@click.option("--gptaq/--no-gptaq", default=None,
               help="GPTQ: asymmetric calibration (GPTAQ, GPTQModel's v2): each linear's target is the float model's "
-                   "output, W X, solved on the quantized model's inputs; one more layer forward per layer.")
-@click.option("--gptaq-alpha", type=click.FloatRange(0, 1), default=0.25, show_default=True,
-              help="GPTAQ: share of the asymmetric correction applied (the GPTAQ authors' default 0.25).")
-@click.option("--true-sequential", is_flag=True,
+                   "output, W X, solved on the quantized model's inputs; one more layer forward per layer. Default "
+                   + ("on" if _GPTQ_DEFAULTS["gptaq"] else "off") + " (off inside GGML grids).")
+@click.option("--gptaq-alpha", type=click.FloatRange(0, 1), default=None,
+              help="GPTAQ: share of the asymmetric correction applied (the GPTAQ authors' default is 0.25; "
+                   "qkit's: " + str(_GPTQ_DEFAULTS["gptaq_alpha"]) + ").")
+@click.option("--true-sequential/--no-true-sequential", default=None,
               help="GPTQ: inside each layer, calibrate and quantize the linears in the order they run (q/k/v, o, "
                    "gate/up, down), each on the outputs of the quantized ones before it (AutoGPTQ's "
-                   "true_sequential).")
+                   "true_sequential). Default " + ("on" if _GPTQ_DEFAULTS["true_sequential"] else "off")
+              + " (off inside GGML grids).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="smoothquant: migration strength, s = max|X|^alpha / max|W|^(1-alpha) (default 0.5).")
 @click.option("--act-bits", type=click.IntRange(8, 8), default=None,
@@ -149,6 +154,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     def given(name):
         return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
+    gptaq_alpha = _GPTQ_DEFAULTS["gptaq_alpha"] if gptaq_alpha is None else gptaq_alpha
+
     if method == "smoothquant":  # W8A8 defaults: per-channel symmetric int8 weights, int8 activations
         bits = bits if given("bits") else 8
         group_size = group_size if given("group_size") else -1
@@ -201,6 +208,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         # GPTQ in GGML grids: act-order by default. The blocks stay positional (static groups), and on the
         # default model it is the better GPTQ at both mixes measured (eval/report: q4_k_m-gptq-ao vs q4_k_m-gptq)
         act_order = method == "gptq" if act_order is None else act_order
+        # GPTAQ and true-sequential are opt-in inside the GGML grids (measured on the affine grid only)
+        gptaq, true_sequential = bool(gptaq), bool(true_sequential)
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
@@ -247,7 +256,11 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         return
     if ggml_type or imatrix_path:
         raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")
-    act_order = bool(act_order)  # off unless asked for: AutoGPTQ's desc_act default
+    if method == "gptq":  # qkit's GPTQ defaults (qkit.gptq.CLI_DEFAULTS), each flag overriding its own
+        act_order = _GPTQ_DEFAULTS["act_order"] if act_order is None else act_order
+        gptaq = _GPTQ_DEFAULTS["gptaq"] if gptaq is None else gptaq
+        true_sequential = _GPTQ_DEFAULTS["true_sequential"] if true_sequential is None else true_sequential
+    act_order, gptaq, true_sequential = bool(act_order), bool(gptaq), bool(true_sequential)
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
     _check_json_path(json_path)

@@ -81,9 +81,10 @@ def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None
     if row["format"] == "gguf":
         grow = {**row, "type": row["opts"]["type"], "imatrix": bool(row["opts"].get("imatrix"))}
         return bench_gguf.quantize_args(grow, setup, out, qjson, imatrix)
-    args = bench_quant.quantize_args(row, setup, out, qjson)
+    args = bench_quant.quantize_args(row, setup, out, qjson)  # it spells out gptaq / true_sequential either way
     for k, v in row["opts"].items():
-        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+        if k not in ("gptaq", "true_sequential"):
+            args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return args
 
 

@@ -120,6 +120,10 @@ def quantize_args(row: dict, setup: Setup, out: Path, qjson: Path) -> list[str]:
         args.append("--act-order")
     elif row["method"] == "gptq" or row.get("round") == "gptq":
         args.append("--no-act-order")  # explicit: the row means GPTQ without act-order, whatever the default
+    if row["method"] == "gptq":  # explicit as well: GPTAQ and true-sequential only where the row asks for them
+        opts = row.get("opts", {})
+        for key, flag in (("gptaq", "gptaq"), ("true_sequential", "true-sequential")):
+            args.append(f"--{flag}" if row.get(key) or opts.get(key) else f"--no-{flag}")
     if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
         args.append("--rotate")
     if row.get("online_hadamard"):

@@ -76,7 +76,8 @@ def llm_rows(out: Path, windows: int, nsamples: int, seqlen: int, only=LLM_ROWS)
 
     rows = [("RTN W4 g128", "rtn-w4g128", ["--method", "rtn"]),
             ("GPTQ act-order W4 g128", "gptq-ao-w4g128",
-             ["--method", "gptq", "--act-order", "--nsamples", str(nsamples), "--seqlen", str(seqlen)])]
+             ["--method", "gptq", "--act-order", "--no-gptaq", "--no-true-sequential", "--nsamples", str(nsamples),
+              "--seqlen", str(seqlen)])]
     recs = []
     base = None
     for label, rid, extra in [r for r in rows if r[1] in only]:

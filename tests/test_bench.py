@@ -202,6 +202,10 @@ def test_bench_heldout_rows_are_valid_quantize_command_lines(tmp_path):
         assert p["group_aware"] == ("-ga" in r["id"]), r["id"]
         assert (p["imatrix_path"] is not None) == ("imatrix" in r["id"]), r["id"]
         assert p["ggml_type"] == r["opts"].get("type") and (r["format"] == "gguf") == (p["ggml_type"] is not None)
+        if r["method"] == "gptq" and r["format"] != "gguf":  # spelled out, whatever the CLI's defaults are
+            assert p["gptaq"] is ("gptaq" in r["id"]) and p["true_sequential"] is ("-ts" in r["id"]), r["id"]
+            alpha = r["opts"].get("gptaq_alpha")
+            assert p["gptaq_alpha"] == alpha and (alpha is None or f"gptaq{alpha}" in r["id"]), r["id"]
 
 
 def test_bench_heldout_gap_closed_table_and_plot(tmp_path, capsys):
