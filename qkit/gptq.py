@@ -97,7 +97,7 @@ class GPTQConfig:
 
 
 # What `qkit quantize --method gptq` runs unless told otherwise (GPTQConfig itself is the plain algorithm):
-# chosen by the mean share of RTN's gap closed on three held-out texts (qkit bench heldout, eval/report/heldout).
+# chosen by the mean share of RTN's gap closed on three held-out texts (qkit bench heldout; records in eval/records).
 CLI_DEFAULTS = {"act_order": False, "true_sequential": False, "gptaq": False, "gptaq_alpha": 0.25}
 
 
