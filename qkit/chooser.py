@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from qkit.errors import UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from qkit.export.common import ExportSpec
 
@@ -62,7 +64,8 @@ class Chooser(Protocol):
 
 
 class ChooserBase:
-    """Neutral defaults for every hook of the contract (a data-free chooser needs only name, cfg, quantize)."""
+    """Neutral defaults for every hook of the contract; a subclass gives name, cfg and quantize (the one method
+    with no default: it is the method itself)."""
 
     name = "chooser"
     needs_calibration = False
@@ -75,10 +78,8 @@ class ChooserBase:
         """Check the model before any work (an architecture table, say); nothing by default."""
 
     def add_batch(self, name: str, X, X_float=None) -> None:
-        raise NotImplementedError(f"{self.name} takes no calibration inputs")
-
-    def quantize(self, name: str, W: np.ndarray) -> QuantResult:  # pragma: no cover - every chooser has one
-        raise NotImplementedError
+        """A data-free chooser (needs_calibration False) is never handed calibration inputs."""
+        raise UsageError(f"method {self.name} takes no calibration inputs (got some for {name})")
 
     def export_spec(self, fmt: str, act_bits: int | None = None) -> ExportSpec:
         """The affine grid of self.cfg as a packed format records it; methods with more to say extend it."""

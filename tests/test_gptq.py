@@ -243,3 +243,23 @@ def test_gptaq_chooser_needs_float_inputs_and_shares_them_with_aliases():
 
     with pytest.raises(UsageError, match="float model's inputs"):
         ch.add_batch("o", X)
+
+
+def test_chooser_base_defaults_and_the_protocol():
+    """Every chooser meets qkit.chooser's protocol; a data-free one refuses calibration inputs in one line."""
+    from qkit import affine
+    from qkit.awq import AWQ, AWQConfig
+    from qkit.chooser import Chooser
+    from qkit.errors import UsageError
+    from qkit.rtn import RTN
+    from qkit.smoothquant import SmoothQuant, SmoothQuantConfig
+
+    rtn = RTN(affine.AffineConfig(bits=4, group_size=32))
+    for ch in (rtn, GPTQ(GPTQConfig()), AWQ(AWQConfig()), SmoothQuant(SmoothQuantConfig())):
+        assert isinstance(ch, Chooser), ch.name
+    assert rtn.transform_layer is None and not (rtn.propagate_float or rtn.needs_float_inputs or rtn.true_sequential)
+    with pytest.raises(UsageError, match="method rtn takes no calibration inputs"):
+        rtn.add_batch("l", np.zeros((2, 32), np.float32))
+    spec = AWQ(AWQConfig(bits=4, group_size=32), gptq=GPTQConfig(bits=4, group_size=32, act_order=True,
+                                                                 damp=0.05)).export_spec("gptq_v2")
+    assert (spec.method, spec.act_order, spec.damp) == ("awq", True, 0.05)

@@ -338,35 +338,26 @@ def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys
     assert ("act-order, static groups" in stdout) == want
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--method", "gptq", "--type", "Q4_K_M", "--bits", "3"], "--bits do not apply to --type"),
-    (["--method", "smoothquant", "--type", "Q4_K_M"], "smoothquant"),
-    (["--method", "awq", "--type", "Q4_K_M", "--round", "gptq"], "--round gptq"),
-    (["--method", "awq", "--type", "Q4_K_M", "--act-order"], "--act-order do not apply"),
-    (["--method", "rtn", "--type", "Q4_K_M", "--no-act-order"], "--no-act-order do not apply"),
-    (["--method", "rtn", "--type", "Q4_K_M", "--nsamples", "4"], "--nsamples do not apply"),
-    (["--method", "awq", "--type", "Q4_K_M", "--true-sequential"], "--true-sequential do not apply"),
-    (["--method", "awq", "--type", "Q4_K_M", "--gptaq"], "--gptaq do not apply"),
+@pytest.mark.parametrize("args,msg,out", [
+    (["--method", "gptq", "--type", "Q4_K_M", "--bits", "3"], "--bits do not apply to --type", "x.gguf"),
+    (["--method", "smoothquant", "--type", "Q4_K_M"], "smoothquant", "x.gguf"),
+    (["--method", "awq", "--type", "Q4_K_M", "--round", "gptq"], "--round gptq", "x.gguf"),
+    (["--method", "awq", "--type", "Q4_K_M", "--act-order"], "--act-order do not apply", "x.gguf"),
+    (["--method", "rtn", "--type", "Q4_K_M", "--no-act-order"], "--no-act-order do not apply", "x.gguf"),
+    (["--method", "rtn", "--type", "Q4_K_M", "--nsamples", "4"], "--nsamples do not apply", "x.gguf"),
+    (["--method", "awq", "--type", "Q4_K_M", "--true-sequential"], "--true-sequential do not apply", "x.gguf"),
+    (["--method", "awq", "--type", "Q4_K_M", "--gptaq"], "--gptaq do not apply", "x.gguf"),
+    # GPTQ-only options on the affine path
+    (["--method", "rtn", "--true-sequential"], "--true-sequential applies to --method gptq", "x"),
+    (["--method", "awq", "--gptaq"], "--gptaq applies to --method gptq", "x"),
+    (["--method", "gptq", "--gptaq-alpha", "0.5"], "--gptaq-alpha applies with --gptaq", "x"),
 ])
-def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys, args, msg):
+def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys, args, msg, out):
     path, _, _ = wide
-    rc, _, err = run_cli(capsys, "quantize", str(path), *args, "-o", str(tmp_path / "x.gguf"))
+    rc, _, err = run_cli(capsys, "quantize", str(path), *args, "-o", str(tmp_path / out))
     assert rc == 2 and msg in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "x.gguf").exists()
-
-
-@pytest.mark.parametrize("args,msg", [
-    (["--method", "rtn", "--true-sequential"], "--true-sequential applies to --method gptq"),
-    (["--method", "awq", "--gptaq"], "--gptaq applies to --method gptq"),
-    (["--method", "gptq", "--gptaq-alpha", "0.5"], "--gptaq-alpha applies with --gptaq"),
-])
-def test_gptq_only_options_refused_elsewhere(wide, tmp_path, cache_env, capsys, args, msg):
-    path, _, _ = wide
-    rc, _, err = run_cli(capsys, "quantize", str(path), *args, "-o", str(tmp_path / "x"))
-    assert rc == 2 and msg in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / out).exists()
 
 
 def test_bench_f32_gguf_and_llama_cpp_perplexity(wide, tmp_path, cache_env):
