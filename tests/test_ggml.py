@@ -176,3 +176,49 @@ def test_type_names_are_case_insensitive_and_scales_are_validated():
     with pytest.raises(InputError, match="overflows fp16"):
         ggml.validate(ggml.quantize(np.full((1, 32), 1e9, np.float32), "q4_0"), "q4_0")
     ggml.validate(ggml.quantize(inputs()["gaussian"], "q6_K"), "q6_K")  # ordinary weights pass
+
+
+# --- libggml's bytes without the oracle: committed digests (tests/ggml_digests.py) ---------------------------
+
+def _committed():
+    import json
+
+    from ggml_digests import PATH
+
+    return json.loads(PATH.read_text())
+
+
+def test_digest_inputs_are_the_committed_ones():
+    """The seeded inputs are bit-identical to those the digests were made from (else the next test means nothing)."""
+    import ggml_digests as gd
+
+    rec = _committed()
+    assert rec["n"] == gd.N
+    assert {k: gd.digest(v) for k, v in gd.inputs().items()} == rec["inputs"]
+    assert gd.digest(gd.importance()) == rec["importance"]
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_bytes_equal_committed_libggml_digests(t):
+    """Every type, every case, plain and importance-weighted: qkit's bytes hash to libggml's."""
+    import ggml_digests as gd
+
+    rec = _committed()["bytes"]
+    im = gd.importance()
+    bad = []
+    for name, X in gd.inputs().items():
+        if gd.digest(ggml.quantize(X, t)) != rec[f"{t}/{name}"]:
+            bad.append(name)
+        if gd.digest(ggml.quantize(X, t, imatrix=im)) != rec[f"{t}/{name}/imatrix"]:
+            bad.append(name + " (imatrix)")
+    assert not bad, f"{t}: bytes differ from libggml's on {', '.join(bad)}"
+
+
+def test_committed_digests_match_the_oracle():
+    """With llama-cpp-python installed: the committed file is what libggml gives today."""
+    import ggml_digests as gd
+
+    lib = libggml()
+    fresh = gd.from_oracle(lib)
+    rec = _committed()
+    assert fresh["inputs"] == rec["inputs"] and fresh["bytes"] == rec["bytes"]
