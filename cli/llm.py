@@ -50,6 +50,27 @@ def _torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _static_for(fmt: str, bits: int, group_size, sym: bool, act_bits) -> bool:
+    """Default act-order into a format that stores no g_idx (AWQ GEMM, int-quantized W8A8): static groups
+    (each group's scale fixed on its contiguous columns before the updates), said once. True when switched."""
+    from qkit import export
+    from qkit.export.common import ExportSpec
+
+    def takes(static: bool) -> bool:
+        try:
+            export.get_format(fmt).check(ExportSpec(fmt, bits, group_size, sym, act_order=True, static_groups=static,
+                                                    method="gptq", act_bits=act_bits))
+            return True
+        except UsageError:
+            return False
+
+    if takes(False) or not takes(True):  # a format refusing the run for another reason says so itself, later
+        return False
+    click.echo(f"qkit: --format {fmt} stores no g_idx: act-order runs with static groups "
+               "(--no-act-order or --group-aware to choose otherwise)", err=True)
+    return True
+
+
 def _warn_damped(ref) -> None:
     """--rotate with round-to-nearest on a model whose norms switch channels off (qkit.quarot.damped_norms).
 
@@ -116,7 +137,9 @@ def _warn_damped(ref) -> None:
               help="With --rotate: also rotate down_proj's input by a Hadamard applied at run time (QuaRot stage 1b); "
                    "fake-quantized safetensors only (qkit eval ppl applies it); not with awq.")
 @click.option("--calib", default=None, help=CALIB_HELP)
-@click.option("--nsamples", type=click.IntRange(1, None), default=128, show_default=True)
+@click.option("--nsamples", type=click.IntRange(1, None), default=None,
+              help=f"Calibration sequences (default: {_GPTQ_DEFAULTS['nsamples']} for gptq, the affine grids' "
+                   "GPTAQ + true-sequential being a few layer forwards per layer; 128 otherwise).")
 @click.option("--seqlen", type=click.IntRange(2, None), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
 @click.option("--type", "ggml_type", default=None,
@@ -210,6 +233,7 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         act_order = method == "gptq" if act_order is None else act_order
         # GPTAQ and true-sequential are opt-in inside the GGML grids (measured on the affine grid only)
         gptaq, true_sequential = bool(gptaq), bool(true_sequential)
+        nsamples = nsamples or 128  # the GGML grids' calibrated rows were measured on 128 sequences
         mix = mix_name(ggml_type)
         _check_json_path(json_path)
         _torch_threads(threads)
@@ -256,10 +280,12 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
         return
     if ggml_type or imatrix_path:
         raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")
+    default_order = method == "gptq" and act_order is None  # act-order from qkit's defaults, not asked for
     if method == "gptq":  # qkit's GPTQ defaults (qkit.gptq.CLI_DEFAULTS), each flag overriding its own
         act_order = _GPTQ_DEFAULTS["act_order"] if act_order is None else act_order
         gptaq = _GPTQ_DEFAULTS["gptaq"] if gptaq is None else gptaq
         true_sequential = _GPTQ_DEFAULTS["true_sequential"] if true_sequential is None else true_sequential
+    nsamples = nsamples or (_GPTQ_DEFAULTS["nsamples"] if method == "gptq" else 128)
     act_order, gptaq, true_sequential = bool(act_order), bool(gptaq), bool(true_sequential)
     if group_size == 0 or group_size < -1:
         raise UsageError(f"--group-size must be a positive number of columns or -1, got {group_size}")
@@ -299,6 +325,8 @@ def quantize_cmd(model, output, method, bits, group_size, sym, clip_search, act_
     record = {"bits": bits, "group_size": group_size, "sym": sym, "clip_search": clip_search, "source": str(ref.dir),
               "scale_dtype": "float16", "min_zero": grid["min_zero"], **({"act_bits": act_bits} if act_bits else {})}
     if method == "gptq":
+        if default_order and act_order and not (static_groups or group_aware) and fmt != "safetensors":
+            static_groups = _static_for(fmt, bits, cfg.group_size, sym, act_bits)
         gcfg = GPTQConfig(bits=bits, group_size=cfg.group_size, symmetric=sym, act_order=act_order,
                           static_groups=static_groups, group_aware=group_aware, damp=damp, clip_search=clip_search,
                           gptaq=gptaq, gptaq_alpha=gptaq_alpha, true_sequential=true_sequential, **grid)
