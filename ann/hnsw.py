@@ -20,8 +20,22 @@ import math
 import numpy as np
 
 from qkit.errors import FormatError, UsageError
-from qkit.ext import _hnsw
 from qkit.ext import cpu_flags
+
+try:  # the graph walks are C only (ext/csrc/hnsw.c); without the build, qkit.ann still imports and says so on use
+    from qkit.ext import _hnsw
+except ImportError:  # pragma: no cover - exercised by tests/test_layout.py in a subprocess
+    _hnsw = None
+
+NOT_BUILT = ("qkit's HNSW graph runs in the compiled extension (ext/csrc/hnsw.c), which this install lacks: "
+             "reinstall with a C compiler (./dev setup, or pip install -e . with gcc); the codecs, their "
+             "numpy distances and brute-force scans work without it")
+
+
+def _ops():
+    if _hnsw is None:
+        raise UsageError(NOT_BUILT)
+    return _hnsw
 
 MAX_LEVEL = 32  # a level of 32 needs U < M^-32: never drawn for M >= 2, but a bound for the file check
 
@@ -46,6 +60,7 @@ class Graph:
     def __init__(self, M: int = 16, *, M0: int | None = None, seed: int = 0):
         if not isinstance(M, (int, np.integer)) or M < 2 or M > 1024:
             raise UsageError(f"M must be an integer in 2..1024, got {M!r}")
+        _ops()  # before any data is prepared
         self.M = int(M)
         self.M0 = int(M0) if M0 is not None else 2 * self.M
         if self.M0 < self.M:
@@ -94,7 +109,7 @@ class Graph:
     def insert(self, codec, codes: np.ndarray, first: int, last: int, ef_construction: int, threads: int = 1):
         """Link nodes [first, last) whose codes (under `codec`) are rows first..last-1 of `codes`."""
         p0, p1 = codec.c_params()
-        _hnsw.add(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
+        _ops().add(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
                   codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1, isa_code(),
                   first, last, int(ef_construction), int(threads))
 
@@ -102,7 +117,7 @@ class Graph:
                store=None, passmask: np.ndarray | None = None, beside: np.ndarray | None = None,
                fastscan: np.ndarray | None = None):
         p0, p1 = codec.c_params()
-        return _hnsw.search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
+        return _ops().search(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, passmask,
                             self.state, codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1,
                             isa_code(), queries, int(k), int(ef), int(rerank), store, beside, fastscan)
 
@@ -135,7 +150,7 @@ class Graph:
     def repair(self, codec, codes: np.ndarray, dead: np.ndarray, threads: int = 1) -> None:
         """Re-link live nodes away from dead ones (qk_hnsw_repair); the entry point moves to a live node."""
         p0, p1 = codec.c_params()
-        _hnsw.repair(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
+        _ops().repair(self.n, self.M, self.M0, self.links0, self.upper, self.upper_off, self.level, self.state,
                      codec.c_kind, 0 if codec.metric == "l2" else 1, codec.walk_dim, codes, p0, p1, isa_code(),
                      np.ascontiguousarray(dead, np.uint8), int(threads))
 

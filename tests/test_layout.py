@@ -88,3 +88,46 @@ def test_the_package_list_is_setup_cfgs():
     cfg = configparser.ConfigParser()
     cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
     assert set(cfg["options"]["packages"].split()) == set(PACKAGES)
+
+
+def test_without_the_compiled_extension_ann_imports_and_says_what_it_needs(tmp_path):
+    """qkit.ann, qkit.ext and the CLI import on an install whose extension did not build (both .so blocked):
+    the kernels fall back to Numba, the codecs and their distances work, and an HNSW index is refused in one
+    line that names what is missing, before any data is prepared."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys
+sys.modules["qkit.ext._kernels"] = None  # import of a None entry raises ImportError, as a missing .so does
+sys.modules["qkit.ext._hnsw"] = None
+import numpy as np
+from qkit import ext
+from qkit.ann import Index, codecs
+from qkit.errors import UsageError
+assert not ext.native_available() and ext.default_backend() == "numba"
+X = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+c = codecs.make_codec("sq8", 16).fit(X)
+d = c.distances(X[0], c.encode(X))
+assert d.shape == (50,) and int(np.argmin(d)) == 0
+try:
+    Index(16)
+except UsageError as e:
+    print("refused:", e)
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "refused: qkit's HNSW graph runs in the compiled extension" in r.stdout
+    # the CLI: one line, exit 2, no traceback
+    import numpy as np
+
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32))
+    cli = ("import sys; sys.modules['qkit.ext._kernels'] = None; sys.modules['qkit.ext._hnsw'] = None; "
+           "from qkit.cli.main import main; "
+           f"sys.argv = ['qkit', 'ann', 'build', {str(tmp_path / 'v.npy')!r}, '-o', {str(tmp_path / 'i.qidx')!r}]; "
+           "sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "HNSW graph runs in the compiled extension" in err[0], r.stderr
+    assert not (tmp_path / "i.qidx").exists()
