@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -212,8 +211,6 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     (qkit.imatrix.read_imatrix). Returns the GGUFSummary.
     """
     from qkit import pipeline
-    from qkit.fileio import make_tmp_dir
-    from qkit.model import loader
     from qkit.model.gguf_write import write_gguf
 
     t0 = time.perf_counter()
@@ -238,17 +235,36 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
         blocks_of = chooser.grid
     else:
         raise UsageError(f"--method {method} into GGML grids is not available; --type takes rtn, gptq or awq")
-    tmp = make_tmp_dir(out)
-    try:
-        pipeline.quantize_model(ref, tmp / "model", chooser, samples=samples, calibration=calibration,
-                                progress=progress, record={"type": mix})
-        blocks = {gnames[h]: b for h, b in blocks_of.blocks.items()}
-        missing = [gnames[h] for h, t in types.items() if t not in FLOAT_TYPES and gnames[h] not in blocks]
-        if missing:
-            raise QkitError(f"{method} left {len(missing)} linears unquantized (first: {missing[0]})")
-        summary = write_gguf(loader.resolve(str(tmp / "model")), out, mix, imatrix=imatrix, progress=progress,
-                             inputs=(*ref.input_files(), *inputs), blocks=blocks)
-        summary.seconds = time.perf_counter() - t0  # the calibrated quantization included
-        return summary
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # No temporary model: the layer walk hands each layer to a sink that keeps only what the chooser may have
+    # changed and holds no GGML blocks for (norms AWQ folded its scales into, biases); the GGUF writer reads
+    # everything else from the source store and takes the linears' blocks from the chooser.
+    sink = KeepUnblocked(blocks_of.blocks)
+    pipeline.quantize_layers(ref, chooser, sink, samples=samples, progress=progress)
+    blocks = {gnames[h]: b for h, b in blocks_of.blocks.items()}
+    missing = [gnames[h] for h, t in types.items() if t not in FLOAT_TYPES and gnames[h] not in blocks]
+    if missing:
+        raise QkitError(f"{method} left {len(missing)} linears unquantized (first: {missing[0]})")
+    summary = write_gguf(ref, out, mix, imatrix=imatrix, progress=progress, inputs=(*ref.input_files(), *inputs),
+                         blocks=blocks, overrides=sink.tensors)
+    summary.seconds = time.perf_counter() - t0  # the calibrated quantization included
+    return summary
+
+
+class KeepUnblocked:
+    """pipeline.quantize_layers' sink for the GGUF path: each layer's tensors except the linears whose GGML
+    blocks the chooser holds (keyed by linear name, without ".weight"); the shard outside the layers is
+    dropped (embeddings, final norm and head are not changed by a layer's chooser: the writer reads them
+    from the store). What it keeps is a few vectors per layer."""
+
+    def __init__(self, blocks: dict):
+        self.blocks = blocks
+        self.tensors: dict = {}
+        self._outer = True
+
+    def write_shard(self, tensors: dict) -> None:
+        if self._outer:
+            self._outer = False
+            return
+        for n, t in tensors.items():
+            if not (n.endswith(".weight") and n[: -len(".weight")] in self.blocks):
+                self.tensors[n] = t.detach().clone()

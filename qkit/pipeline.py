@@ -409,6 +409,21 @@ def check_output_dir(out: Path, ref: loader.ModelRef) -> Path:
 RECORD = "qkit_quantization.json"
 
 
+@dataclass
+class LayersDone:
+    """What quantize_layers did: counts for the summary, and what the output's config needs."""
+
+    layers: int
+    linears: int
+    quantized_params: int
+    stored_bits: int  # over the quantized linears, scales and zeros included
+    packed_bytes: int  # what the packed tensors occupy (0 for fake-quantized output)
+    ignore: list  # linears outside the decoder layers (head), left unquantized
+    exporter: object = None
+    spec: object = None
+    online: dict | None = None  # QuaRot's online Hadamard, as config.json records it
+
+
 def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, samples=None, calibration: str | None = None,
                    progress: bool = False, record: dict | None = None, fmt: str = "safetensors",
                    act_bits: int | None = None, rotate=None) -> QuantizeSummary:
@@ -419,18 +434,71 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     fp16 scales (and, for "gptq" v1 with an asymmetric grid, min_zero=1): see
     qkit.export.grid_requirements. act_bits=8 declares per-token dynamic int8 activations
     (W8A8): written as compressed-tensors ``int-quantized`` with its input_activations scheme.
+    The layers stream through quantize_layers into a sharded safetensors writer in a temporary
+    directory beside `out`, renamed into place when everything is written.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    fix_mmap_threshold()
     out = check_output_dir(Path(out), ref)
+    check_run(chooser, samples, fmt, act_bits)
+    tmp = make_tmp_dir(out)
+    try:
+        meta = {"qkit_method": chooser.name, **({"qkit_format": fmt} if fmt != "safetensors" else {})}
+        writer = ShardedWriter(tmp, metadata=meta)
+        done = quantize_layers(ref, chooser, writer, samples=samples, progress=progress, fmt=fmt, act_bits=act_bits,
+                               rotate=rotate)
+        writer.finish()
+        exporter, spec, online = done.exporter, done.spec, done.online
+        qcfg = {"quant_method": fmt if exporter is not None else "qkit-fake", "method": chooser.name,
+                "calibration": calibration, **(record or {}),
+                **({"rotate": rotate.record()} if rotate is not None else {})}
+        _copy_side_files(ref.dir, tmp)
+        if rotate is not None:
+            from qkit import quarot
+
+            _set_config_fields(tmp, tie_word_embeddings=False, **({quarot.ONLINE_KEY: online} if online else {}))
+        _write_quantization_config(tmp, exporter.quantization_config(spec, done.ignore) if exporter is not None
+                                   else None)
+        with atomic_write(tmp / RECORD, "w") as f:
+            json.dump(qcfg, f, indent=1)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    extra = {"format": fmt, **({"rotate": rotate.record()} if rotate is not None else {})}
+    if done.exporter is not None:  # what the packed tensors really occupy (g_idx and word padding included)
+        extra["stored_bits_per_weight"] = done.packed_bytes * 8 / max(done.quantized_params, 1)
+    return QuantizeSummary(str(out), chooser.name, done.layers, done.linears, done.quantized_params,
+                           done.stored_bits / max(done.quantized_params, 1), time.perf_counter() - t0, peak_rss_mb(),
+                           size, calibration, extra)
+
+
+def check_run(chooser, samples, fmt: str, act_bits: int | None) -> None:
+    """What is wrong with a run before any of it starts: calibration missing, activation bits unrecordable."""
     if chooser.needs_calibration and samples is None:
         raise UsageError(f"method {chooser.name} needs calibration samples")
     if act_bits is not None and fmt == "safetensors":
         raise UsageError("activation quantization is recorded only by --format compressed-tensors (int-quantized, "
                          "with its input_activations scheme); the fake-quantized safetensors output has no place for it")
+
+
+def quantize_layers(ref: loader.ModelRef, chooser, sink, *, samples=None, progress: bool = False,
+                    fmt: str = "safetensors", act_bits: int | None = None, rotate=None) -> LayersDone:
+    """The layer walk: every linear of every decoder layer quantized with `chooser`, the tensors handed to
+    ``sink.write_shard(dict)``: first the tensors outside the layers, then one call per layer.
+
+    One decoder layer is in memory at a time: placed from the (memory-mapped) store, calibrated, quantized,
+    run for the next layer's inputs (from this layer as quantized: GPTQ's scheme; or from the float layer when
+    the chooser asks, AWQ), handed to the sink, released. fmt picks what a layer's linears become: the
+    fake-quantized float weights ("safetensors") or a packed format's tensors (qkit.export). The sink may be a
+    safetensors writer (quantize_model) or anything that keeps what it needs (qkit.gptq_ggml keeps the norms
+    for the GGUF writer and drops the linears, whose GGML blocks the chooser holds).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    fix_mmap_threshold()
+    check_run(chooser, samples, fmt, act_bits)
     exporter = spec = None
     if fmt != "safetensors":
         from qkit import export
@@ -463,113 +531,89 @@ def quantize_model(ref: loader.ModelRef, out: str | os.PathLike, chooser, *, sam
     outer = [n for n in all_names if not n.startswith(prefix)]
     ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith(prefix)]
 
-    tmp = make_tmp_dir(out)
-    try:
-        meta = {"qkit_method": chooser.name, **({"qkit_format": fmt} if exporter is not None else {})}
-        writer = ShardedWriter(tmp, metadata=meta)
-        loader.place(model, outer, store)
-        if exporter is not None:  # as stored: fp16 stays fp16
-            writer.write_shard({n: store.get(n) for n in outer})
-        else:
-            sd = model.state_dict()
-            writer.write_shard({n: sd[n] for n in outer})
-            del sd
-        states = kws = None
-        fstates = None  # GPTAQ: the float model's inputs of each layer, beside the quantized model's
-        if chooser.needs_calibration:
-            states, kws = capture_layer_inputs(model, layers, samples)
-            if chooser.needs_float_inputs:
-                fstates = states  # the same tensor until the first quantized layer; never written in place
-        _release(model, outer)  # embeddings and head are written: free them
-        store.close()
-        n_lin = n_par = 0
-        stored_bits = packed_bytes = 0
-        transform = chooser.transform_layer
-        # GPTQ's true-sequential order inside each layer (a chooser option; not with a layer transform)
-        sequential = chooser.true_sequential and chooser.needs_calibration
-        if sequential and (transform is not None or chooser.propagate_float):
-            raise UsageError(f"method {chooser.name}: true-sequential calibration needs a chooser that only "
-                             "takes each linear's inputs (GPTQ)")
-        for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
-            layer = layers[i]
-            lp = f"{prefix}{i}."
-            names = loader.persistent_names(layer)
-            loader.place(layer, names, store, prefix=lp)
-            online_hooks = quarot.attach_online_layer(layer, online) if online else []
-            lins = linear_modules(layer)
-            if not lins:
-                raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
-            packed = {}
+    loader.place(model, outer, store)
+    if exporter is not None:  # as stored: fp16 stays fp16
+        sink.write_shard({n: store.get(n) for n in outer})
+    else:
+        sd = model.state_dict()
+        sink.write_shard({n: sd[n] for n in outer})
+        del sd
+    states = kws = None
+    fstates = None  # GPTAQ: the float model's inputs of each layer, beside the quantized model's
+    if chooser.needs_calibration:
+        states, kws = capture_layer_inputs(model, layers, samples)
+        if chooser.needs_float_inputs:
+            fstates = states  # the same tensor until the first quantized layer; never written in place
+    _release(model, outer)  # embeddings and head are written: free them
+    store.close()
+    n_lin = n_par = 0
+    stored_bits = packed_bytes = 0
+    transform = chooser.transform_layer
+    # GPTQ's true-sequential order inside each layer (a chooser option; not with a layer transform)
+    sequential = chooser.true_sequential and chooser.needs_calibration
+    if sequential and (transform is not None or chooser.propagate_float):
+        raise UsageError(f"method {chooser.name}: true-sequential calibration needs a chooser that only "
+                         "takes each linear's inputs (GPTQ)")
+    for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
+        layer = layers[i]
+        lp = f"{prefix}{i}."
+        names = loader.persistent_names(layer)
+        loader.place(layer, names, store, prefix=lp)
+        online_hooks = quarot.attach_online_layer(layer, online) if online else []
+        lins = linear_modules(layer)
+        if not lins:
+            raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
+        packed = {}
 
-            def quantize_linear(name, mod, transposed):
-                nonlocal n_lin, n_par, stored_bits
-                W = mod.weight.detach().numpy()
-                W = W.T if transposed else W
-                res = chooser.quantize(lp + name, np.ascontiguousarray(W, dtype=np.float32))
-                new = res.weight.T if transposed else res.weight
-                mod.weight.data = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32))
-                n_lin += 1
-                n_par += W.size
-                stored_bits += _stored_bits(res)
-                if exporter is not None:
-                    packed[name + ".weight"] = exporter.pack(lp + name, res, spec)
-
-            if sequential:
-                float_out = None
-                fstates_next = calibrate_sequential(layer, lins, lp, chooser, states, kws[i], quantize_linear,
-                                                    fstates)
-            else:
-                if chooser.needs_calibration:
-                    float_out, fstates_next = calibrate_layer(layer, lins, lp, chooser, states, kws[i], fstates)
-                if transform is not None:
-                    transform(layer, LayerInputs(states, kws[i]), lp)
-                for name, mod, transposed in lins:
-                    quantize_linear(name, mod, transposed)
-            if chooser.needs_calibration:
-                # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
-                # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
-                states = float_out if chooser.propagate_float else run_layer(layer, states, kws[i])
-                fstates = fstates_next
-                del float_out, fstates_next
+        def quantize_linear(name, mod, transposed):
+            nonlocal n_lin, n_par, stored_bits
+            W = mod.weight.detach().numpy()
+            W = W.T if transposed else W
+            res = chooser.quantize(lp + name, np.ascontiguousarray(W, dtype=np.float32))
+            new = res.weight.T if transposed else res.weight
+            mod.weight.data = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32))
+            n_lin += 1
+            n_par += W.size
+            stored_bits += _stored_bits(res)
             if exporter is not None:
-                tensors = {}
-                layer_sd = layer.state_dict()
-                for n in layer_sd:
-                    if n in packed:
-                        tensors.update(packed[n])
-                        packed_bytes += sum(np.asarray(t).nbytes for t in packed[n].values())
-                    elif transform is not None:  # folded scales: as the layer holds them, in the stored dtype
-                        tensors[lp + n] = layer_sd[n].detach().to(store.get(lp + n).dtype)
-                    else:
-                        tensors[lp + n] = store.get(lp + n)  # norms, biases: as stored
-                writer.write_shard(tensors)
-            else:
-                writer.write_shard({lp + n: t for n, t in layer.state_dict().items()})
-            for h in online_hooks:
-                h.remove()
-            layer.to("meta")
-            store.close()  # unmap: pages read through the memory map would otherwise stay resident
-            trim_heap()
-        writer.finish()
-        qcfg = {"quant_method": fmt if exporter is not None else "qkit-fake", "method": chooser.name,
-                "calibration": calibration, **(record or {}),
-                **({"rotate": rotate.record()} if rotate is not None else {})}
-        _copy_side_files(ref.dir, tmp)
-        if rotate is not None:
-            _set_config_fields(tmp, tie_word_embeddings=False, **({quarot.ONLINE_KEY: online} if online else {}))
-        _write_quantization_config(tmp, exporter.quantization_config(spec, ignore) if exporter is not None else None)
-        with atomic_write(tmp / RECORD, "w") as f:
-            json.dump(qcfg, f, indent=1)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    extra = {"format": fmt, **({"rotate": rotate.record()} if rotate is not None else {})}
-    if exporter is not None:  # what the packed tensors really occupy (g_idx and word padding included)
-        extra["stored_bits_per_weight"] = packed_bytes * 8 / max(n_par, 1)
-    return QuantizeSummary(str(out), chooser.name, len(layers), n_lin, n_par, stored_bits / max(n_par, 1),
-                           time.perf_counter() - t0, peak_rss_mb(), size, calibration, extra)
+                packed[name + ".weight"] = exporter.pack(lp + name, res, spec)
+
+        if sequential:
+            float_out = None
+            fstates_next = calibrate_sequential(layer, lins, lp, chooser, states, kws[i], quantize_linear, fstates)
+        else:
+            if chooser.needs_calibration:
+                float_out, fstates_next = calibrate_layer(layer, lins, lp, chooser, states, kws[i], fstates)
+            if transform is not None:
+                transform(layer, LayerInputs(states, kws[i]), lp)
+            for name, mod, transposed in lins:
+                quantize_linear(name, mod, transposed)
+        if chooser.needs_calibration:
+            # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
+            # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
+            states = float_out if chooser.propagate_float else run_layer(layer, states, kws[i])
+            fstates = fstates_next
+            del float_out, fstates_next
+        if exporter is not None:
+            tensors = {}
+            layer_sd = layer.state_dict()
+            for n in layer_sd:
+                if n in packed:
+                    tensors.update(packed[n])
+                    packed_bytes += sum(np.asarray(t).nbytes for t in packed[n].values())
+                elif transform is not None:  # folded scales: as the layer holds them, in the stored dtype
+                    tensors[lp + n] = layer_sd[n].detach().to(store.get(lp + n).dtype)
+                else:
+                    tensors[lp + n] = store.get(lp + n)  # norms, biases: as stored
+            sink.write_shard(tensors)
+        else:
+            sink.write_shard({lp + n: t for n, t in layer.state_dict().items()})
+        for h in online_hooks:
+            h.remove()
+        layer.to("meta")
+        store.close()  # unmap: pages read through the memory map would otherwise stay resident
+        trim_heap()
+    return LayersDone(len(layers), n_lin, n_par, stored_bits, packed_bytes, ignore, exporter, spec, online)
 
 
 def _check_exportable(exporter, spec, layers, prefix: str) -> None:

@@ -317,6 +317,41 @@ def test_awq_into_the_mix(wide, tmp_path, cache_env):
     assert np.array_equal(ours["token_embd.weight"].data, theirs["token_embd.weight"].data)
 
 
+def test_calibrated_gguf_streams_without_a_temporary_model(wide, tmp_path, cache_env, monkeypatch):
+    """The calibrated GGUF path writes no model to disk on the way (no safetensors writer is made), and every
+    norm AWQ folded its scales into is written as the layer walk left it: the same values as the fake-quantized
+    safetensors output of the same chooser on the same samples."""
+    from qkit import pipeline
+    from qkit.awq import AWQConfig
+    from qkit.gptq_ggml import awq_chooser, plan_types, quantize_gguf
+    from qkit.model import loader
+    from qkit.text import calibration_samples
+
+    path, calib, _ = wide
+    ref = loader.resolve(str(path))
+    samples = calibration_samples(loader.load_tokenizer(ref)(calib.read_text()).input_ids, 4, 64, 0)
+    types, _ = plan_types(ref, "Q4_K_M")
+    fake = tmp_path / "fake"
+    pipeline.quantize_model(ref, fake, awq_chooser(types, AWQConfig(n_grid=4), None), samples=samples)
+    want = loader.resolve(str(fake)).store()
+
+    def no_writer(*a, **k):
+        raise AssertionError("the GGUF path made a safetensors writer")
+
+    monkeypatch.setattr(pipeline, "ShardedWriter", no_writer)
+    out = tmp_path / "awq.gguf"
+    quantize_gguf(ref, out, "Q4_K_M", "awq", samples, awq=AWQConfig(n_grid=4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["awq.gguf", "fake"]  # nothing left beside it
+    got = _tensors(out)
+    n = 0
+    for i in range(2):
+        for g, h in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            assert np.array_equal(np.asarray(got[f"blk.{i}.{g}.weight"].data),
+                                  want.get(f"model.layers.{i}.{h}.weight").numpy()), (i, g)
+            n += 1
+    assert n == 4
+
+
 @pytest.mark.parametrize("args,want", [([], True), (["--act-order"], True), (["--no-act-order"], False)])
 def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys, monkeypatch, args, want):
     """--type with gptq: act-order unless --no-act-order (GGML blocks are positional: static groups)."""
@@ -350,7 +385,7 @@ def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys
     # GPTQ-only options on the affine path
     (["--method", "rtn", "--true-sequential"], "--true-sequential applies to --method gptq", "x"),
     (["--method", "awq", "--gptaq"], "--gptaq applies to --method gptq", "x"),
-    (["--method", "gptq", "--gptaq-alpha", "0.5"], "--gptaq-alpha applies with --gptaq", "x"),
+    (["--method", "gptq", "--no-gptaq", "--gptaq-alpha", "0.5"], "--gptaq-alpha applies with --gptaq", "x"),
 ])
 def test_bad_combinations_are_one_line_errors(wide, tmp_path, cache_env, capsys, args, msg, out):
     path, _, _ = wide

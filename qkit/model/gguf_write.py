@@ -76,12 +76,14 @@ def _copy_metadata(reader, writer) -> None:
 
 
 def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: dict | None = None,
-               progress: bool = False, inputs=(), blocks: dict | None = None) -> GGUFSummary:
+               progress: bool = False, inputs=(), blocks: dict | None = None,
+               overrides: dict | None = None) -> GGUFSummary:
     """Quantize `ref` with llama.cpp's mix `mix` (Q4_K_M, ...) and write it as GGUF to `out`.
 
     blocks: {GGUF name: (GGML type, uint8 rows in the model's row order)} already quantized by a
     calibrated chooser (qkit.gptq_ggml); written as given (Q/K rows permuted like the weights) instead
-    of llama.cpp's rounding. Each must have the type the mix gives its tensor.
+    of llama.cpp's rounding. Each must have the type the mix gives its tensor. overrides: {HF name: tensor}
+    read instead of the store's (what a calibrated chooser changed besides its blocks: AWQ's folded norms).
     """
     import gguf
     import torch
@@ -103,6 +105,8 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
         items = gguf_hf_meta.model_metadata(config, arch, ref.name) + \
             gguf_hf_meta.tokenizer_metadata(ref.dir, config.vocab_size)
     store = ref.store()
+    if overrides:
+        store = OverlayStore(store, overrides)
     names = hf_to_gguf_names(config)
     present = {names[n]: n for n in store.keys() if n in names}
     unknown = [n for n in store.keys() if n not in names]
@@ -178,3 +182,31 @@ def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: 
 
     return GGUFSummary(str(out), mix, len(order), dict(Counter(types.values())), total_bits / max(n_elems, 1),
                        out.stat().st_size, time.perf_counter() - t0)
+
+
+class OverlayStore:
+    """A WeightStore with some tensors replaced by in-memory ones (same names and shapes)."""
+
+    def __init__(self, store, overrides: dict):
+        unknown = [n for n in overrides if n not in store]
+        if unknown:
+            raise InputError(f"override {unknown[0]!r} names no tensor of the model")
+        for n, t in overrides.items():
+            if tuple(t.shape) != tuple(store.shape(n)):
+                raise InputError(f"override {n!r} has shape {tuple(t.shape)}, the model's is {tuple(store.shape(n))}")
+        self.store, self.overrides = store, overrides
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.store.shape(name)
+
+    def get(self, name: str):
+        return self.overrides[name] if name in self.overrides else self.store.get(name)
+
+    def close(self) -> None:
+        self.store.close()
