@@ -45,6 +45,26 @@ class QuantResult:
     symmetric: bool = False
 
 
+@dataclass
+class BlockResult:
+    """What a chooser produced for one weight matrix (out, in) in a GGML block type (qkit.gptq_ggml).
+
+    The blocks are the bytes the GGUF stores (llama.cpp's layout, qkit.ggml); weight is what they decode
+    to. A linear the mix keeps in F32/F16 has no blocks, its weight rounded to that float type.
+    """
+
+    weight: np.ndarray  # float32 (out, in): ggml.dequantize(blocks), or the float-typed weight
+    qtype: str  # a GGML type name (q4_K, ...) or "f32" / "f16"
+    blocks: np.ndarray | None  # uint8 (out, in / block_size * type_size); None for a float type
+
+    @property
+    def stored_bits(self) -> int:
+        """What the GGUF holds for this matrix, every scale and min included."""
+        if self.blocks is None:
+            return self.weight.size * (16 if self.qtype == "f16" else 32)
+        return self.blocks.size * 8
+
+
 @runtime_checkable
 class Chooser(Protocol):
     name: str
@@ -58,7 +78,7 @@ class Chooser(Protocol):
 
     def add_batch(self, name: str, X, X_float=None) -> None: ...
 
-    def quantize(self, name: str, W: np.ndarray) -> QuantResult: ...
+    def quantize(self, name: str, W: np.ndarray) -> QuantResult | BlockResult: ...
 
     def export_spec(self, fmt: str, act_bits: int | None = None) -> ExportSpec: ...
 

@@ -45,9 +45,9 @@ import numpy as np
 from qkit import ggml
 from qkit.errors import QkitError, UsageError
 from qkit.ggml import mixes
-from qkit.ggml.grid import CODES, GGMLGrid
+from qkit.ggml.grid import GGMLGrid
 from qkit.gptq import GPTQ, GPTQConfig, gptq_quantize
-from qkit.chooser import ChooserBase, QuantResult
+from qkit.chooser import BlockResult, ChooserBase
 
 log = logging.getLogger("qkit.gptq_ggml")
 FLOAT_TYPES = ("f32", "f16")
@@ -78,24 +78,10 @@ def plan_types(ref, mix: str, has_imatrix: bool = False) -> tuple[dict[str, str]
     return {h: types[g] for h, g in lin.items()}, lin
 
 
-def _result(Q: np.ndarray, codes: np.ndarray, t: str, block_size: int, scale=None, zero=None) -> QuantResult:
-    """A QuantResult for the pipeline's bookkeeping (codes offset to 0, one scale per block)."""
-    z, lo, hi, _ = CODES[t]
-    rows, cols = Q.shape
-    nb = cols // block_size
-    scale = np.zeros((rows, nb), np.float32) if scale is None else scale
-    zero = np.zeros((rows, nb), np.float32) if zero is None else zero
-    return QuantResult(Q, (np.rint(codes) - lo).astype(np.uint8), scale, zero,
-                       (np.arange(cols) // block_size).astype(np.int32), int(hi - lo).bit_length(),
-                       bool(t in ("q4_0", "q5_0", "q8_0", "q3_K", "q6_K")))
-
-
-def _float_result(W: np.ndarray, t: str) -> QuantResult:
+def _float_result(W: np.ndarray, t: str) -> BlockResult:
     """A linear the mix leaves in F32/F16: what the GGUF will hold."""
     Q = W.astype(np.float16).astype(np.float32) if t == "f16" else W.astype(np.float32)
-    rows, cols = W.shape
-    return QuantResult(Q, np.zeros((rows, cols), np.uint8), np.ones((rows, 1), np.float32),
-                       np.zeros((rows, 1), np.float32), np.zeros(cols, np.int32), 16 if t == "f16" else 32, True)
+    return BlockResult(Q, t, None)
 
 
 def hessian_importance(H) -> np.ndarray:
@@ -121,7 +107,7 @@ class GGMLGPTQ(GPTQ):
         self.hessian_importance = hessian_importance  # False: llama.cpp's unweighted search where no imatrix
         self.blocks: dict[str, tuple[str, np.ndarray]] = {}
 
-    def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+    def quantize(self, name: str, W: np.ndarray) -> BlockResult:
         import torch
 
         t = self.types.get(name)
@@ -149,8 +135,7 @@ class GGMLGPTQ(GPTQ):
         if not np.array_equal(ggml.dequantize(blocks, t, W.shape), Q):
             raise QkitError(f"{name}: the packed {t} blocks do not decode to GPTQ's weights (a qkit bug)")
         self.blocks[name] = (t, blocks)
-        bs = grid.block_size
-        return _result(Q, codes.numpy(), t, bs, a.numpy()[:, ::bs], m.numpy()[:, ::bs])
+        return BlockResult(Q, t, blocks)
 
 
 class GGMLRTN(ChooserBase):
@@ -169,7 +154,7 @@ class GGMLRTN(ChooserBase):
         self.input_scale: dict = {}
         self.blocks: dict[str, tuple[str, np.ndarray]] = {}
 
-    def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+    def quantize(self, name: str, W: np.ndarray) -> BlockResult:
         t = self.types.get(name)
         if t is None:
             raise UsageError(f"{name}: the mix gives this linear no GGML type")
@@ -184,8 +169,7 @@ class GGMLRTN(ChooserBase):
         ggml.validate(blocks, t)
         Q = ggml.dequantize(blocks, t, W.shape)
         self.blocks[name] = (t, blocks)
-        bt = ggml.get_type(t)
-        return _result(Q, np.zeros(W.shape, np.float32) + CODES[t][1], t, bt.block_size)
+        return BlockResult(Q, t, blocks)
 
 
 def awq_chooser(types: dict[str, str], cfg, imatrix: dict | None = None):
@@ -193,7 +177,7 @@ def awq_chooser(types: dict[str, str], cfg, imatrix: dict | None = None):
     from qkit.awq import AWQ
 
     class AWQGGML(AWQ):
-        def quantize(self, name: str, W: np.ndarray) -> QuantResult:
+        def quantize(self, name: str, W: np.ndarray) -> BlockResult:
             s = self.input_scale.get(name)
             self.grid.input_scale[name] = None if s is None else s.numpy()
             return super().quantize(name, W)

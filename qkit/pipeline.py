@@ -692,7 +692,10 @@ def _release(model, names) -> None:
 
 
 def _stored_bits(res) -> int:
-    """Codes plus an fp16 scale per group and a zero per group (`bits` wide) unless symmetric."""
+    """Codes plus an fp16 scale per group and a zero per group (`bits` wide) unless symmetric; a GGML
+    BlockResult states its own (the block bytes)."""
+    if hasattr(res, "stored_bits"):
+        return int(res.stored_bits)
     n_groups = int(np.prod(res.scale.shape))
     zero_bits = 0 if res.symmetric else res.bits
     return int(res.codes.size * res.bits + n_groups * (16 + zero_bits))
