@@ -65,7 +65,7 @@ def digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _libggml_bytes(lib, t: str, X: np.ndarray, im: np.ndarray | None) -> np.ndarray:
+def libggml_bytes(lib, t: str, X: np.ndarray, im: np.ndarray | None) -> np.ndarray:
     """ggml_quantize_chunk: the reference quantizer without an imatrix, the importance-weighted one with."""
     import gguf
 
@@ -99,8 +99,8 @@ def from_oracle(lib) -> dict:
     out = {"inputs": {k: digest(v) for k, v in xs.items()}, "importance": digest(im), "bytes": {}}
     for t in TYPES:
         for name, X in xs.items():
-            out["bytes"][f"{t}/{name}"] = digest(_libggml_bytes(lib, t, X, None))
-            out["bytes"][f"{t}/{name}/imatrix"] = digest(_libggml_bytes(lib, t, X, im))
+            out["bytes"][f"{t}/{name}"] = digest(libggml_bytes(lib, t, X, None))
+            out["bytes"][f"{t}/{name}/imatrix"] = digest(libggml_bytes(lib, t, X, im))
     return out
 
 

@@ -1,7 +1,5 @@
 """GGML blocks: gguf-py's dequantizer agrees with ours on every type; simple types byte-equal gguf-py's
 quantizer; with llama-cpp-python installed, every type byte-equals libggml's reference quantizer."""
-import ctypes
-import os
 
 import numpy as np
 import pytest
@@ -82,20 +80,17 @@ class TestBadInput:
 
 
 def libggml():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
-    return ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
+    from ggml_digests import load_libggml
+
+    return load_libggml()
 
 
-def ggml_ref(lib, t, X):
-    f = getattr(lib, f"quantize_row_{t}_ref")
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    bt = ggml.get_type(t)
-    out = np.zeros((X.shape[0], X.shape[1] // bt.block_size * bt.type_size), np.uint8)
-    for r in range(X.shape[0]):
-        row = np.ascontiguousarray(X[r])
-        f(row.ctypes.data, out[r].ctypes.data, X.shape[1])
-    return out
+def ggml_ref(lib, t, X, im=None):
+    """libggml's bytes: its reference quantizer, or ggml_quantize_chunk with an importance matrix."""
+    from ggml_digests import libggml_bytes
+
+    return libggml_bytes(lib, t, np.ascontiguousarray(X, np.float32), im)
 
 
 @pytest.mark.parametrize("t", TYPES)
@@ -123,14 +118,8 @@ def test_bytes_equal_libggml_on_default_model_weights(t):
             .all(axis=1).mean()) == 1.0
     # and with an importance matrix (a made-up one: per-column mean squares of random activations)
     im = (np.random.default_rng(0).standard_normal((64, W.shape[1])) ** 2).mean(0).astype(np.float32)
-    ch = lib.ggml_quantize_chunk
-    ch.restype = ctypes.c_size_t
-    ch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
     ours = ggml.quantize(W, t, imatrix=im)
-    ref = np.zeros_like(ours)
-    Wc = np.ascontiguousarray(W, np.float32)
-    ch(int(gguf_type(t)), Wc.ctypes.data, ref.ctypes.data, 0, W.shape[0], W.shape[1], im.ctypes.data)
+    ref = ggml_ref(lib, t, W, im)
     assert (ours.reshape(-1, bt.type_size) == ref.reshape(-1, bt.type_size)).all(axis=1).mean() == 1.0
 
 
@@ -140,19 +129,13 @@ IMATRIX_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K",
 @pytest.mark.parametrize("t", IMATRIX_TYPES)
 def test_importance_weighted_bytes_equal_ggml_quantize_chunk(t):
     lib = libggml()
-    ch = lib.ggml_quantize_chunk
-    ch.restype = ctypes.c_size_t
-    ch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
     rng = np.random.default_rng(7)
     bt = ggml.get_type(t)
     for name, X in inputs(4).items():
         im = (rng.random(X.shape[1]) * 3).astype(np.float32)
         im[::97] = 0  # columns never activated
         ours = ggml.quantize(X, t, imatrix=im)
-        ref = np.zeros_like(ours)
-        ch(int(gguf_type(t)), np.ascontiguousarray(X).ctypes.data, ref.ctypes.data, 0, X.shape[0], X.shape[1],
-           im.ctypes.data)
+        ref = ggml_ref(lib, t, X, im)
         share = (ours.reshape(-1, bt.type_size) == ref.reshape(-1, bt.type_size)).all(axis=1).mean()
         assert share == 1.0, f"{t} {name}: {share:.4%} of blocks identical"
 
