@@ -103,17 +103,23 @@ def _converted_dir(gguf_path: Path) -> Path:
     return loader._models_cache() / f"{gguf_path.stem}-{key}"
 
 
-def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None = None) -> list[str]:
-    """The `qkit quantize` command line of a GGUF row (its mix, imatrix, calibration, act-order)."""
-    args = ["quantize", setup.model, "--method", row["method"], "--type", row["type"], "-o", str(out),
-            "--json", str(qjson)]
+def quantize_options(row: dict, setup, imatrix: Path | None = None) -> dict:
+    """The recipe options of a GGUF row (its mix, imatrix, calibration, act-order)."""
+    o = {"method": row["method"], "type": row["type"]}
     if row["imatrix"]:
-        args += ["--imatrix", str(imatrix)]
+        o["imatrix"] = str(imatrix)
     if row["method"] != "rtn":
-        args += setup.quant_args()
+        o.update(setup.calib_options())
     if row["method"] == "gptq":  # explicit: qkit quantize's default for --type is act-order
-        args.append("--act-order" if row["act_order"] else "--no-act-order")
-    return args
+        o["act_order"] = bool(row["act_order"])
+    return o
+
+
+def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None = None) -> list[str]:
+    """The `qkit quantize --recipe` command line of a GGUF row (qkit.eval.bench_quant.recipe_job)."""
+    from qkit.eval import bench_quant
+
+    return bench_quant.recipe_job(setup.model, quantize_options(row, setup, imatrix), out, qjson)
 
 
 def run_row(row: dict, cache: Path, setup, held_out=None) -> dict:

@@ -76,16 +76,19 @@ def _setup(row: dict, a) -> bench_quant.Setup:
     return bench_quant.Setup("default", None, CALIBS.get(row["calib"]), 512, a.windows, a.nsamples, 512)
 
 
-def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None = None) -> list[str]:
-    """The `qkit quantize` command line of a row: bench_quant's or bench_gguf's, plus the row's GPTQ options."""
+def quantize_options(row: dict, setup, imatrix: Path | None = None) -> dict:
+    """The recipe options of a row: bench_quant's or bench_gguf's, plus the row's GPTQ options."""
     if row["format"] == "gguf":
         grow = {**row, "type": row["opts"]["type"], "imatrix": bool(row["opts"].get("imatrix"))}
-        return bench_gguf.quantize_args(grow, setup, out, qjson, imatrix)
-    args = bench_quant.quantize_args(row, setup, out, qjson)  # it spells out gptaq / true_sequential either way
-    for k, v in row["opts"].items():
-        if k not in ("gptaq", "true_sequential"):
-            args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return args
+        return bench_gguf.quantize_options(grow, setup, imatrix)
+    o = bench_quant.quantize_options(row, setup)  # it spells out gptaq / true_sequential either way
+    o.update({k: v for k, v in row["opts"].items() if k not in ("gptaq", "true_sequential")})
+    return o
+
+
+def quantize_args(row: dict, setup, out: Path, qjson: Path, imatrix: Path | None = None) -> list[str]:
+    """The `qkit quantize --recipe` command line of a row (qkit.eval.bench_quant.recipe_job)."""
+    return bench_quant.recipe_job(setup.model, quantize_options(row, setup, imatrix), out, qjson)
 
 
 def _quantize(row: dict, cache: Path, a) -> tuple[Path, dict]:

@@ -92,6 +92,9 @@ class Setup:
         a = ["--windows", str(self.windows), "--ctx", str(self.ctx)]
         return a + (["--text", self.text] if self.text else [])
 
+    def calib_options(self) -> dict:
+        return {"nsamples": self.nsamples, "seqlen": self.seqlen, **({"calib": self.calib} if self.calib else {})}
+
     def quant_args(self) -> list[str]:
         a = ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
         return a + (["--calib", self.calib] if self.calib else [])
@@ -104,33 +107,50 @@ def _qkit(*args: str) -> None:
         raise RuntimeError(f"qkit {' '.join(args[:2])} failed: {last[0]}")
 
 
-def quantize_args(row: dict, setup: Setup, out: Path, qjson: Path) -> list[str]:
-    """The `qkit quantize` command line of a row (everything the row's keys ask for)."""
-    args = ["quantize", setup.model, "--method", row["method"], "--bits", str(row["bits"]), "--group-size",
-            str(row["group_size"] or -1), "--format", row["format"], "-o", str(out), "--json", str(qjson)]
+def quantize_options(row: dict, setup: Setup) -> dict:
+    """The recipe options of a row (qkit.recipe.Recipe.from_options: the names of `qkit quantize`'s flags)."""
+    o = {"method": row["method"], "bits": row["bits"], "group_size": row["group_size"] or -1, "format": row["format"]}
     if row["method"] in CALIBRATED:
-        args += setup.quant_args()
+        o.update(setup.calib_options())
     if row.get("round"):
-        args += ["--round", row["round"]]
+        o["rounding"] = row["round"]
     if row.get("clip_search"):
-        args.append("--clip-search")
+        o["clip_search"] = True
     if row.get("search_samples"):
-        args += ["--search-samples", str(row["search_samples"])]
+        o["search_samples"] = row["search_samples"]
     if row["act_order"]:
-        args.append("--act-order")
+        o["act_order"] = True
     elif row["method"] == "gptq" or row.get("round") == "gptq":
-        args.append("--no-act-order")  # explicit: the row means GPTQ without act-order, whatever the default
+        o["act_order"] = False  # explicit: the row means GPTQ without act-order, whatever the default
     if row["method"] == "gptq":  # explicit as well: GPTAQ and true-sequential only where the row asks for them
         opts = row.get("opts", {})
-        for key, flag in (("gptaq", "gptaq"), ("true_sequential", "true-sequential")):
-            args.append(f"--{flag}" if row.get(key) or opts.get(key) else f"--no-{flag}")
+        for key in ("gptaq", "true_sequential"):
+            o[key] = bool(row.get(key) or opts.get(key))
     if row.get("rotate"):  # QuaRot, seed 0: the rotation is folded into the weights before the chooser runs
-        args.append("--rotate")
+        o["rotate"] = True
     if row.get("online_hadamard"):
-        args.append("--online-hadamard")
+        o["online_hadamard"] = True
     if row["act_bits"]:  # W8A8: symmetric per-channel int8 weights, per-token int8 activations
-        args += ["--sym", "--act-bits", str(row["act_bits"])]
-    return args
+        o.update(sym=True, act_bits=row["act_bits"])
+    return o
+
+
+def recipe_job(model: str, options: dict, out: Path, qjson: Path) -> list[str]:
+    """The recipe of `options`, built and checked here (a bad row fails before any work), saved beside the
+    summary; returns the `qkit quantize --recipe` command line that runs it in a process of its own (so its peak
+    RSS is its own)."""
+    from qkit.recipe import Recipe
+
+    recipe = Recipe.from_options(output=str(out), **options)
+    path = Path(qjson).with_suffix("").with_suffix(".recipe.json")
+    with atomic_write(path, "w") as f:
+        json.dump(recipe.as_dict(), f, indent=1)
+    return ["quantize", model, "--recipe", str(path), "-o", str(out), "--json", str(qjson)]
+
+
+def quantize_args(row: dict, setup: Setup, out: Path, qjson: Path) -> list[str]:
+    """The `qkit quantize` command line of a row: its recipe (everything the row's keys ask for)."""
+    return recipe_job(setup.model, quantize_options(row, setup), out, qjson)
 
 
 def held_out_texts(setup: Setup) -> list[str]:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qkit.affine import AffineConfig
+
 # name -> GPTQConfig fields changed from GPTQConfig's defaults (bits and group size come from the command line)
 VARIANTS = {
     "default": {},
@@ -144,7 +146,7 @@ def run(bits=4, group_size=128, calibs=("shakespeare:texts",), held_out=None, ns
             for c in calibs:
                 H_gptq = Hs[c][name]
                 for v in variants:
-                    cfg = GPTQConfig(bits=bits, group_size=group_size, **VARIANTS[v])
+                    cfg = GPTQConfig(grid=AffineConfig(bits=bits, group_size=group_size), **VARIANTS[v])
                     s0 = time.perf_counter()
                     Q = gptq_quantize(torch.from_numpy(W), H_gptq, cfg)[0].numpy().astype(np.float64)
                     solve_s += time.perf_counter() - s0
@@ -167,8 +169,8 @@ def _reference_check(W, H, bits, g, layer, name, gptq_quantize, GPTQConfig, refe
     out = {"layer": layer, "linear": name}
     H64 = H.to(torch.float64)
     for ao in (False, True):
-        Q, codes = gptq_quantize(torch.from_numpy(W.astype(np.float64)), H64, GPTQConfig(bits=bits, group_size=g,
-                                                                                         act_order=ao))[:2]
+        cfg = GPTQConfig(grid=AffineConfig(bits=bits, group_size=g), act_order=ao)
+        Q, codes = gptq_quantize(torch.from_numpy(W.astype(np.float64)), H64, cfg)[:2]
         Qr, codes_r = reference_gptq(W, H64.numpy(), bits, g, act_order=ao)
         Hn = H64.numpy()
         e, er = output_error(W, Q.numpy(), Hn), output_error(W, Qr, Hn)

@@ -57,20 +57,15 @@ from qkit.rtn import RTN
 
 @dataclass(frozen=True)
 class AWQConfig:
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
+    """AWQ's own options; grid: the affine grid the scaled weights are rounded onto (fp16 scales, as AWQ
+    checkpoints store them)."""
+
+    grid: affine.AffineConfig = affine.AffineConfig(scale_dtype="float16")
     n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid - 1)/n_grid}
     clip: bool = True  # the clip search (llm-awq auto_clip)
     clip_grid: int = 20
     max_shrink: float = 0.5  # ranges shrunk by at most this fraction
     search_samples: int = 4  # calibration sequences the search and clip losses run on
-    scale_dtype: affine.ScaleDType = "float16"
-    min_zero: int = 0
-
-    def affine(self) -> affine.AffineConfig:
-        return affine.AffineConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                                   scale_dtype=self.scale_dtype, min_zero=self.min_zero)
 
 
 # ------------------------------------------------------------------ the paper's formulas
@@ -142,14 +137,15 @@ class AWQ(ChooserBase):
     # inputs before scaling and quantizing): one forward per layer less than GPTQ's scheme
     propagate_float = True
 
-    def __init__(self, cfg: AWQConfig, grid=None, gptq=None):
+    def __init__(self, cfg: AWQConfig, rounding=None, gptq=None):
         if cfg.n_grid < 1 or cfg.search_samples < 1 or cfg.clip_grid < 1 or not 0 <= cfg.max_shrink < 1:
             raise UsageError("AWQ needs n_grid >= 1, search_samples >= 1, clip_grid >= 1 and 0 <= max_shrink < 1")
         self.cfg = cfg
-        self.grid = grid or RTN(cfg.affine())
-        if getattr(self.grid, "needs_calibration", False):
-            raise UsageError("AWQ quantizes its scaled weights with a calibration-free grid (rtn), "
-                             f"not {self.grid.name}")
+        # the chooser that rounds the scaled weights: RTN on cfg.grid unless given (qkit.gptq_ggml: GGML blocks)
+        self.rounding = rounding or RTN(cfg.grid)
+        if self.rounding.needs_calibration:
+            raise UsageError("AWQ quantizes its scaled weights with a calibration-free chooser (rtn), "
+                             f"not {self.rounding.name}")
         self.gptq = None
         if gptq is not None:   # AWQ's scales, then GPTQ's rounding of the scaled weights
             from qkit.gptq import GPTQ
@@ -192,7 +188,7 @@ class AWQ(ChooserBase):
         """W (torch) through the grid and back: what the linear holds once quantized."""
         import torch
 
-        res = self.grid.quantize(name, np.ascontiguousarray(W.detach().numpy(), dtype=np.float32))
+        res = self.rounding.quantize(name, np.ascontiguousarray(W.detach().numpy(), dtype=np.float32))
         return torch.from_numpy(res.weight).to(W.dtype)
 
     def transform_layer(self, layer, inputs, prefix: str) -> None:
@@ -228,15 +224,15 @@ class AWQ(ChooserBase):
         if self.cfg.clip:
             for g in groups:
                 Xs = X[g.linears[0]] / input_scale[g.linears[0]].float()
-                grams = group_grams(Xs, self.cfg.group_size)
+                grams = group_grams(Xs, self.cfg.grid.group_size)
                 for lin in g.linears:
                     if lin in self.arch.no_clip:
                         continue
                     mod = archs.submodule(layer, lin)
                     W = mod.weight.data
-                    m = clip_ranges(W, grams, self.cfg.group_size, lambda w, n=prefix + lin: self.fake(n, w),
+                    m = clip_ranges(W, grams, self.cfg.grid.group_size, lambda w, n=prefix + lin: self.fake(n, w),
                                     self.cfg.clip_grid, self.cfg.max_shrink)
-                    mod.weight.data = apply_clip(W, m, self.cfg.group_size).to(W.dtype)
+                    mod.weight.data = apply_clip(W, m, self.cfg.grid.group_size).to(W.dtype)
         for g in groups:
             for lin in g.linears:
                 self.abs_sum.pop(prefix + lin, None)
@@ -292,17 +288,22 @@ class AWQ(ChooserBase):
         self.alphas[prefix + g.linears[0]] = best_alpha
         return best_s
 
+    @property
+    def affine_grid(self):
+        """The grid the rounding chooser puts the scaled weights on (None for llama.cpp's GGML blocks)."""
+        return (self.gptq if self.gptq is not None else self.rounding).affine_grid
+
     def export_spec(self, fmt: str, act_bits: int | None = None):
         """The rounding's spec (GPTQ's act-order, groups and damping with --round gptq), recorded as AWQ."""
         from dataclasses import replace
 
-        inner = self.gptq if self.gptq is not None else self.grid
+        inner = self.gptq if self.gptq is not None else self.rounding
         return replace(inner.export_spec(fmt, act_bits), method=self.name)
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
         s = self.input_scale.pop(name, None)
         if self.gptq is None:
-            return self.grid.quantize(name, W)
+            return self.rounding.quantize(name, W)
         H = self.gptq.H.get(name)
         if H is not None and s is not None:
             # the linear now sees x / s: H_s = diag(1/s) H diag(1/s) (a new tensor: q/k/v share one H)

@@ -10,12 +10,16 @@ qkit.pipeline drives a chooser through this protocol and nothing else:
     transform_layer(layer, inputs, prefix)  a layer-level step in float (None: none)
     quantize(name, W) -> QuantResult        one linear's weights, (out, in) float32
     export_spec(fmt, act_bits) -> ExportSpec  how a packed checkpoint records the method
+    affine_grid -> AffineConfig | None      the affine grid its results lie on (None: GGML blocks)
 
 and reads its flags: ``needs_calibration``; ``propagate_float`` (the next layer
 calibrates on the float layer's outputs, AWQ); ``needs_float_inputs`` (add_batch
 also gets the float model's inputs, GPTAQ); ``true_sequential`` (a layer's linear
 groups calibrated in order, GPTQ). ChooserBase gives every hook its neutral
 default, so a method states only what it does.
+
+A method's config holds its grid as a field (``GPTQConfig(grid=AffineConfig(bits=3))``), never copies of the
+grid's fields; a chooser that rounds with another chooser (AWQ, SmoothQuant) names it ``rounding``.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 from qkit.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qkit.affine import AffineConfig
     from qkit.export.common import ExportSpec
 
 __all__ = ["Chooser", "ChooserBase", "QuantResult"]
@@ -74,6 +79,9 @@ class Chooser(Protocol):
     true_sequential: bool
     transform_layer: object  # a method (layer, inputs, prefix) -> None, or None
 
+    @property
+    def affine_grid(self) -> AffineConfig | None: ...
+
     def prepare(self, config) -> None: ...
 
     def add_batch(self, name: str, X, X_float=None) -> None: ...
@@ -94,6 +102,11 @@ class ChooserBase:
     true_sequential = False
     transform_layer = None  # no layer-level step
 
+    @property
+    def affine_grid(self) -> AffineConfig | None:
+        """The affine grid of the results: the method config's grid (``self.cfg.grid``)."""
+        return self.cfg.grid
+
     def prepare(self, config) -> None:
         """Check the model before any work (an architecture table, say); nothing by default."""
 
@@ -102,8 +115,10 @@ class ChooserBase:
         raise UsageError(f"method {self.name} takes no calibration inputs (got some for {name})")
 
     def export_spec(self, fmt: str, act_bits: int | None = None) -> ExportSpec:
-        """The affine grid of self.cfg as a packed format records it; methods with more to say extend it."""
+        """The affine grid as a packed format records it; methods with more to say extend it."""
         from qkit.export.common import ExportSpec
 
-        c = self.cfg
+        c = self.affine_grid
+        if c is None:
+            raise UsageError(f"--format {fmt} stores affine grids; method {self.name} writes GGML blocks")
         return ExportSpec(fmt, c.bits, c.group_size, c.symmetric, method=self.name, act_bits=act_bits)

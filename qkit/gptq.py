@@ -75,25 +75,18 @@ from qkit.chooser import ChooserBase, QuantResult
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    bits: int = 4
-    group_size: int | None = 128  # None: one group per row
-    symmetric: bool = False
+    """GPTQ's own options; the grid it rounds onto is a field of its own (grid.method "mse": each group's range
+    searched, GPTQ's --clip-search)."""
+
+    grid: affine.AffineConfig = affine.AffineConfig()
     act_order: bool = False
     static_groups: bool = False
     group_aware: bool = False  # with act_order: importance order between and within contiguous groups
     damp: float = 0.01
     block_size: int = 128
-    clip_search: bool = False  # MSE clip search for each group's range
     gptaq: bool = False  # asymmetric calibration: the float model's outputs as the target (GPTAQ)
     gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (the GPTAQ authors' default)
     true_sequential: bool = False  # inside a layer, each linear group calibrated on the quantized groups before it
-    scale_dtype: affine.ScaleDType = "float32"  # "float16": the grid a packed checkpoint stores
-    min_zero: int = 0  # 1 for GPTQ v1 checkpoints (zero - 1 stored)
-
-    def affine(self) -> affine.AffineConfig:
-        return affine.AffineConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                                   method="mse" if self.clip_search else "minmax", scale_dtype=self.scale_dtype,
-                                   min_zero=self.min_zero)
 
 
 # What `qkit quantize --method gptq` runs unless told otherwise (GPTQConfig itself is the plain algorithm):
@@ -226,14 +219,14 @@ def gptq_quantize(W, H, cfg: GPTQConfig, grid=None, dXX=None):
 def _gptq(W, H, cfg: GPTQConfig, grid=None, dXX=None):
     import torch
 
-    grid = grid or AffineGrid(cfg.affine())
+    grid = grid or AffineGrid(cfg.grid)
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # float64 in, float64 throughout
     W = W.clone().to(dtype)
     H = H.clone().to(dtype)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise InputError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} columns")
-    g = cfg.group_size or cols
+    g = cfg.grid.group_size or cols
     if g < 1:
         raise UsageError(f"group_size must be >= 1, got {g}")
 
@@ -335,7 +328,7 @@ class GPTQ(ChooserBase):
 
     def __init__(self, cfg: GPTQConfig, grid=None):
         self.cfg = cfg
-        self.grid = grid
+        self.grid = grid  # a grid object other than cfg.grid's affine one (qkit.gptq_ggml's GGML blocks)
         self.H: dict = {}
         self.n: dict = {}
         self.D: dict = {}  # GPTAQ's cross terms
@@ -390,5 +383,5 @@ class GPTQ(ChooserBase):
         Q, codes, scales, zeros, g_idx = gptq_quantize(torch.from_numpy(W), H, self.cfg, self.grid, D)
         zero_np = zeros.numpy()
         return QuantResult(Q.numpy(), codes.numpy().astype(np.uint8), scales.numpy(),
-                           zero_np.astype(np.int32) if self.cfg.affine().zero_domain == "int" else zero_np,
-                           g_idx.numpy(), self.cfg.bits, self.cfg.symmetric)
+                           zero_np.astype(np.int32) if self.cfg.grid.zero_domain == "int" else zero_np,
+                           g_idx.numpy(), self.cfg.grid.bits, self.cfg.grid.symmetric)

@@ -98,6 +98,8 @@ def hessian_importance(H) -> np.ndarray:
 class GGMLGPTQ(GPTQ):
     """GPTQ with each linear's GGML grid; keeps {name: (type, GGML rows)} in `blocks`."""
 
+    affine_grid = None  # GGML blocks (BlockResult): no packed affine format holds them
+
     def __init__(self, types: dict[str, str], cfg: GPTQConfig = GPTQConfig(), imatrix: dict | None = None,
                  hessian_importance: bool = True):
         # act-order needs the blocks fixed up front (qkit.gptq: a positional grid): static groups
@@ -127,7 +129,7 @@ class GGMLGPTQ(GPTQ):
         # llama.cpp's legacy _impl searches weight by sqrt(sigma2 + x^2), sigma2 = mean x^2 of the row
         sigma2 = (W.astype(np.float32) ** 2).mean(axis=1, dtype=np.float32) if im is not None else None
         grid = GGMLGrid(t, W.shape[1], im, row_sigma2=sigma2)
-        cfg = replace(self.cfg, group_size=grid.block_size)
+        cfg = replace(self.cfg, grid=replace(self.cfg.grid, group_size=grid.block_size))
         Q, codes, a, m, _ = gptq_quantize(torch.from_numpy(W), H, cfg, grid, D)
         Q = Q.numpy().astype(np.float32)
         blocks = grid.pack(codes.numpy())
@@ -138,15 +140,17 @@ class GGMLGPTQ(GPTQ):
         return BlockResult(Q, t, blocks)
 
 
-class GGMLRTN(ChooserBase):
-    """llama.cpp's rounding of each linear's GGML type as a calibration-free grid (AWQ's quantizer).
+class LlamaCppRounding(ChooserBase):
+    """llama.cpp's quantizer of each linear's GGML type (its searched scales, qkit.ggml) as a calibration-free
+    chooser: AWQ's rounding inside a mix.
 
     An importance matrix is used only for names in `input_scale` (set for the final rounding),
     divided by s^2 there: the scaled linear sees x / s.
     """
 
-    name = "rtn"
+    name = "llama.cpp"
     needs_calibration = False
+    affine_grid = None  # GGML blocks (BlockResult)
 
     def __init__(self, types: dict[str, str], imatrix: dict | None = None):
         self.types = types
@@ -173,16 +177,16 @@ class GGMLRTN(ChooserBase):
 
 
 def awq_chooser(types: dict[str, str], cfg, imatrix: dict | None = None):
-    """AWQ (qkit.awq) whose quantizer is GGMLRTN; the final rounding sees the folded scales."""
+    """AWQ (qkit.awq) whose quantizer is LlamaCppRounding; the final rounding sees the folded scales."""
     from qkit.awq import AWQ
 
     class AWQGGML(AWQ):
         def quantize(self, name: str, W: np.ndarray) -> BlockResult:
             s = self.input_scale.get(name)
-            self.grid.input_scale[name] = None if s is None else s.numpy()
+            self.rounding.input_scale[name] = None if s is None else s.numpy()
             return super().quantize(name, W)
 
-    return AWQGGML(replace(cfg, clip=False), grid=GGMLRTN(types, imatrix))
+    return AWQGGML(replace(cfg, clip=False), rounding=LlamaCppRounding(types, imatrix))
 
 
 def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *, calibration: str | None = None,
@@ -216,7 +220,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
         from qkit.awq import AWQConfig
 
         chooser = awq_chooser(types, awq or AWQConfig(), im)
-        blocks_of = chooser.grid
+        blocks_of = chooser.rounding
     else:
         raise UsageError(f"--method {method} into GGML grids is not available; --type takes rtn, gptq or awq")
     # No temporary model: the layer walk hands each layer to a sink that keeps only what the chooser may have

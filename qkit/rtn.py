@@ -28,6 +28,10 @@ class RTN(ChooserBase):
     def __init__(self, cfg: affine.AffineConfig):
         self.cfg = cfg
 
+    @property
+    def affine_grid(self) -> affine.AffineConfig:
+        return self.cfg  # RTN's config is its grid
+
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
         c = self.cfg
         q = affine.quantize_affine(W, c.bits, c.block_size(W.shape), symmetric=c.symmetric,

@@ -33,17 +33,11 @@ from qkit.rtn import RTN
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    alpha: float = 0.5
-    bits: int = 8
-    group_size: int | None = None  # per channel
-    symmetric: bool = True
-    act_bits: int = 8
-    scale_dtype: affine.ScaleDType = "float16"
-    min_zero: int = 0
+    """SmoothQuant's own options; grid: the weights' grid after smoothing (W8A8: per-channel symmetric int8)."""
 
-    def affine(self) -> affine.AffineConfig:
-        return affine.AffineConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                                   scale_dtype=self.scale_dtype, min_zero=self.min_zero)
+    alpha: float = 0.5
+    grid: affine.AffineConfig = affine.AffineConfig(bits=8, group_size=None, symmetric=True, scale_dtype="float16")
+    act_bits: int = 8
 
 
 def smooth_scales(act_max, weight_max, alpha: float):
@@ -69,7 +63,7 @@ class SmoothQuant(ChooserBase):
         if not 0 <= cfg.alpha <= 1:
             raise UsageError(f"SmoothQuant's alpha must lie in [0, 1], got {cfg.alpha}")
         self.cfg = cfg
-        self.grid = RTN(cfg.affine())
+        self.rounding = RTN(cfg.grid)
         self.arch = None
         self.act_max: dict = {}
 
@@ -102,4 +96,4 @@ class SmoothQuant(ChooserBase):
                 del self.act_max[n]
 
     def quantize(self, name: str, W: np.ndarray) -> QuantResult:
-        return self.grid.quantize(name, W)
+        return self.rounding.quantize(name, W)

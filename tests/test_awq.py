@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from llm_models import make_model  # noqa: E402
 
 from qkit import affine, pipeline  # noqa: E402
+from qkit.affine import AffineConfig  # noqa: E402
 from qkit.chooser import ChooserBase  # noqa: E402
 from qkit.awq import AWQ, AWQConfig, awq_scales, clip_ranges, group_grams, subset_indices  # noqa: E402
 from qkit.errors import UsageError  # noqa: E402
@@ -67,7 +68,7 @@ def test_search_picks_the_alpha_of_a_plain_transcription():
     X = rng.normal(size=(2, 30, 48)).astype(np.float32) * np.exp(rng.normal(size=48) * 1.5).astype(np.float32)
     layer = Toy(torch.from_numpy(W))
     g = archs.ScaleGroup("norm", ("fc",), "fc")
-    ch = AWQ(AWQConfig(bits=3, group_size=16, clip=False))
+    ch = AWQ(AWQConfig(grid=AffineConfig(bits=3, group_size=16, scale_dtype="float16"), clip=False))
     ch.add_batch("fc", torch.from_numpy(X))
     s = ch.search_scale(layer, pipeline.LayerInputs(torch.from_numpy(X), {}), g, torch.from_numpy(X), "")
 
@@ -160,7 +161,7 @@ def test_folded_scales_leave_logits_unchanged(kind, overrides, tmp_path):
     the float model computes the same logits; Gemma 3's post-norms are never touched."""
     model = make_model(kind, tmp_path / "m", **overrides)
     randomise_norms(model, tmp_path / "m")
-    ch = AWQ(AWQConfig(bits=3, group_size=32, clip=False))
+    ch = AWQ(AWQConfig(grid=AffineConfig(bits=3, group_size=32, scale_dtype="float16"), clip=False))
     pipeline.quantize_model(loader.resolve(str(tmp_path / "m")), tmp_path / "f", FloatOut(ch), samples=SAMPLES)
     folded = loader.load_model(loader.resolve(str(tmp_path / "f")))
     with torch.no_grad():
@@ -199,7 +200,7 @@ def test_awq_beats_rtn_on_a_layer_with_salient_channels(tmp_path):
     ref = loader.resolve(str(tmp_path / "m"))
     cfg = dict(bits=3, group_size=32, scale_dtype="float16")
     pipeline.quantize_model(ref, tmp_path / "rtn", RTN(affine.AffineConfig(**cfg)))
-    pipeline.quantize_model(ref, tmp_path / "awq", AWQ(AWQConfig(**cfg)), samples=SAMPLES)
+    pipeline.quantize_model(ref, tmp_path / "awq", AWQ(AWQConfig(grid=AffineConfig(**cfg))), samples=SAMPLES)
 
     def err(d):
         with torch.no_grad():
@@ -221,8 +222,8 @@ def test_unknown_architecture_is_refused_up_front(tmp_path):
 def test_awq_needs_a_calibration_free_grid():
     from qkit.gptq import GPTQ, GPTQConfig
 
-    with pytest.raises(UsageError, match="calibration-free grid"):
-        AWQ(AWQConfig(), grid=GPTQ(GPTQConfig()))
+    with pytest.raises(UsageError, match="calibration-free chooser"):
+        AWQ(AWQConfig(), rounding=GPTQ(GPTQConfig()))
 
 
 def test_cli_awq_then_eval(tmp_path, capsys):
@@ -256,8 +257,8 @@ def test_awq_then_gptq_uses_the_scaled_inputs_hessian():
     X = torch.from_numpy(rng.normal(size=(2, 64, 48)) * np.exp(rng.normal(size=48))).float()
     W = rng.normal(size=(24, 48)).astype(np.float32)
     s = torch.from_numpy(np.exp(rng.normal(size=48) * 0.5))
-    gcfg = GPTQConfig(bits=3, group_size=16, scale_dtype="float16")
-    awq = AWQ(AWQConfig(bits=3, group_size=16, clip=False), gptq=gcfg)
+    gcfg = GPTQConfig(grid=AffineConfig(bits=3, group_size=16, scale_dtype="float16"))
+    awq = AWQ(AWQConfig(grid=AffineConfig(bits=3, group_size=16, scale_dtype="float16"), clip=False), gptq=gcfg)
     awq.add_batch("l.x", X)
     awq.input_scale["l.x"] = s
     Ws = (W.astype(np.float64) * s.numpy()).astype(np.float32)

@@ -135,32 +135,43 @@ def test_bench_memory_rows_on_a_small_index(tmp_path):
     assert "qkit ann build" in bench_memory.table(rows)
 
 
-def test_bench_quant_rows_are_valid_quantize_command_lines(tmp_path):
-    """Every safetensors row's command line parses with `qkit quantize`'s own options (parsed only: the checks
-    quantize_cmd makes when it runs are its own tests'), and every key of the row reaches its option."""
-    from qkit.cli.llm import quantize_cmd
+def _recipe_of(args):
+    """The recipe a bench command line runs (qkit quantize --recipe FILE), read back as qkit quantize reads it."""
+    from qkit.recipe import load_recipe
+
+    assert args[0] == "quantize" and args[2] == "--recipe"
+    return load_recipe(args[3])
+
+
+def _gptq_of(rec):
+    return rec.rounding if rec.method == "awq" else rec.config
+
+
+def test_bench_quant_rows_are_valid_recipes(tmp_path):
+    """Every safetensors row's recipe is built and checked (Recipe.from_options: every refusal qkit quantize makes
+    before the work), and every key of the row reaches the recipe."""
     from qkit.eval import bench_quant
 
     setup = bench_quant.Setup()
     rows = [r for r in bench_quant.all_rows() if r["method"] != "base" and r["format"] != "gguf"]
     assert len(rows) > 20
-    default = {o.name: o.default for o in quantize_cmd.params}
     for r in rows:
-        args = bench_quant.quantize_args(r, setup, tmp_path / r["id"], tmp_path / "q.json")
-        assert args[0] == "quantize"
-        p = quantize_cmd.make_context("quantize", args[1:]).params
-        assert (p["method"], p["bits"], bool(p["act_order"]), p["rotate"]) == (r["method"], r["bits"], r["act_order"],
-                                                                         r["rotate"]), r["id"]
-        assert (p["rounding"], p["online_hadamard"], p["act_bits"], p["fmt"], p["group_size"]) == (
-            r.get("round", "rtn"), r["online_hadamard"], r["act_bits"], r["format"], r["group_size"] or -1), r["id"]
-        assert p["search_samples"] == r.get("search_samples", default["search_samples"]), r["id"]
-        assert p["clip_search"] == r.get("clip_search") and p["sym"] == bool(r["act_bits"]), r["id"]
+        rec = _recipe_of(bench_quant.quantize_args(r, setup, tmp_path / r["id"], tmp_path / f"{r['id']}.quant.json"))
+        g = _gptq_of(rec) if r["method"] == "gptq" or r.get("round") == "gptq" else None
+        assert (rec.method, rec.grid.bits, bool(g and g.act_order), rec.rotation is not None) == (
+            r["method"], r["bits"], r["act_order"], r["rotate"]), r["id"]
+        assert (rec.rounding is not None, bool(rec.rotation and rec.rotation.online), rec.act_bits, rec.format,
+                rec.grid.group_size) == (r.get("round") == "gptq", r["online_hadamard"], r["act_bits"], r["format"],
+                                         r["group_size"]), r["id"]
+        if r["method"] == "awq":
+            assert rec.config.search_samples == r.get("search_samples", 4), r["id"]
+        assert (rec.grid.method == "mse") == bool(r.get("clip_search")) and rec.grid.symmetric == bool(r["act_bits"])
+        assert rec.calibration is None or (rec.calibration.nsamples, rec.calibration.seqlen) == (128, 512)
 
 
-def test_bench_gguf_rows_are_valid_quantize_command_lines(tmp_path):
-    """Every GGUF row's command line parses with `qkit quantize`'s options, and its mix, imatrix, calibration
-    and act-order reach them; the ids say which way the row quantizes."""
-    from qkit.cli.llm import quantize_cmd
+def test_bench_gguf_rows_are_valid_recipes(tmp_path):
+    """Every GGUF row's recipe is built and checked, and its mix, imatrix, calibration and act-order reach it; the
+    ids say which way the row quantizes."""
     from qkit.eval import bench_gguf, bench_quant
 
     setup = bench_quant.Setup()
@@ -169,19 +180,19 @@ def test_bench_gguf_rows_are_valid_quantize_command_lines(tmp_path):
     assert {"q4_k_m", "q4_k_m-imatrix", "q4_k_m-gptq", "q4_k_m-gptq-imatrix", "q4_k_m-gptq-ao",
             "q3_k_m-gptq-ao"} <= set(ids) and len(set(ids)) == len(ids)
     for r in rows:
-        args = bench_gguf.quantize_args(r, setup, tmp_path / "o.gguf", tmp_path / "q.json", tmp_path / "im.gguf")
-        p = quantize_cmd.make_context("quantize", args[1:]).params
-        assert (p["method"], p["ggml_type"]) == (r["method"], r["type"]), r["id"]
-        # explicit for gptq rows (the CLI's default there is act-order); nothing for rtn rows
-        assert p["act_order"] is (r["act_order"] if r["method"] == "gptq" else None), r["id"]
-        assert (p["imatrix_path"] is not None) == r["imatrix"] == ("-imatrix" in r["id"]), r["id"]
-        assert r["act_order"] == ("-ao" in r["id"]) and (p["nsamples"] == setup.nsamples or r["method"] == "rtn")
+        rec = _recipe_of(bench_gguf.quantize_args(r, setup, tmp_path / "o.gguf", tmp_path / "q.quant.json",
+                                                  tmp_path / "im.gguf"))
+        assert (rec.method, rec.grid.mix) == (r["method"], r["type"].upper()), r["id"]
+        if r["method"] == "gptq":
+            assert rec.config.act_order is r["act_order"], r["id"]
+        assert (rec.grid.imatrix is not None) == r["imatrix"] == ("-imatrix" in r["id"]), r["id"]
+        assert r["act_order"] == ("-ao" in r["id"])
+        assert r["method"] == "rtn" or rec.calibration.nsamples == setup.nsamples
 
 
-def test_bench_heldout_rows_are_valid_quantize_command_lines(tmp_path):
-    """Every held-out row's command line parses with `qkit quantize`'s options; its calibration set, act-order,
-    static groups, damping, mix and imatrix reach them; each calibrated row names a data-free row that exists."""
-    from qkit.cli.llm import quantize_cmd
+def test_bench_heldout_rows_are_valid_recipes(tmp_path):
+    """Every held-out row's recipe is built and checked; its calibration set, act-order, static groups, damping,
+    mix and imatrix reach it; each calibrated row names a data-free row that exists."""
     from qkit.eval import bench_heldout
 
     rows = bench_heldout.all_rows()
@@ -192,20 +203,23 @@ def test_bench_heldout_rows_are_valid_quantize_command_lines(tmp_path):
             continue
         assert r["ref"] is None if r["calib"] is None else r["ref"] in ids, r["id"]
         setup = bench_heldout._setup(r, type("A", (), {"windows": 40, "nsamples": 128})())
-        args = bench_heldout.quantize_args(r, setup, tmp_path / "o", tmp_path / "q.json", tmp_path / "im.gguf")
-        p = quantize_cmd.make_context("quantize", args[1:]).params
+        out = tmp_path / ("o.gguf" if r["format"] == "gguf" else "o")
+        rec = _recipe_of(bench_heldout.quantize_args(r, setup, out, tmp_path / "q.quant.json", tmp_path / "im.gguf"))
         # an imatrix row's calibration reaches it through the imatrix file, computed on the row's set
         calib = None if r["method"] == "rtn" else bench_heldout.CALIBS[r["calib"]]
-        assert p["method"] == r["method"] and p["calib"] == calib, r["id"]
-        assert bool(p["act_order"]) == r["act_order"] == ("-ao" in r["id"]), r["id"]
-        assert p["static_groups"] == ("static" in r["id"]) and p["damp"] == r["opts"].get("damp", 0.01), r["id"]
-        assert p["group_aware"] == ("-ga" in r["id"]), r["id"]
-        assert (p["imatrix_path"] is not None) == ("imatrix" in r["id"]), r["id"]
-        assert p["ggml_type"] == r["opts"].get("type") and (r["format"] == "gguf") == (p["ggml_type"] is not None)
+        assert rec.method == r["method"] and (rec.calibration and rec.calibration.text) == calib, r["id"]
+        g = _gptq_of(rec) if rec.method in ("gptq", "awq") else None
+        assert bool(g and g.act_order) == r["act_order"] == ("-ao" in r["id"]), r["id"]
+        if rec.format != "gguf" and g is not None:
+            assert g.static_groups == ("static" in r["id"]) and g.damp == r["opts"].get("damp", 0.01), r["id"]
+            assert g.group_aware == ("-ga" in r["id"]), r["id"]
+        assert (getattr(rec.grid, "imatrix", None) is not None) == ("imatrix" in r["id"]), r["id"]
+        assert (r["format"] == "gguf") == (rec.format == "gguf") and getattr(rec.grid, "mix", None) == (
+            r["opts"]["type"].upper() if "type" in r["opts"] else None), r["id"]
         if r["method"] == "gptq" and r["format"] != "gguf":  # spelled out, whatever the CLI's defaults are
-            assert p["gptaq"] is ("gptaq" in r["id"]) and p["true_sequential"] is ("-ts" in r["id"]), r["id"]
+            assert rec.config.gptaq is ("gptaq" in r["id"]) and rec.config.true_sequential is ("-ts" in r["id"])
             alpha = r["opts"].get("gptaq_alpha")
-            assert p["gptaq_alpha"] == alpha and (alpha is None or f"gptaq{alpha}" in r["id"]), r["id"]
+            assert alpha is None or (rec.config.gptaq_alpha == alpha and f"gptaq{alpha}" in r["id"]), r["id"]
 
 
 def test_bench_heldout_gap_closed_table_and_plot(tmp_path, capsys):

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 from llm_models import make_model  # noqa: E402
 
 from qkit import affine, pipeline  # noqa: E402
+from qkit.affine import AffineConfig  # noqa: E402
 from qkit.chooser import ChooserBase  # noqa: E402
 from qkit.errors import FormatError, InputError, UsageError  # noqa: E402
 from qkit.eval.perplexity import perplexity  # noqa: E402
@@ -54,6 +55,10 @@ class Recording(ChooserBase):
         self.true_sequential = chooser.true_sequential
         self.results = {}
 
+    @property
+    def affine_grid(self):
+        return self.inner.affine_grid
+
     def export_spec(self, fmt, act_bits=None):
         return self.inner.export_spec(fmt, act_bits)
 
@@ -69,8 +74,8 @@ class Recording(ChooserBase):
 def chooser_for(fmt, bits, group_size=32, sym=False, method="rtn", act_order=False, static_groups=False):
     grid = grid_requirements(fmt)
     if method == "gptq":
-        return Recording(GPTQ(GPTQConfig(bits=bits, group_size=group_size, symmetric=sym, act_order=act_order,
-                                         static_groups=static_groups, **grid)))
+        return Recording(GPTQ(GPTQConfig(grid=AffineConfig(bits=bits, group_size=group_size, symmetric=sym, **grid),
+                                         act_order=act_order, static_groups=static_groups)))
     return Recording(RTN(affine.AffineConfig(bits=bits, group_size=group_size, symmetric=sym, **grid)))
 
 
@@ -130,7 +135,7 @@ def test_group_aware_act_order_round_trip(tiny, tmp_path, fmt):
     """Group-aware act-order keeps g_idx = i // g, so even AWQ GEMM (no g_idx) stores it; exact round trip."""
     d, _ = tiny
     grid = grid_requirements(fmt)
-    ch = Recording(GPTQ(GPTQConfig(bits=4, group_size=32, act_order=True, group_aware=True, **grid)))
+    ch = Recording(GPTQ(GPTQConfig(grid=AffineConfig(bits=4, group_size=32, **grid), act_order=True, group_aware=True)))
     export(d, tmp_path / "q", fmt, ch)
     store = loader.resolve(str(tmp_path / "q")).store()
     for name, res in ch.results.items():
@@ -144,7 +149,8 @@ def test_group_aware_act_order_round_trip(tiny, tmp_path, fmt):
 def test_true_sequential_gptq_round_trip_and_config(tiny, tmp_path):
     """True-sequential GPTQ packs exactly as computed, and the GPTQ config says true_sequential."""
     d, _ = tiny
-    ch = Recording(GPTQ(GPTQConfig(bits=4, group_size=32, true_sequential=True, **grid_requirements("gptq"))))
+    ch = Recording(GPTQ(GPTQConfig(grid=AffineConfig(bits=4, group_size=32, **grid_requirements("gptq")),
+                                   true_sequential=True)))
     export(d, tmp_path / "q", "gptq", ch)
     store = loader.resolve(str(tmp_path / "q")).store()
     for name, res in ch.results.items():
@@ -167,8 +173,9 @@ def test_per_channel_round_trip(tiny, tmp_path, fmt):
 
 def test_gptq_v1_stores_zero_minus_one_and_clamps(tiny, tmp_path):
     """v1 and v2 of one run hold the same codes and scales; v1's qzeros are v2's minus one, its zeros all >= 1."""
-    from qkit import packing
     from safetensors import safe_open
+
+    from qkit import packing
 
     d, _ = tiny
     ch1 = chooser_for("gptq", 4)
@@ -607,7 +614,8 @@ def test_awq_export_carries_the_folded_norms(tiny, tmp_path, fmt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of tiny matmuls in the search: a second OpenMP thread only waits (test_awq)
     try:
-        _awq_export_check(d, model, tmp_path, fmt, AWQ(AWQConfig(bits=4, group_size=32, search_samples=2)))
+        awq = AWQ(AWQConfig(grid=AffineConfig(bits=4, group_size=32, scale_dtype="float16"), search_samples=2))
+        _awq_export_check(d, model, tmp_path, fmt, awq)
     finally:
         torch.set_num_threads(threads)
 

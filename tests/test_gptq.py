@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qkit import affine  # noqa: E402
+from qkit.affine import AffineConfig  # noqa: E402
 from qkit.eval.gptq_reference import reference_gptq  # noqa: E402
 from qkit.gptq import GPTQ, GPTQConfig, gptq_quantize, hessian_update  # noqa: E402
 
@@ -31,8 +32,8 @@ def test_matches_float64_paper_transcription(bits, g, sym, act_order, static, aw
     # the lazy batches' summation order (block_size < columns) differs from the reference's in that bit; one
     # flipped code then changes the rest of its row by error feedback. Symmetric cases run in one block (the
     # reference's order, same ties); the asymmetric ones, which have no built-in tie, test the lazy batches.
-    cfg = GPTQConfig(bits=bits, group_size=g, symmetric=sym, act_order=act_order, static_groups=static,
-                     group_aware=aware, block_size=96 if sym else 32)
+    cfg = GPTQConfig(grid=AffineConfig(bits=bits, group_size=g, symmetric=sym),
+                     act_order=act_order, static_groups=static, group_aware=aware, block_size=96 if sym else 32)
     Q, codes, scales, zeros, g_idx = gptq_quantize(W, H.double(), cfg)
     Qr, codes_r = map(torch.from_numpy, reference_gptq(W.numpy(), H.double().numpy(), bits, g, sym, act_order,
                                                        static_groups=static, group_aware=aware))
@@ -55,10 +56,10 @@ def test_gptq_beats_rtn_on_layer_output():
     err = lambda Q: torch.linalg.norm((W - Q) @ X.T)  # noqa: E731
     for bits in (2, 3, 4):
         e_rtn = err(torch.from_numpy(affine.quantize_affine(W.numpy(), bits, (1, 32)).dequantize()))
-        e_ao = err(gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=32, act_order=True))[0])
+        e_ao = err(gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=bits, group_size=32), act_order=True))[0])
         assert e_ao < 0.7 * e_rtn, (bits, e_ao, e_rtn)
         if bits >= 3:  # in natural order too; at 2 bits with channel scales spread e^N(0,1), act-order is needed
-            assert err(gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=32))[0]) < 0.9 * e_rtn
+            assert err(gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=bits, group_size=32)))[0]) < 0.9 * e_rtn
 
 
 def test_codes_scales_zeros_and_g_idx_reproduce_q():
@@ -66,7 +67,8 @@ def test_codes_scales_zeros_and_g_idx_reproduce_q():
     W = torch.randn(16, 80)
     H, _ = hessian_update(None, 0, correlated_inputs(300, 80))
     for act_order in (False, True):
-        Q, codes, scales, zeros, g_idx = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=32, act_order=act_order))
+        Q, codes, scales, zeros, g_idx = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=3, group_size=32),
+                                                                        act_order=act_order))
         assert scales.shape == (16, 3) and g_idx.shape == (80,)  # ragged: 32 + 32 + 16
         gi = g_idx.long()
         assert torch.allclose(scales[:, gi] * (codes - zeros[:, gi]), Q, atol=1e-6)
@@ -80,7 +82,7 @@ def test_act_order_processes_largest_diag_first():
     W = torch.randn(8, 64)
     X = correlated_inputs(500, 64)
     H, _ = hessian_update(None, 0, X)
-    _, _, _, _, g_idx = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=16, act_order=True))
+    _, _, _, _, g_idx = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=4, group_size=16), act_order=True))
     order = torch.argsort(torch.diag(H), descending=True, stable=True)
     assert torch.equal(g_idx[order].long(), torch.arange(64) // 16)  # groups follow the processing order
     assert not torch.equal(g_idx.long(), torch.arange(64) // 16)
@@ -90,12 +92,12 @@ def test_static_groups_fix_parameters_from_original_weights():
     torch.manual_seed(3)
     W = torch.randn(8, 64)
     H, _ = hessian_update(None, 0, correlated_inputs(500, 64))
-    Q, codes, scales, zeros, g_idx = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=16, act_order=True,
-                                                                    static_groups=True))
+    Q, codes, scales, zeros, g_idx = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=4, group_size=16),
+                                                                    act_order=True, static_groups=True))
     s_rtn, z_rtn = affine.choose_qparams(W.numpy(), 4, (1, 16))
     assert np.allclose(scales.numpy(), s_rtn) and np.array_equal(zeros.numpy(), z_rtn)
     assert torch.equal(g_idx.long(), torch.arange(64) // 16)  # contiguous groups despite act-order
-    dyn = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=16, act_order=True))
+    dyn = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=4, group_size=16), act_order=True))
     assert not torch.allclose(dyn[2], scales)
 
 
@@ -105,7 +107,7 @@ def test_dead_columns_are_zeroed():
     X = torch.randn(200, 32)
     X[:, 5] = 0
     H, _ = hessian_update(None, 0, X)
-    Q = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=None))[0]
+    Q = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=4, group_size=None)))[0]
     assert torch.all(Q[:, 5] == 0)
 
 
@@ -115,13 +117,13 @@ def test_groups_wider_than_a_block_see_pending_updates():
     W = torch.randn(16, 96, dtype=torch.float64)
     X = correlated_inputs(300, 96)
     H, _ = hessian_update(None, 0, X.double())
-    a = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=64, block_size=16))
-    b = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=64, block_size=96))
+    a = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=3, group_size=64), block_size=16))
+    b = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=3, group_size=64), block_size=96))
     assert torch.allclose(a[2], b[2]) and (a[1] == b[1]).double().mean() > 0.999
 
 
 def test_chooser_shares_hessians_of_a_shared_input():
-    ch = GPTQ(GPTQConfig(bits=4, group_size=16))
+    ch = GPTQ(GPTQConfig(grid=AffineConfig(bits=4, group_size=16)))
     X1, X2 = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
     for X in (X1, X2):
         ch.add_batch("q", X)
@@ -157,8 +159,9 @@ def test_matches_the_numpy_transcription_on_real_activations(monkeypatch):
     """Layer 15 of the default model (its q_proj sees massive-activation channels, diag(H) spanning 3 orders of
     magnitude): qkit's GPTQ and the paper's algorithm in float64 numpy give the same codes from the same real
     Hessian, with and without act-order; and on the calibration text GPTQ removes most of RTN's output error."""
-    from qkit import text
     from qkit.eval import gptq_diag
+
+    from qkit import text
 
     full = text.builtin_text
     monkeypatch.setattr(text, "builtin_text", lambda n: full(n)[:300_000])  # tokenizing all 5 MB of plays: ~15 s
@@ -218,26 +221,29 @@ def test_gptaq_target_is_the_least_squares_optimum_of_the_asymmetric_objective()
 def test_gptaq_equals_the_paper_transcription_on_the_asymmetric_target(act_order):
     """GPTQ's column loop on W* (float64 numpy reference), and a lower asymmetric error than plain GPTQ."""
     W, Xf, Xq, H, D = _asym_setup(seed=5)
-    cfg = GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, gptaq_alpha=1.0, block_size=16)
+    cfg = GPTQConfig(grid=AffineConfig(bits=3, group_size=16),
+                     act_order=act_order, gptaq=True, gptaq_alpha=1.0, block_size=16)
     Q = gptq_quantize(W, H, cfg, dXX=D)[0]
     from qkit.gptq import asymmetric_target
 
     Ws = asymmetric_target(W, H, D, cfg.damp).numpy()
-    Qa = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=16, act_order=act_order, gptaq=True, block_size=16),
+    Qa = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=3, group_size=16),
+                                        act_order=act_order, gptaq=True, block_size=16),
                        dXX=D)[0]  # the default alpha = 0.25: a quarter of the correction
     Qa_r, _ = reference_gptq(W.numpy() + 0.25 * (Ws - W.numpy()), H.numpy(), 3, 16, act_order=act_order)
     assert np.mean(np.isclose(Qa.numpy(), Qa_r, atol=1e-9)) >= 0.999
     Qr, _ = reference_gptq(Ws, H.numpy(), 3, 16, act_order=act_order)
     assert np.mean(np.isclose(Q.numpy(), Qr, atol=1e-9)) >= 0.999
     asym = lambda Q_: torch.linalg.norm(Xf @ W.T - Xq @ Q_.T).item()  # noqa: E731
-    plain = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=16, act_order=act_order, block_size=16))[0]
+    plain = gptq_quantize(W, H, GPTQConfig(grid=AffineConfig(bits=3, group_size=16),
+                                           act_order=act_order, block_size=16))[0]
     assert asym(Q) < 0.9 * asym(plain)
     # with identical streams the cross term is zero: plain GPTQ exactly
     assert torch.equal(gptq_quantize(W, H, cfg, dXX=torch.zeros_like(H))[0], plain)
 
 
 def test_gptaq_chooser_needs_float_inputs_and_shares_them_with_aliases():
-    ch = GPTQ(GPTQConfig(bits=4, group_size=16, gptaq=True))
+    ch = GPTQ(GPTQConfig(grid=AffineConfig(bits=4, group_size=16), gptaq=True))
     assert ch.needs_float_inputs and not GPTQ(GPTQConfig()).needs_float_inputs
     X, Xf = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
     ch.add_batch("q", X, Xf)
@@ -265,6 +271,7 @@ def test_chooser_base_defaults_and_the_protocol():
     assert rtn.transform_layer is None and not (rtn.propagate_float or rtn.needs_float_inputs or rtn.true_sequential)
     with pytest.raises(UsageError, match="method rtn takes no calibration inputs"):
         rtn.add_batch("l", np.zeros((2, 32), np.float32))
-    spec = AWQ(AWQConfig(bits=4, group_size=32), gptq=GPTQConfig(bits=4, group_size=32, act_order=True,
-                                                                 damp=0.05)).export_spec("gptq_v2")
+    gptq = GPTQConfig(grid=AffineConfig(bits=4, group_size=32), act_order=True, damp=0.05)
+    spec = AWQ(AWQConfig(grid=AffineConfig(bits=4, group_size=32, scale_dtype="float16")), gptq=gptq).export_spec(
+        "gptq_v2")
     assert (spec.method, spec.act_order, spec.damp) == ("awq", True, 0.05)

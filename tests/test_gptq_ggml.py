@@ -13,6 +13,7 @@ from llm_models import make_model  # noqa: E402
 from test_gguf_load import TEXT, train_tokenizer, write_tiny_gguf  # noqa: E402
 
 from qkit import ggml  # noqa: E402
+from qkit.affine import AffineConfig  # noqa: E402
 from qkit.errors import UsageError  # noqa: E402
 from qkit.ggml.grid import CODES, GGMLGrid, levels  # noqa: E402
 from qkit.gptq import GPTQConfig, gptq_quantize, hessian_update  # noqa: E402
@@ -85,7 +86,7 @@ def test_matches_float64_reference(qtype, static, act_order, use_im):
     Qr, Cr = reference_gptq_grid(W, X, qtype, static, act_order, imatrix=im)
     H = torch.from_numpy(2 * X.T @ X / X.shape[0])  # float64 (hessian_update accumulates in float32)
     # qkit in float64 too, with lazy batches (block_size 64 < 256: a super-block spans batches)
-    cfg = GPTQConfig(group_size=bs, static_groups=static, act_order=act_order, block_size=64)
+    cfg = GPTQConfig(grid=AffineConfig(group_size=bs), static_groups=static, act_order=act_order, block_size=64)
     sig = None if im is None else (W.astype(np.float32) ** 2).mean(1, dtype=np.float32)
     Q, C, *_ = gptq_quantize(torch.from_numpy(W), H, cfg, GGMLGrid(qtype, W.shape[1], im, sig))
     # the searches run in float32 on float64 weights that differ in the last bits (summation order), so a
@@ -186,7 +187,8 @@ def test_without_an_imatrix_the_search_is_weighted_by_diag_h(qtype):
 def test_act_order_without_static_groups_is_refused_for_positional_grids():
     W = torch.zeros(4, 256)
     with pytest.raises(UsageError, match="needs static groups"):
-        gptq_quantize(W, torch.eye(256), GPTQConfig(group_size=256, act_order=True), GGMLGrid("q4_K", 256))
+        gptq_quantize(W, torch.eye(256), GPTQConfig(grid=AffineConfig(group_size=256),
+                                                    act_order=True), GGMLGrid("q4_K", 256))
 
 
 # ------------------------------------------------------------------ whole models, GGUF, CLI
@@ -356,17 +358,15 @@ def test_calibrated_gguf_streams_without_a_temporary_model(wide, tmp_path, cache
 @pytest.mark.parametrize("args,want", [([], True), (["--act-order"], True), (["--no-act-order"], False)])
 def test_gptq_into_a_mix_defaults_to_act_order(wide, tmp_path, cache_env, capsys, monkeypatch, args, want):
     """--type with gptq: act-order unless --no-act-order (GGML blocks are positional: static groups)."""
-    from qkit.cli import llm
+    from qkit import gptq_ggml
     from qkit.errors import UsageError
 
     got = []
 
-    sig = inspect.signature(llm._gguf_calibrated)
-
-    def stop(*a, **kw):
-        got.append(sig.bind(*a, **kw).arguments["act_order"])
+    def stop(*a, gptq=None, **kw):
+        got.append(gptq.act_order)
         raise UsageError("stopped before the work")
-    monkeypatch.setattr(llm, "_gguf_calibrated", stop)
+    monkeypatch.setattr(gptq_ggml, "quantize_gguf", stop)
     path, _, _ = wide
     rc, stdout, err = run_cli(capsys, "quantize", str(path), "--method", "gptq", "--type", "Q4_K_M", *args,
                               "-o", str(tmp_path / "x.gguf"))
@@ -402,6 +402,7 @@ def test_bench_f32_gguf_and_llama_cpp_perplexity(wide, tmp_path, cache_env):
     llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")  # noqa: F841
     from qkit.eval.bench_gguf import llamacpp_perplexity, write_f32_gguf
     from qkit.eval.perplexity import perplexity
+
     from qkit.model import loader
     from qkit.model.gguf_write import write_gguf
 

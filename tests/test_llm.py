@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from llm_models import make_model  # noqa: E402
 
 from qkit import affine, pipeline  # noqa: E402
+from qkit.affine import AffineConfig  # noqa: E402
 from qkit.errors import FormatError, UsageError  # noqa: E402
 from qkit.eval.perplexity import perplexity  # noqa: E402
 from qkit.model import loader  # noqa: E402
@@ -253,7 +254,8 @@ def test_gptaq_through_the_pipeline_fits_the_float_model_better(tmp_path):
     errs = {}
     for gptaq in (False, True):
         out = tmp_path / f"q{gptaq}"
-        pipeline.quantize_model(ref, out, GPTQ(GPTQConfig(bits=2, group_size=32, gptaq=gptaq)), samples=samples)
+        pipeline.quantize_model(ref, out, GPTQ(GPTQConfig(grid=AffineConfig(bits=2, group_size=32),
+                                                          gptaq=gptaq)), samples=samples)
         q = loader.load_model(loader.resolve(str(out)))
         with torch.no_grad():
             want = model(samples, output_hidden_states=True).hidden_states[-1]

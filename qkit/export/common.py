@@ -60,16 +60,15 @@ def grid_requirements(fmt: str) -> dict:
 
 def check_chooser(fmt: str, chooser) -> None:
     """Refuse a chooser whose grid the format cannot store exactly (before any layer is quantized)."""
-    c = getattr(chooser, "cfg", None)
-    if c is None or not hasattr(c, "bits"):
+    c = chooser.affine_grid
+    if c is None:
         raise UsageError(f"--format {fmt} needs an affine-grid chooser (rtn, gptq, awq, smoothquant), not {chooser.name}")
-    if getattr(c, "scale_dtype", "float32") != "float16":
+    if c.scale_dtype != "float16":
         raise UsageError(f"{fmt} checkpoints store fp16 scales: quantize with scale_dtype='float16' so the "
                          "exported model is the in-memory one")
-    zero_domain = c.zero_domain if hasattr(c, "zero_domain") else c.affine().zero_domain
-    if zero_domain != "int":
+    if c.zero_domain != "int":
         raise UsageError(f"{fmt} checkpoints store integer zeros; zero_domain must be 'int'")
-    if fmt == "gptq" and not c.symmetric and getattr(c, "min_zero", 0) < 1:
+    if fmt == "gptq" and not c.symmetric and c.min_zero < 1:
         raise UsageError("GPTQ v1 checkpoints store zero - 1, so every zero must be >= 1: quantize with "
                          "min_zero=1, or write --format gptq_v2")
 
