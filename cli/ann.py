@@ -1,4 +1,5 @@
-"""`qkit ann build` and `qkit ann search`: thin shells over qkit.ann.Index and qkit.eval.datasets."""
+"""`qkit ann build` and `qkit ann search`: thin shells over qkit.ann.Index and qkit.ann.vectors (the built-in
+sets and their ground truth: qkit.eval.datasets)."""
 from __future__ import annotations
 
 import json
@@ -64,6 +65,7 @@ def ann_group() -> None:
 def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store, seed, reorder, json_path):
     """Build an index over VECTORS (.npy, .fvecs, .bvecs, ann-benchmarks .hdf5, or fashion-mnist / glove-50)."""
     from qkit.ann import CODECS, Index
+    from qkit.ann import vectors as vector_files
     from qkit.eval import datasets
 
     if codec not in CODECS:
@@ -76,7 +78,7 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store
     out = Path(output)
     if any(out.exists() and Path(i).exists() and out.resolve() == Path(i).resolve() for i in inputs):
         raise UsageError(f"-o {output}: would overwrite the input {vectors}")
-    X = datasets.read_vectors(vectors, role="base")
+    X = vector_files.read_vectors(vectors, role="base")
     if metric is None:
         metric = datasets.load_dataset(vectors).metric if vectors in datasets.DATASETS else "l2"
     if X.ndim != 2 or len(X) == 0:
@@ -109,12 +111,12 @@ def build_cmd(vectors, output, metric, codec, M, ef_construction, threads, store
 
 
 def _read_gt(path: str, nq: int, k: int) -> np.ndarray:
-    from qkit.eval import datasets
+    from qkit.ann import vectors
 
     p = Path(path)
     if p.suffix not in (".npy", ".ivecs"):
         raise UsageError(f"--gt {path}: expected a .npy or .ivecs file of ids")
-    gt = np.asarray(datasets.read_vectors(path))
+    gt = np.asarray(vectors.read_vectors(path))
     if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer):
         raise InputError(f"--gt {path}: expected a 2-D array of integer ids, got {gt.dtype} {gt.shape}")
     if len(gt) != nq:
@@ -140,7 +142,7 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
     """Search INDEX with QUERIES (a vector file, or a dataset name for its held-out queries); report QPS and recall.
 
     QPS counts the search call alone, one thread, every query handed over at once."""
-    from qkit.ann import Index, vectors_path
+    from qkit.ann import Index, vectors, vectors_path
     from qkit.eval import datasets
 
     _check_out_dir(output, "-o")
@@ -154,7 +156,7 @@ def search_cmd(index_path, queries, k, ef, rerank, gt_path, output, json_path):
                        for i in (index_path, queries, gt_path or "", str(index_path) + ".vectors")):
             raise UsageError(f"{opt} {out}: would overwrite an input")
     index = Index.load(index_path, mmap=True)   # the checksum pass reads every page once: search starts warm
-    Q = datasets.read_vectors(queries, role="queries")
+    Q = vectors.read_vectors(queries, role="queries")
     gt, gt_d = None, None
     if gt_path:
         gt = _read_gt(gt_path, len(Q), k)

@@ -68,7 +68,7 @@ def write_f32_gguf(src: Path, out: Path) -> None:
     import numpy as np
 
     from qkit.fileio import atomic_path
-    from qkit.model.gguf_write import _copy_metadata
+    from qkit.gguf.write import _copy_metadata
 
     r = gguf.GGUFReader(str(src))
     arch = r.fields["general.architecture"].contents()

@@ -139,8 +139,8 @@ def build_gguf(d: Path) -> list[Seed]:
 
 
 def load_gguf(path: Path) -> str:
-    from qkit.model import gguf_convert
-    from qkit.model.gguf_tokenizer import build_tokenizer
+    from qkit.gguf import read as gguf_convert
+    from qkit.gguf.tokenizer import build_tokenizer
 
     _r, meta, cfg, arch, tensors = gguf_convert.read_gguf(path)
     parts = [json.dumps(cfg, sort_keys=True)]

@@ -4,7 +4,7 @@ The mix (qkit.ggml.mixes, llama.cpp's llama-quant.cpp rules) gives every tensor 
 GGML type. The linears of the decoder layers are then quantized by a calibrated
 chooser running in qkit's sequential pipeline (qkit.pipeline, the GPTQ paper's
 layer-by-layer scheme); every other tensor (token embedding, output head, norms)
-is written exactly as the RTN path writes it (qkit.model.gguf_write: llama.cpp's
+is written exactly as the RTN path writes it (qkit.gguf.write: llama.cpp's
 own rounding, with the importance matrix when one is given).
 
 * gptq: GPTQ (qkit.gptq) on the GGML grid of the linear's type (qkit.ggml.grid):
@@ -55,14 +55,13 @@ FLOAT_TYPES = ("f32", "f16")
 
 def plan_types(ref, mix: str, has_imatrix: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """({HF linear name: GGML type}, {HF linear name: GGUF tensor name}) for the decoder layers' weights,
-    as qkit.model.gguf_write will choose them (the same mixes.choose_types on the same shapes)."""
+    as qkit.gguf.write will choose them (the same mixes.choose_types on the same shapes)."""
     from qkit.model import loader
-    from qkit.model.gguf_write import hf_to_gguf_names
+    from qkit.gguf.write import hf_to_gguf_names
+    from qkit.model.arch import gguf_arch
 
     config = loader.load_config(ref)
-    arch = {"llama": "llama", "qwen2": "qwen2"}.get(config.model_type)
-    if arch is None:
-        raise UsageError(f"architecture {config.model_type!r} has no GGUF tensor mapping in qkit yet")
+    arch = gguf_arch(config).name
     names = hf_to_gguf_names(config)
     store = ref.store()
     try:
@@ -199,7 +198,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     (qkit.imatrix.read_imatrix). Returns the GGUFSummary.
     """
     from qkit import pipeline
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf.write import write_gguf
 
     t0 = time.perf_counter()
     mix = mixes.mix_name(mix)

@@ -37,7 +37,7 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
     from tqdm.auto import tqdm
 
     from qkit import pipeline
-    from qkit.model.gguf_write import hf_to_gguf_names
+    from qkit.gguf.write import hf_to_gguf_names
 
     config = loader.load_config(ref)
     model = loader.empty_model(config)
@@ -83,7 +83,7 @@ def _accumulate(stats: dict, key: str, x) -> None:
 
 def _final_norm(model):
     """The module whose output the LM head reads (its GGUF name output_norm), for --process-output."""
-    from qkit.model.gguf_convert import GLOBAL_NAMES
+    from qkit.gguf.read import GLOBAL_NAMES
 
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -125,7 +125,7 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
     The format is told by content, not by extension: a file that starts with the GGUF magic is an
     imatrix GGUF (importance = in_sum2 / counts), anything else is tried as the legacy
     ``imatrix.dat`` layout (qkit.imatrix_legacy; importance = stored value / ncall). The GGUF is
-    structure-checked first (qkit.model.gguf_check: every count and size against the file's
+    structure-checked first (qkit.gguf.check: every count and size against the file's
     length); each ``in_sum2`` / ``counts`` tensor must be F32, as llama.cpp writes them.
     """
     path = Path(path)
@@ -141,7 +141,7 @@ def read_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_gguf(path: Path) -> dict[str, np.ndarray]:
-    from qkit.model.gguf_check import open_reader
+    from qkit.gguf.check import open_reader
 
     r = open_reader(path)
     kind = r.fields.get("general.type")

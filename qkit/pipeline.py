@@ -376,7 +376,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Config, tokenizer and the source GGUF (its tokenizer metadata) travel with the weights; nothing else."""
-    from qkit.model.gguf_convert import SOURCE_GGUF
+    from qkit.gguf.read import SOURCE_GGUF
 
     for name in SIDE_FILES:
         if (src / name).is_file():

@@ -449,7 +449,7 @@ class Recipe:
 
     def _run_gguf(self, model, output, progress: bool, say):
         from qkit.model import loader
-        from qkit.model.gguf_write import write_gguf
+        from qkit.gguf.write import write_gguf
 
         if Path(output).is_dir():
             raise UsageError(f"output {output} is a directory; give a .gguf file name")

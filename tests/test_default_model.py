@@ -76,7 +76,7 @@ def test_llama_cpp_runs_our_q4_k_m_with_the_same_perplexity(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="opt-in oracle: pip install llama-cpp-python==0.3.36")
     import numpy as np
 
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf.write import write_gguf
 
     out = tmp_path / "q4km.gguf"
     write_gguf(loader.resolve(None), out, "Q4_K_M")

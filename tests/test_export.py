@@ -375,8 +375,8 @@ def test_llamacpp_convert_reads_the_export(lcpp, tmp_path, fmt, bits, act_order,
     floor(32 / bits) codes per word (compressed-tensors <= 0.17), not the dense 3-bit layout of 0.18."""
     import gguf
 
-    from qkit.model import gguf_convert
-    from qkit.model.gguf_write import hf_to_gguf_names
+    from qkit.gguf import read as gguf_convert
+    from qkit.gguf.write import hf_to_gguf_names
 
     src, d = lcpp
     ch = chooser_for(fmt, bits, group_size=group_size, method="gptq" if act_order else "rtn", act_order=act_order)

@@ -19,8 +19,9 @@ from test_gguf_load import TEXT, train_tokenizer, write_tiny_gguf  # noqa: E402
 
 from qkit.errors import UsageError  # noqa: E402
 from qkit.ggml import mixes  # noqa: E402
-from qkit.model import gguf_hf_meta, loader  # noqa: E402
-from qkit.model.gguf_write import write_gguf  # noqa: E402
+from qkit.gguf import hf_meta as gguf_hf_meta  # noqa: E402
+from qkit.model import loader  # noqa: E402
+from qkit.gguf.write import write_gguf  # noqa: E402
 
 TEXTS = ["Hello world", "  two  spaces\t\ttabs\n\n\nlines  ", "1911: 22,000 émigrés — ünïcode ☃ 我想在apple工作 🦙",
          "def f(x):\n    return x**2 + 3.14159  # comment\n", "12345678901234567890 3..3 0.5e-7", " " * 7 + "x",

@@ -8,7 +8,8 @@ gguf = pytest.importorskip("gguf")
 from llm_models import make_model  # noqa: E402
 
 from qkit.errors import FormatError, UsageError  # noqa: E402
-from qkit.model import gguf_convert, loader  # noqa: E402
+from qkit.gguf import read as gguf_convert  # noqa: E402
+from qkit.model import loader  # noqa: E402
 
 TEXT = ("It was the best of times, it was the worst of times, in the year 1775; "
         "tabs\tand  double  spaces,\n\nnewlines and numbers 12345 678 9.") * 20

@@ -11,7 +11,7 @@ from test_gguf_load import TEXT, train_tokenizer, write_tiny_gguf  # noqa: E402
 from qkit.errors import UsageError  # noqa: E402
 from qkit.ggml import mixes  # noqa: E402
 from qkit.model import loader  # noqa: E402
-from qkit.model.gguf_write import write_gguf  # noqa: E402
+from qkit.gguf.write import write_gguf  # noqa: E402
 
 
 def llama_tensors(n_layer, hidden=576, ff=1536, vocab=49152, kv=192, tied=True):

@@ -229,8 +229,9 @@ def _tensors(path):
 
 def test_gguf_holds_gptq_weights_and_rtn_elsewhere(wide, tmp_path, cache_env, monkeypatch):
     from qkit import gptq_ggml
-    from qkit.model import gguf_convert, loader
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf import read as gguf_convert
+    from qkit.model import loader
+    from qkit.gguf.write import write_gguf
     from qkit.text import calibration_samples
 
     path, calib, _ = wide
@@ -304,7 +305,7 @@ def test_awq_into_the_mix(wide, tmp_path, cache_env):
     from qkit.awq import AWQConfig
     from qkit.gptq_ggml import quantize_gguf
     from qkit.model import loader
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf.write import write_gguf
     from qkit.text import calibration_samples
 
     path, calib, _ = wide
@@ -404,7 +405,7 @@ def test_bench_f32_gguf_and_llama_cpp_perplexity(wide, tmp_path, cache_env):
     from qkit.eval.perplexity import perplexity
 
     from qkit.model import loader
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf.write import write_gguf
 
     path, calib, _ = wide
     q8, f32 = tmp_path / "q8.gguf", tmp_path / "f32.gguf"

@@ -107,7 +107,7 @@ def test_whole_gguf_from_dat_equals_from_gguf_imatrix(tmp_path, monkeypatch):
     from test_gguf_hf_route import hf_dir_with_trained_tokenizer
 
     from qkit.model import loader
-    from qkit.model.gguf_write import write_gguf
+    from qkit.gguf.write import write_gguf
 
     monkeypatch.setenv("QKIT_CACHE", str(tmp_path / "cache"))
     hf_dir_with_trained_tokenizer(tmp_path / "hf", hidden_size=256, intermediate_size=512, head_dim=64)

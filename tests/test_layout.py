@@ -3,7 +3,7 @@ import ast
 import importlib.util
 
 
-PACKAGES = ("qkit", "qkit.model", "qkit.export", "qkit.ggml", "qkit.ann", "qkit.ext", "qkit.eval", "qkit.cli")
+PACKAGES = ("qkit", "qkit.model", "qkit.export", "qkit.ggml", "qkit.gguf", "qkit.ann", "qkit.ext", "qkit.eval", "qkit.cli")
 
 
 def _modules() -> dict[str, str]:

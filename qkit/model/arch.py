@@ -104,6 +104,32 @@ GEMMA3 = _llama_like("gemma3", "pre_feedforward_layernorm", norm_offset=1.0, res
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma3_text": GEMMA3}
 
 
+@dataclass(frozen=True)
+class GGUFArch:
+    """How a family is named and laid out in GGUF (llama.cpp's convert_hf_to_gguf.py: the model classes'
+    ``model_arch`` and their ``modify_tensors``)."""
+
+    name: str  # general.architecture
+    hf_architecture: str  # config.json "architectures" when a GGUF is read back
+    model_type: str
+    permute_qk: bool  # llama.cpp permutes Q/K rows into interleaved pairs for the "llama" architecture only
+
+
+# model_type -> GGUF naming, for the families whose tensors qkit maps to and from GGUF (qkit.gguf)
+GGUF = {"llama": GGUFArch("llama", "LlamaForCausalLM", "llama", True),
+        "qwen2": GGUFArch("qwen2", "Qwen2ForCausalLM", "qwen2", False)}
+GGUF_BY_NAME = {a.name: a for a in GGUF.values()}
+
+
+def gguf_arch(config) -> GGUFArch:
+    """The GGUF naming of a transformers config; UsageError for a family qkit does not map to GGUF."""
+    a = GGUF.get(getattr(config, "model_type", None))
+    if a is None:
+        raise UsageError(f"architecture {getattr(config, 'model_type', None)!r} has no GGUF tensor mapping in qkit "
+                         f"yet (supported: {', '.join(GGUF)})")
+    return a
+
+
 def arch_for(config, method: str = "this method") -> Arch:
     """The table entry for a transformers config; UsageError naming the supported families otherwise."""
     mt = getattr(config, "model_type", None)

@@ -110,7 +110,7 @@ def verify_conversion(dest: Path) -> None:
 def _converted(gguf_path: Path, dest: Path) -> Path:
     """Convert a GGUF into dest once (under a lock); a marker with checksums says the copy is complete."""
     from qkit.data import _locked
-    from qkit.model.gguf_convert import convert_gguf
+    from qkit.gguf.read import convert_gguf
 
     key = _source_key(gguf_path)
     if _conversion_ok(dest, key):
