@@ -20,6 +20,11 @@ default, so a method states only what it does.
 
 A method's config holds its grid as a field (``GPTQConfig(grid=AffineConfig(bits=3))``), never copies of the
 grid's fields; a chooser that rounds with another chooser (AWQ, SmoothQuant) names it ``rounding``.
+
+Calibration statistics are reductions over tokens, so slices of the calibration set (several workers) combine
+into the statistics of all of them: GPTQ's H is a token mean with its count (qkit.gptq.merge_hessians), AWQ's
+sum |x| and count add up, SmoothQuant's max |x| is a max, the imatrix's sum x^2 and count add up
+(qkit.imatrix.merge). qkit.pipeline.LayerWalk is the layer walk (place, yield, propagate, release) they share.
 """
 from __future__ import annotations
 

@@ -124,6 +124,18 @@ class AffineGrid:
         return scale * (q - zero), q
 
 
+def merge_hessians(parts):
+    """[(H, n), ...] running Hessians of disjoint slices of the calibration tokens (several workers) -> (H, n) of
+    all of them: H = (2 / n) sum x x^T is a mean, so the merge is the token-weighted mean (hessian_update's H on
+    the concatenated tokens, to float summation order)."""
+    parts = [(H, n) for H, n in parts if n]
+    if not parts:
+        return None, 0
+    n = sum(k for _, k in parts)
+    H = sum(P.double() * (k / n) for P, k in parts)
+    return H.to(parts[0][0].dtype), n
+
+
 def hessian_update(H, n: int, X, blocks: int = 4):
     """Running H = (2 / n) sum x x^T over n tokens (the reference's add_batch); returns (H, n).
 

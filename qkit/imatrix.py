@@ -33,9 +33,6 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
     default there too): its input is the final norm's output. A head tied to the token embedding is refused:
     its GGUF has no output.weight (llama.cpp multiplies by token_embd, which its imatrix never collects).
     """
-    import torch
-    from tqdm.auto import tqdm
-
     from qkit import pipeline
     from qkit.gguf.write import hf_to_gguf_names
 
@@ -50,25 +47,32 @@ def collect(ref: loader.ModelRef, samples, progress: bool = False,
     loader.place(model, outer, store)
     states, kws = pipeline.capture_layer_inputs(model, layers, samples)
     stats: dict[str, list] = {}
-    for i in tqdm(range(len(layers)), desc="imatrix", unit="layer", disable=not progress):
-        layer = layers[i]
-        lp = f"{prefix}{i}."
-        loader.place(layer, loader.persistent_names(layer), store, prefix=lp)
-        hooks = []
-        for name, mod, transposed in pipeline.linear_modules(layer):
-            key = names.get(lp + name + ".weight", lp + name + ".weight")
+    walk = pipeline.LayerWalk(layers, prefix, store, states, kws, desc="imatrix", progress=progress)
+    for step in walk:  # the hooks see the walk's forward of each layer, which gives the next layer its inputs
+        for name, mod, transposed in pipeline.linear_modules(step.layer):
+            key = names.get(step.prefix + name + ".weight", step.prefix + name + ".weight")
 
             def hook(m, inp, _out, _key=key):
                 _accumulate(stats, _key, inp[0])
-            hooks.append(mod.register_forward_hook(hook))
-        states = pipeline.run_layer(layer, states, kws[i])
-        for h in hooks:
-            h.remove()
-        layer.to("meta")
-        store.close()
+            step.hooks.append(mod.register_forward_hook(hook))
     if final_norm is not None:  # the head's input: the final norm of the last layer's output
-        _accumulate(stats, "output.weight", pipeline.run_module(final_norm, states, {}, layer_kwargs=False))
+        _accumulate(stats, "output.weight", pipeline.run_module(final_norm, walk.states, {}, layer_kwargs=False))
     return {k: (v[0].numpy(), int(v[1])) for k, v in stats.items()}
+
+
+def merge(*parts: dict[str, tuple[np.ndarray, int]]) -> dict[str, tuple[np.ndarray, int]]:
+    """collect's statistics of several slices of the calibration set (several workers) as one: sums of squares
+    and token counts add up, so the result is collect's on all the slices' sequences (to float summation order)."""
+    out: dict[str, tuple[np.ndarray, int]] = {}
+    for part in parts:
+        for k, (s2, n) in part.items():
+            if k in out:
+                if out[k][0].shape != s2.shape:
+                    raise UsageError(f"imatrix statistics of {k} disagree in width: {out[k][0].shape} vs {s2.shape}")
+                out[k] = (out[k][0] + s2, out[k][1] + n)
+            else:
+                out[k] = (np.asarray(s2, np.float64).copy(), int(n))
+    return out
 
 
 def _accumulate(stats: dict, key: str, x) -> None:

@@ -207,6 +207,61 @@ def run_layer(layer, states, kw, batch: int = 8):
     return run_module(layer, states, kw, batch)
 
 
+@dataclass
+class LayerStep:
+    """One decoder layer as LayerWalk hands it out: placed from the store, with its inputs (None: no calibration)."""
+
+    index: int
+    prefix: str  # the layer's name prefix, "model.layers.3."
+    layer: object
+    states: object  # the layer's input hidden states (samples, seqlen, hidden), or None
+    kw: dict | None  # its keyword arguments (masks, position embeddings)
+    next_states: object = None  # set by the caller to give the next inputs itself (AWQ: the float layer's outputs)
+    hooks: list = field(default_factory=list)  # forward hooks the walk removes after computing the next inputs
+
+
+class LayerWalk:
+    """The layer walk that quantization (quantize_layers), the imatrix (qkit.imatrix.collect) and the calibrated
+    GGUF path (through quantize_layers) share:
+
+        place    layer i's tensors from the (memory-mapped) store
+        yield    a LayerStep: the caller calibrates, quantizes or collects statistics on it
+        propagate  the inputs through the layer as the caller left it: the next layer's inputs (GPTQ's scheme:
+                 from the quantized layer), unless the caller set step.next_states; forward hooks in step.hooks
+                 see this pass and are removed after it
+        release  the layer back to the meta device, the store unmapped, the heap trimmed
+
+    One decoder layer is in memory at a time; after the loop, ``states`` holds the last layer's outputs.
+    """
+
+    def __init__(self, layers, prefix: str, store, states=None, kws=None, *, desc: str = "layers",
+                 progress: bool = False):
+        self.layers, self.prefix, self.store = layers, prefix, store
+        self.states, self.kws = states, kws
+        self.desc, self.progress = desc, progress
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self.layers)), desc=self.desc, unit="layer", disable=not self.progress):
+            layer = self.layers[i]
+            lp = f"{self.prefix}{i}."
+            loader.place(layer, loader.persistent_names(layer), self.store, prefix=lp)
+            kw = None if self.kws is None else self.kws[i]
+            step = LayerStep(i, lp, layer, self.states, kw)
+            try:
+                yield step
+                if self.states is not None:
+                    self.states = step.next_states if step.next_states is not None else \
+                        run_layer(layer, self.states, kw)
+            finally:
+                for h in step.hooks:
+                    h.remove()
+                layer.to("meta")
+                self.store.close()  # unmap: pages read through the memory map would otherwise stay resident
+                trim_heap()
+
+
 def calibrate_layer(layer, lins, lp: str, chooser, states, kw, fstates=None, batch: int = 8):
     """The float layer on its calibration inputs, each linear's inputs fed to chooser.add_batch.
 
@@ -495,7 +550,6 @@ def quantize_layers(ref: loader.ModelRef, chooser, sink, *, samples=None, progre
     for the GGUF writer and drops the linears, whose GGML blocks the chooser holds).
     """
     import torch
-    from tqdm.auto import tqdm
 
     fix_mmap_threshold()
     check_run(chooser, samples, fmt, act_bits)
@@ -554,12 +608,11 @@ def quantize_layers(ref: loader.ModelRef, chooser, sink, *, samples=None, progre
     if sequential and (transform is not None or chooser.propagate_float):
         raise UsageError(f"method {chooser.name}: true-sequential calibration needs a chooser that only "
                          "takes each linear's inputs (GPTQ)")
-    for i in tqdm(range(len(layers)), desc=f"quantize {chooser.name}", unit="layer", disable=not progress):
-        layer = layers[i]
-        lp = f"{prefix}{i}."
-        names = loader.persistent_names(layer)
-        loader.place(layer, names, store, prefix=lp)
-        online_hooks = quarot.attach_online_layer(layer, online) if online else []
+    walk = LayerWalk(layers, prefix, store, states, kws, desc=f"quantize {chooser.name}", progress=progress)
+    for step in walk:
+        layer, lp, states, i = step.layer, step.prefix, step.states, step.index
+        if online:
+            step.hooks += quarot.attach_online_layer(layer, online)
         lins = linear_modules(layer)
         if not lins:
             raise UsageError(f"decoder layer {i} ({type(layer).__name__}) holds no linear modules")
@@ -589,11 +642,14 @@ def quantize_layers(ref: loader.ModelRef, chooser, sink, *, samples=None, progre
             for name, mod, transposed in lins:
                 quantize_linear(name, mod, transposed)
         if chooser.needs_calibration:
-            # the next layer's inputs: from this layer as quantized (GPTQ's scheme), or, for a chooser that
-            # asks for it (AWQ, as its reference implementations do), from the float layer: one forward less
-            states = float_out if chooser.propagate_float else run_layer(layer, states, kws[i])
+            # the next layer's inputs: from this layer as quantized (the walk's forward, GPTQ's scheme), or, for a
+            # chooser that asks for it (AWQ, as its reference implementations do), from the float layer: one
+            # forward less
+            if chooser.propagate_float:
+                step.next_states = float_out
             fstates = fstates_next
             del float_out, fstates_next
+        del states
         if exporter is not None:
             tensors = {}
             layer_sd = layer.state_dict()
@@ -608,11 +664,6 @@ def quantize_layers(ref: loader.ModelRef, chooser, sink, *, samples=None, progre
             sink.write_shard(tensors)
         else:
             sink.write_shard({lp + n: t for n, t in layer.state_dict().items()})
-        for h in online_hooks:
-            h.remove()
-        layer.to("meta")
-        store.close()  # unmap: pages read through the memory map would otherwise stay resident
-        trim_heap()
     return LayersDone(len(layers), n_lin, n_par, stored_bits, packed_bytes, ignore, exporter, spec, online)
 
 

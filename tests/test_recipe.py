@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,55 @@ def test_recipe_with_other_options_or_a_bad_file_is_one_line(tiny, tmp_path, cap
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1 and msg in err[0], err
         assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ the shared walk and mergeable statistics
+def test_imatrix_of_two_slices_merges_into_the_whole(tiny):
+    from qkit import imatrix
+
+    m, _ = tiny
+    ref = loader.resolve(str(m))
+    samples = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(2))
+    whole = imatrix.collect(ref, samples)
+    merged = imatrix.merge(imatrix.collect(ref, samples[:2]), imatrix.collect(ref, samples[2:]))
+    assert sorted(whole) == sorted(merged) and len(whole) == 14
+    for k, (s2, n) in whole.items():
+        assert merged[k][1] == n == 6 * 16
+        assert np.allclose(merged[k][0], s2, rtol=1e-5), k
+
+
+def test_hessians_of_two_slices_merge_into_the_whole():
+    from qkit.gptq import hessian_update, merge_hessians
+
+    X = torch.randn(500, 24, generator=torch.Generator().manual_seed(0))
+    H, n = hessian_update(None, 0, X)
+    a = hessian_update(None, 0, X[:123])
+    b = hessian_update(*hessian_update(None, 0, X[123:300]), X[300:])
+    Hm, nm = merge_hessians([a, b])
+    assert nm == n == 500 and torch.allclose(Hm, H, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_walk_propagates_through_the_layer_as_left_and_releases_it(tiny):
+    m, _ = tiny
+    ref = loader.resolve(str(m))
+    config = loader.load_config(ref)
+    model = loader.empty_model(config)
+    prefix, layers = pipeline.decoder_layers(model, config)
+    store = ref.store()
+    tied = loader.tied_names(model)
+    outer = [n for n in loader.persistent_names(model) if n not in tied and not n.startswith(prefix)]
+    loader.place(model, outer, store)
+    states, kws = pipeline.capture_layer_inputs(model, layers, torch.randint(0, 300, (2, 8)))
+    seen, calls = [], []
+    walk = pipeline.LayerWalk(layers, prefix, store, states, kws)
+    for step in walk:
+        assert step.prefix == f"{prefix}{step.index}." and step.layer.self_attn.q_proj.weight.device.type == "cpu"
+        if step.index == 0:
+            expect = pipeline.run_layer(step.layer, step.states, step.kw)
+        step.hooks.append(step.layer.register_forward_hook(lambda *a: calls.append(1)))
+        seen.append(step.layer)
+        if step.index == 0:
+            step.next_states = expect * 0 + 1  # the caller's own next inputs replace the walk's forward
+    assert all(lay.self_attn.q_proj.weight.device.type == "meta" for lay in seen)  # released
+    assert len(calls) == 1  # only layer 1 ran the walk's forward; its hook is gone after it
+    assert walk.states.shape == states.shape
