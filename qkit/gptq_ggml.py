@@ -198,7 +198,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     (qkit.imatrix.read_imatrix). Returns the GGUFSummary.
     """
     from qkit import pipeline
-    from qkit.gguf.write import write_gguf
+    from qkit.gguf.write import check_writable, write_gguf
 
     t0 = time.perf_counter()
     mix = mixes.mix_name(mix)
@@ -210,6 +210,7 @@ def quantize_gguf(ref, out: str | os.PathLike, mix: str, method: str, samples, *
     for f in (*ref.input_files(), *inputs):
         if f is not None and Path(f).exists() and Path(f).resolve() == out.resolve():
             raise UsageError(f"refusing to overwrite the input file {f}")
+    check_writable(ref)  # the tokenizer and names, before any calibration
     types, gnames = plan_types(ref, mix, has_imatrix=imatrix is not None)
     im = {h: imatrix[g] for h, g in gnames.items() if imatrix and g in imatrix} if imatrix else None
     if method == "gptq":

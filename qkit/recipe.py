@@ -470,8 +470,10 @@ class Recipe:
                                                     if im else ", importance matrix"))
         if self.method == "rtn":
             return write_gguf(ref, output, self.grid.mix, imatrix=im, progress=progress, inputs=inputs)
+        from qkit.gguf.write import check_writable
         from qkit.gptq_ggml import quantize_gguf
 
+        check_writable(ref)  # a model the GGUF writer refuses is refused before the calibration text is read
         samples, desc = self.calibration.load(loader.load_tokenizer(ref))
         say(f"calibration: {desc}")
         return quantize_gguf(ref, output, self.grid.mix, self.method, samples, calibration=desc, imatrix=im,

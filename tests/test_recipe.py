@@ -210,3 +210,20 @@ def test_layer_walk_propagates_through_the_layer_as_left_and_releases_it(tiny):
     assert all(lay.self_attn.q_proj.weight.device.type == "meta" for lay in seen)  # released
     assert len(calls) == 1  # only layer 1 ran the walk's forward; its hook is gone after it
     assert walk.states.shape == states.shape
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_gguf_the_writer_would_refuse_is_refused_before_calibration(tiny, tmp_path, capsys, monkeypatch, method):
+    """The tiny model's character-level (WordLevel) tokenizer has no GGUF form: said in one line before the
+    calibration text is read, not after every layer is quantized."""
+    from qkit import recipe
+
+    m, calib = tiny
+    loaded = []
+    real = recipe.Calibration.load
+    monkeypatch.setattr(recipe.Calibration, "load", lambda self, tok: loaded.append(1) or real(self, tok))
+    r = run_cli(capsys, "quantize", str(m), "--method", method, "--type", "Q8_0", "--calib", str(calib),
+                "--nsamples", "2", "--seqlen", "16", "-o", str(tmp_path / "x.gguf"))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "is not written to GGUF yet" in err[0], err
+    assert not loaded and not (tmp_path / "x.gguf").exists()

@@ -77,6 +77,26 @@ def _copy_metadata(reader, writer) -> None:
             writer.add_key_value(key, value, vtype)
 
 
+def check_writable(ref: loader.ModelRef) -> None:
+    """Everything write_gguf refuses about a model itself (architecture, tokenizer, tensor names), checked from
+    its config, tokenizer files and tensor names alone: a calibrated run calls it before any calibration."""
+    config = loader.load_config(ref)
+    arch = gguf_arch(config).name
+    if not (ref.dir / gguf_read.SOURCE_GGUF).is_file():
+        from qkit.gguf import hf_meta
+
+        hf_meta.model_metadata(config, arch, ref.name)
+        hf_meta.tokenizer_metadata(ref.dir, config.vocab_size)
+    names = hf_to_gguf_names(config)
+    store = ref.store()
+    try:
+        unknown = [n for n in store.keys() if n not in names]
+    finally:
+        store.close()
+    if unknown:
+        raise UsageError(f"tensors without a GGUF name: {', '.join(unknown[:4])}")
+
+
 def write_gguf(ref: loader.ModelRef, out: str | os.PathLike, mix: str, imatrix: dict | None = None,
                progress: bool = False, inputs=(), blocks: dict | None = None,
                overrides: dict | None = None) -> GGUFSummary:
