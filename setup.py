@@ -16,7 +16,8 @@ if os.environ.get("QKIT_NATIVE") == "1":  # opt-in for local experiments only
 
 ext = Extension(
     "qkit.ext._kernels",
-    sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/cpu.c"],
+    sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/kernels_w4a8.c",
+             "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
     extra_compile_args=extra,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -20,6 +20,11 @@ Low-bit kernels (layouts in qkit.packing):
   hamming(q, codes)                                 packed 1-bit rows (n, nbytes): popcount(q ^ row)
   and_popcount(planes, codes)                       sum_j 2^j popcount(row & planes[j]), B = 1..16 planes
   fastscan(lut, codes, n)                           4-bit LUT scan over FastScan blocks of 32 vectors
+
+W4A8 (the LLM runtime's decode GEMV, kernels_w4a8.c):
+  quantize_q8(x)                                    int8 codes + float32 scale per block of 32 (q8_0's rule)
+  w4a8_blocks(xq, qweight)                          exact int32 block sums against GPTQ's qweight (in/8, out)
+  gemv_w4a8(xq, xs, qweight, zeros, scales, g)      y = W x, zero points and scales per (group, output)
 """
 from __future__ import annotations
 
@@ -316,3 +321,74 @@ __all__ = [
     "int4_dot", "int4_l2sq", "hamming", "and_popcount", "fastscan",
     "default_backend", "native_available", "cpu_flags", "best_isa", "reference",
 ]
+
+
+# ------------------------------------------------------------------ W4A8: GPTQ-packed int4 weights, int8 activations
+def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An activation vector as the W4A8 kernels take it: int8 codes and a float32 scale per block of 32 (llama.cpp's
+    q8_0 rule, reference.quantize_q8)."""
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise InputError(f"activation: expected a 1-D vector, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError("activation holds NaN or Inf")
+    return reference.quantize_q8(x)
+
+
+def _w4a8_shapes(xq, qweight) -> tuple[int, int]:
+    _check("xq", xq, 1, (np.dtype(np.int8),))
+    _check("qweight", qweight, 2, (np.dtype(np.int32),))
+    n_in, n_out = qweight.shape[0] * 8, qweight.shape[1]
+    if xq.shape[0] != n_in:
+        raise InputError(f"qweight holds {n_in} inputs (8 per int32 word), the activation {xq.shape[0]}")
+    return n_in, n_out
+
+
+def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, *, backend: str | None = None,
+                isa: str | None = None) -> np.ndarray:
+    """(ceil(in/32), out) int32: for each block of 32 inputs, sum of code * xq, for GPTQ's qweight (in/8, out)."""
+    n_in, n_out = _w4a8_shapes(xq, qweight)
+    b = _resolve(backend)
+    if b == "native":
+        return _native.w4a8_blocks(xq, qweight, _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        acc = np.empty((-(-n_in // 32), n_out), np.int32)
+        _numba.w4a8_blocks(xq, qweight, acc)
+        return acc
+    return reference.w4a8_blocks(xq, qweight)
+
+
+def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
+              group_size: int | None, *, backend: str | None = None, isa: str | None = None) -> np.ndarray:
+    """y = W x for a 4-bit affine W as GPTQ packs it (qweight (in/8, out) int32, codes 0..15; zeros uint8 and
+    scales float32 (ceil(in/group), out), the stored zero + 1 of a GPTQ v1 file already added back) against an
+    activation quantize_q8 made: sum over groups of scale * sum over blocks of xs * (acc - zero * sum xq).
+
+    group_size: a multiple of 32, or None / >= in for one group per row. Contiguous groups (g_idx = i // g):
+    act-order files are permuted once at load (the runtime's job), not here."""
+    n_in, n_out = _w4a8_shapes(xq, qweight)
+    xs = _check("xs", xs, 1, (np.dtype(np.float32),))
+    zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
+    scales = _check("scales", scales, 2, (np.dtype(np.float32),))
+    g = n_in if group_size is None or group_size >= n_in else int(group_size)
+    if g <= 0 or (g % 32 and g < n_in):
+        raise InputError(f"group size {group_size}: the W4A8 kernel takes a multiple of 32, or one group per row")
+    ng = -(-n_in // g)
+    if xs.shape[0] != -(-n_in // 32):
+        raise InputError(f"xs: {n_in} inputs need {-(-n_in // 32)} block scales, got {xs.shape[0]}")
+    if zeros.shape != (ng, n_out) or scales.shape != (ng, n_out):
+        raise InputError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape} and {scales.shape}")
+    if zeros.size and zeros.max() > 15:
+        raise InputError(f"zeros must lie in 0..15 for 4-bit codes, got {int(zeros.max())}")
+    b = _resolve(backend)
+    if b == "native":
+        return _native.gemv_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        y = np.empty(n_out, np.float32)
+        _numba.gemv_w4a8(xq, xs, qweight, zeros, scales, g, y)
+        return y
+    return reference.gemv_w4a8(xq, xs, qweight, zeros, scales, g)

@@ -26,6 +26,10 @@ cdef extern from "qk_kernels.h":
     int qk_hamming(const uint8_t *q, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
     int qk_and_popcount(const uint8_t *planes, int64_t B, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
     int qk_fastscan(const uint8_t *lut, int64_t M, const uint8_t *codes, int64_t n, int32_t *out, int isa) nogil
+    int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t n_in, int64_t n_out, int32_t *acc,
+                       int isa) nogil
+    int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                     const float *scales, int64_t n_in, int64_t n_out, int64_t group, float *y, int isa) nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
@@ -214,3 +218,53 @@ def fastscan(cnp.ndarray lut, cnp.ndarray codes, int64_t n, int isa):
         rc = qk_fastscan(lp, M, cp, n, op_, isa)
     _check_rc(rc)
     return out
+
+
+def w4a8_blocks(cnp.ndarray xq, cnp.ndarray qweight, int isa):
+    """Exact int32 block sums (ceil(in/32), out) of GPTQ-packed int4 weights against int8 activations."""
+    _need(xq, 1, np.int8, "xq")
+    _need(qweight, 2, np.int32, "qweight")
+    cdef int64_t n_in = qweight.shape[0] * 8, n_out = qweight.shape[1]
+    if xq.shape[0] != n_in:
+        raise ValueError(f"qweight holds {n_in} inputs, the activation {xq.shape[0]}")
+    cdef cnp.ndarray acc = np.empty(((n_in + 31) // 32, n_out), dtype=np.int32)
+    cdef const int8_t *xp = <const int8_t *>cnp.PyArray_DATA(xq)
+    cdef const int32_t *wp = <const int32_t *>cnp.PyArray_DATA(qweight)
+    cdef int32_t *ap = <int32_t *>cnp.PyArray_DATA(acc)
+    cdef int rc
+    with nogil:
+        rc = qk_w4a8_blocks(xp, wp, n_in, n_out, ap, isa)
+    _check_rc(rc)
+    return acc
+
+
+def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
+              int64_t group, int isa):
+    """y (out,) float32 of GPTQ-packed int4 weights against int8 activations with per-block scales."""
+    _need(xq, 1, np.int8, "xq")
+    _need(xs, 1, np.float32, "xs")
+    _need(qweight, 2, np.int32, "qweight")
+    _need(zeros, 2, np.uint8, "zeros")
+    _need(scales, 2, np.float32, "scales")
+    cdef int64_t n_in = qweight.shape[0] * 8, n_out = qweight.shape[1]
+    cdef int64_t ng = (n_in + group - 1) // group if group > 0 else 0
+    if xq.shape[0] != n_in or xs.shape[0] != (n_in + 31) // 32:
+        raise ValueError(f"qweight holds {n_in} inputs: the activation needs {n_in} codes and {(n_in + 31) // 32} "
+                         f"block scales, got {xq.shape[0]} and {xs.shape[0]}")
+    if group <= 0 or (group % 32 and group < n_in):
+        raise ValueError(f"group size {group}: the kernel needs a multiple of 32, or one group per row")
+    if zeros.shape[0] != ng or zeros.shape[1] != n_out or scales.shape[0] != ng or scales.shape[1] != n_out:
+        raise ValueError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape[0]}x{zeros.shape[1]} and "
+                         f"{scales.shape[0]}x{scales.shape[1]}")
+    cdef cnp.ndarray y = np.empty(n_out, dtype=np.float32)
+    cdef const int8_t *xp = <const int8_t *>cnp.PyArray_DATA(xq)
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(xs)
+    cdef const int32_t *wp = <const int32_t *>cnp.PyArray_DATA(qweight)
+    cdef const uint8_t *zp = <const uint8_t *>cnp.PyArray_DATA(zeros)
+    cdef const float *scp = <const float *>cnp.PyArray_DATA(scales)
+    cdef float *yp = <float *>cnp.PyArray_DATA(y)
+    cdef int rc
+    with nogil:
+        rc = qk_gemv_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, yp, isa)
+    _check_rc(rc)
+    return y

@@ -177,3 +177,49 @@ def fastscan(lut, codes, n, out):
                 acc[k + 16] += lut[m, c >> 4]
         for v in range(min(32, n - 32 * b)):
             out[32 * b + v] = acc[v]
+
+
+@njit(cache=True, nogil=True)
+def w4a8_blocks(xq, qweight, acc):
+    """The C kernel's block sums (qk_w4a8_blocks), int32 exact."""
+    n_in = qweight.shape[0] * 8
+    n_out = qweight.shape[1]
+    for b in range(acc.shape[0]):
+        k0 = b * 4
+        k1 = min((b + 1) * 4, n_in // 8)
+        for o in range(n_out):
+            s = 0
+            for k in range(k0, k1):
+                w = np.uint32(qweight[k, o])
+                for j in range(8):
+                    s += np.int32((w >> np.uint32(4 * j)) & np.uint32(15)) * np.int32(xq[8 * k + j])
+            acc[b, o] = s
+
+
+@njit(cache=True, nogil=True)
+def gemv_w4a8(xq, xs, qweight, zeros, scales, group, y):
+    """The C kernel's GEMV (qk_gemv_w4a8): float32 in its order, groups then blocks."""
+    n_in = qweight.shape[0] * 8
+    n_out = qweight.shape[1]
+    nb = (n_in + 31) // 32
+    sx = np.zeros(nb, np.int32)
+    for i in range(n_in):
+        sx[i // 32] += xq[i]
+    if group > n_in:
+        group = n_in
+    bpg = group // 32 if group % 32 == 0 else nb
+    ng = (n_in + group - 1) // group if group % 32 == 0 else 1
+    for o in range(n_out):
+        yo = np.float32(0.0)
+        for g in range(ng):
+            z = np.int32(zeros[g, o])
+            t = np.float32(0.0)
+            for b in range(g * bpg, min((g + 1) * bpg, nb)):
+                s = np.int32(0)
+                for k in range(b * 4, min((b + 1) * 4, n_in // 8)):
+                    w = np.uint32(qweight[k, o])
+                    for j in range(8):
+                        s += np.int32((w >> np.uint32(4 * j)) & np.uint32(15)) * np.int32(xq[8 * k + j])
+                t += np.float32(xs[b]) * np.float32(s - z * sx[b])
+            yo += scales[g, o] * t
+        y[o] = yo

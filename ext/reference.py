@@ -76,3 +76,61 @@ def fastscan(lut: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
     lo = lut[m, codes & 15].astype(np.int64).sum(1)  # (nblk, 16): vectors 32b + k
     hi = lut[m, codes >> 4].astype(np.int64).sum(1)  # (nblk, 16): vectors 32b + 16 + k
     return np.concatenate([lo, hi], axis=1).reshape(-1)[:n]
+
+
+# ------------------------------------------------------------------ W4A8 (GPTQ-packed int4 weights, int8 activations)
+A8_BLOCK = 32
+
+
+def quantize_q8(x: np.ndarray, block: int = A8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(xq int8, xs float32 per block) as llama.cpp's quantize_row_q8_0_ref: d = max|x| / 127 per block of 32,
+    q = roundf(x / d), half away from zero (ggml-quants.c); the scale is kept in float32, not fp16."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    nb = -(-len(x) // block)
+    xp = np.zeros(nb * block, np.float32)
+    xp[: len(x)] = x
+    xb = xp.reshape(nb, block)
+    d = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    v = xb * inv[:, None]
+    q = np.trunc(v + np.copysign(np.float32(0.5), v)).astype(np.int8)
+    return q.reshape(-1)[: len(x)], d
+
+
+def unpack_gptq_int4(qweight: np.ndarray) -> np.ndarray:
+    """codes (in, out) of GPTQ's qweight (in / 8, out) int32: input 8k + j is nibble j of word [k][o]."""
+    w = np.asarray(qweight).view(np.uint32)
+    return ((w[:, None, :] >> (4 * np.arange(8, dtype=np.uint32))[None, :, None]) & 0xF).reshape(-1, w.shape[1])
+
+
+def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, block: int = A8_BLOCK) -> np.ndarray:
+    """acc (ceil(in / 32), out) int32: sum over each block of 32 inputs of code * xq, exact."""
+    q = unpack_gptq_int4(qweight).astype(np.int64)
+    n_in = q.shape[0]
+    nb = -(-n_in // block)
+    x = np.zeros(nb * block, np.int64)
+    x[:n_in] = xq
+    qp = np.zeros((nb * block, q.shape[1]), np.int64)
+    qp[:n_in] = q
+    return np.einsum("bi,bio->bo", x.reshape(nb, block), qp.reshape(nb, block, -1)).astype(np.int32)
+
+
+def gemv_w4a8(xq, xs, qweight, zeros, scales, group: int, block: int = A8_BLOCK) -> np.ndarray:
+    """y (out,) float32 = sum_g scale[g] sum_{b in g} xs[b] (acc[b] - zero[g] sum_b xq), in the C kernel's order
+    (float32, groups then blocks ascending)."""
+    acc = w4a8_blocks(xq, qweight, block)
+    n_in = qweight.shape[0] * 8
+    nb = acc.shape[0]
+    xpad = np.zeros(nb * block, np.int64)
+    xpad[:n_in] = xq
+    sx = xpad.reshape(nb, block).sum(axis=1)
+    group = min(group, n_in)
+    bpg = group // block if group % block == 0 else nb
+    y = np.zeros(acc.shape[1], np.float32)
+    for g in range(-(-n_in // group) if group % block == 0 else 1):
+        z = zeros[g].astype(np.int64)
+        t = np.zeros(acc.shape[1], np.float32)
+        for b in range(g * bpg, min((g + 1) * bpg, nb)):
+            t = t + np.float32(xs[b]) * (acc[b] - z * sx[b]).astype(np.float32)
+        y = y + scales[g].astype(np.float32) * t
+    return y

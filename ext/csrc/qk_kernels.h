@@ -42,4 +42,14 @@ int qk_and_popcount(const uint8_t *planes, int64_t B, const uint8_t *codes, int6
  * byte k of sub-space m of block b = code[32b+k][m] | code[32b+16+k][m] << 4. */
 int qk_fastscan(const uint8_t *lut, int64_t M, const uint8_t *codes, int64_t n, int32_t *out, int isa);
 enum { QK_OP_DOT = 0, QK_OP_L2 = 1 };
+
+/* ---- W4A8 (kernels_w4a8.c): GPTQ-packed int4 weights (qweight int32 (in/8, out), nibble j of word [k][o] =
+ * input 8k+j) against int8 activations quantized per block of QK_A8_BLOCK inputs (q8_0's rule). */
+#define QK_A8_BLOCK 32
+/* acc (ceil(in/32), out): exact int32 block sums sum_{i in b} q[o][i] * xq[i] */
+int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t out, int32_t *acc, int isa);
+/* y (out) = sum_g scale[g][o] sum_{b in g} xs[b] (acc[b][o] - zero[g][o] sum_{i in b} xq[i]); zeros uint8 and
+ * scales float32 (ceil(in/group), out); group % 32 == 0 or group >= in (one group per row) */
+int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa);
 #endif

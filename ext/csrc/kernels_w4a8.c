@@ -1,0 +1,248 @@
+/* W4A8: a 4-bit affine weight matrix as GPTQ packs it, against an activation quantized to int8 per block.
+ *
+ * Weights, as on disk (AutoGPTQ / GPTQModel `qweight`): int32 words (in / 8, out); input 8k + j of output o is
+ * nibble j (bits 4j .. 4j + 3) of word [k][o]; codes 0..15. Zero points and scales per (group, output) are
+ * handed over unpacked (uint8 zeros, float32 scales: 2-6% of the weight bytes, converted once at load).
+ * Activations as llama.cpp's q8_0 quantizes them: blocks of QK_A8_BLOCK = 32 inputs, xq = round(x / xs) in
+ * -127..127, xs = max|x| / 127 per block; a block never straddles a weight group (group % 32 == 0, or one
+ * group per row), the last block of a ragged group is shorter.
+ *
+ *   acc[b][o] = sum_{i in b} q[o][i] * xq[i]                  (int32, exact: |acc| <= 32 * 15 * 127)
+ *   y[o]      = sum_g scale[g][o] * sum_{b in g} xs[b] * (acc[b][o] - zero[g][o] * sum_{i in b} xq[i])
+ *
+ * The float part runs in float32 in the same order on every path (groups, then blocks, ascending), lanes of
+ * the AVX2 path being outputs, so paths differ only by the compiler's contraction of a * b + c. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "qk_kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QK_X86 1
+#endif
+
+static inline int32_t nib(uint32_t w, int j) { return (int32_t)((w >> (4 * j)) & 0xFu); }
+
+/* integer block sums for outputs [o0, o1): acc (nb, out) */
+static void blocks_scalar(const int8_t *xq, const int32_t *qw, int64_t in, int64_t out, int64_t o0, int64_t o1,
+                          int32_t *acc) {
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+        if (k1 > in / 8) k1 = in / 8;
+        for (int64_t o = o0; o < o1; o++) {
+            int32_t s = 0;
+            for (int64_t k = k0; k < k1; k++) {
+                uint32_t w = (uint32_t)qw[k * out + o];
+                const int8_t *x = xq + 8 * k;
+                for (int j = 0; j < 8; j++) s += nib(w, j) * (int32_t)x[j];
+            }
+            acc[b * out + o] = s;
+        }
+    }
+}
+
+#ifdef QK_X86
+/* The activation as maddubs operands, once per call: for word row k, xv[2k] broadcasts the bytes
+ * (x[8k], x[8k+2], x[8k+4], x[8k+6]) and xv[2k+1] (x[8k+1], x[8k+3], x[8k+5], x[8k+7]); 8 * in bytes. */
+__attribute__((target("avx2"))) static __m256i *pairs_avx2(const int8_t *xq, int64_t in) {
+    __m256i *xv = (__m256i *)aligned_alloc(32, (size_t)(in / 8) * 2 * sizeof(__m256i) + 32);
+    if (!xv) return NULL;
+    for (int64_t k = 0; k < in / 8; k++) {
+        const uint8_t *x = (const uint8_t *)(xq + 8 * k);
+        uint32_t lo = x[0] | (uint32_t)x[2] << 8 | (uint32_t)x[4] << 16 | (uint32_t)x[6] << 24;
+        uint32_t hi = x[1] | (uint32_t)x[3] << 8 | (uint32_t)x[5] << 16 | (uint32_t)x[7] << 24;
+        xv[2 * k] = _mm256_set1_epi32((int32_t)lo);
+        xv[2 * k + 1] = _mm256_set1_epi32((int32_t)hi);
+    }
+    return xv;
+}
+
+/* 8 outputs, word rows [k0, k1) (one block): w & 0x0F0F0F0F holds nibbles 0, 2, 4, 6 of each word as bytes,
+ * (w >> 4) & 0x0F0F0F0F nibbles 1, 3, 5, 7; maddubs multiplies them by the matching activation bytes and adds
+ * pairs into int16 (|sum| <= 8 * 2 * 15 * 127 = 30480 over a block: no saturation); one madd by ones per block
+ * widens to int32. */
+__attribute__((target("avx2"))) static inline __m256i block8_avx2(const __m256i *xv, const int32_t *qw, int64_t out,
+                                                                  int64_t o, int64_t k0, int64_t k1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(qw + k * out + o));
+        __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+        acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(lo, xv[2 * k]));
+        acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(hi, xv[2 * k + 1]));
+    }
+    return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
+}
+
+/* 16 outputs (one 64-byte cache line of each word row): two accumulators, each line read once */
+__attribute__((target("avx2"))) static inline void block16_avx2(const __m256i *xv, const int32_t *qw, int64_t out,
+                                                                int64_t o, int64_t k0, int64_t k1, __m256i *s0,
+                                                                __m256i *s1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k++) {
+        const int32_t *row = qw + k * out + o;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)row), w1 = _mm256_loadu_si256((const __m256i *)(row + 8));
+        __m256i xl = xv[2 * k], xh = xv[2 * k + 1];
+        a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(w0, m4), xl));
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(w1, m4), xl));
+        a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), m4), xh));
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), m4), xh));
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    *s0 = _mm256_madd_epi16(a0, ones);
+    *s1 = _mm256_madd_epi16(a1, ones);
+}
+
+__attribute__((target("avx2"))) static int blocks_avx2(const int8_t *xq, const int32_t *qw, int64_t in,
+                                                       int64_t out, int32_t *acc) {
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK, o8 = out & ~(int64_t)7;
+    __m256i *xv = pairs_avx2(xq, in);
+    if (!xv) return QK_ENOMEM;
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+        if (k1 > in / 8) k1 = in / 8;
+        for (int64_t o = 0; o < o8; o += 8)
+            _mm256_storeu_si256((__m256i *)(acc + b * out + o), block8_avx2(xv, qw, out, o, k0, k1));
+    }
+    free(xv);
+    if (o8 < out) blocks_scalar(xq, qw, in, out, o8, out, acc);
+    return QK_OK;
+}
+#endif
+
+int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t out, int32_t *acc, int isa) {
+    if (in <= 0 || out <= 0 || in % 8) return QK_EARG;
+#ifdef QK_X86
+    if (isa == QK_ISA_AVX2) {
+        if (!qk_cpu_has_avx2()) return QK_EARG;
+        return blocks_avx2(xq, qweight, in, out, acc);
+    }
+#else
+    if (isa == QK_ISA_AVX2) return QK_EARG;
+#endif
+    blocks_scalar(xq, qweight, in, out, 0, out, acc);
+    return QK_OK;
+}
+
+static void sums_of_blocks(const int8_t *xq, int64_t in, int32_t *sx) {
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        int64_t e = (b + 1) * QK_A8_BLOCK < in ? (b + 1) * QK_A8_BLOCK : in;
+        for (int64_t i = b * QK_A8_BLOCK; i < e; i++) s += xq[i];
+        sx[b] = s;
+    }
+}
+
+static void gemv_scalar(const int8_t *xq, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+                        const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1,
+                        float *y) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    for (int64_t o = o0; o < o1; o++) {
+        float yo = 0.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            int32_t z = zeros[g * out + o];
+            float t = 0.0f;
+            int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+            for (int64_t b = g * bpg; b < b1; b++) {
+                int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+                if (k1 > in / 8) k1 = in / 8;
+                int32_t s = 0;
+                for (int64_t k = k0; k < k1; k++) {
+                    uint32_t w = (uint32_t)qw[k * out + o];
+                    const int8_t *x = xq + 8 * k;
+                    for (int j = 0; j < 8; j++) s += nib(w, j) * (int32_t)x[j];
+                }
+                t += xs[b] * (float)(s - z * sx[b]);
+            }
+            yo += scales[g * out + o] * t;
+        }
+        y[o] = yo;
+    }
+}
+
+#ifdef QK_X86
+__attribute__((target("avx2"))) static int gemv_avx2(const int8_t *xq, const float *xs, const int32_t *sx,
+                                                     const int32_t *qw, const uint8_t *zeros, const float *scales,
+                                                     int64_t in, int64_t out, int64_t group, float *y) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    int64_t o8 = out & ~(int64_t)7;
+    __m256i *xv = pairs_avx2(xq, in);
+    if (!xv) return QK_ENOMEM;
+    int64_t o16 = out & ~(int64_t)15;
+    for (int64_t o = 0; o < o16; o += 16) {
+        __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m256i z0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
+            __m256i z1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o + 8)));
+            __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+            int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+            for (int64_t b = g * bpg; b < b1; b++) {
+                int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+                if (k1 > in / 8) k1 = in / 8;
+                __m256i s0, s1;
+                block16_avx2(xv, qw, out, o, k0, k1, &s0, &s1);
+                __m256i sxb = _mm256_set1_epi32(sx[b]);
+                __m256 xsb = _mm256_set1_ps(xs[b]);
+                s0 = _mm256_sub_epi32(s0, _mm256_mullo_epi32(z0, sxb));
+                s1 = _mm256_sub_epi32(s1, _mm256_mullo_epi32(z1, sxb));
+                t0 = _mm256_add_ps(t0, _mm256_mul_ps(xsb, _mm256_cvtepi32_ps(s0)));
+                t1 = _mm256_add_ps(t1, _mm256_mul_ps(xsb, _mm256_cvtepi32_ps(s1)));
+            }
+            y0 = _mm256_add_ps(y0, _mm256_mul_ps(_mm256_loadu_ps(scales + g * out + o), t0));
+            y1 = _mm256_add_ps(y1, _mm256_mul_ps(_mm256_loadu_ps(scales + g * out + o + 8), t1));
+        }
+        _mm256_storeu_ps(y + o, y0);
+        _mm256_storeu_ps(y + o + 8, y1);
+    }
+    for (int64_t o = o16; o < o8; o += 8) {
+        __m256 yo = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
+            __m256 t = _mm256_setzero_ps();
+            int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+            for (int64_t b = g * bpg; b < b1; b++) {
+                int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+                if (k1 > in / 8) k1 = in / 8;
+                __m256i s = block8_avx2(xv, qw, out, o, k0, k1);
+                s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(sx[b])));
+                t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(xs[b]), _mm256_cvtepi32_ps(s)));
+            }
+            yo = _mm256_add_ps(yo, _mm256_mul_ps(_mm256_loadu_ps(scales + g * out + o), t));
+        }
+        _mm256_storeu_ps(y + o, yo);
+    }
+    free(xv);
+    if (o8 < out) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o8, out, y);
+    return QK_OK;
+}
+#endif
+
+int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa) {
+    if (in <= 0 || out <= 0 || in % 8 || group <= 0 || (group % QK_A8_BLOCK && group < in)) return QK_EARG;
+    if (group > in) group = in;
+    if (group % QK_A8_BLOCK && group != in) return QK_EARG;
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    int32_t *sx = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
+    if (!sx) return QK_ENOMEM;
+    sums_of_blocks(xq, in, sx);
+    /* one group per row that is not a multiple of 32: its blocks still start at 0, 32, ...; bpg counts them */
+    int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
+    int rc = QK_OK;
+#ifdef QK_X86
+    if (isa == QK_ISA_AVX2) {
+        rc = qk_cpu_has_avx2() ? gemv_avx2(xq, xs, sx, qweight, zeros, scales, in, out, g_eff, y) : QK_EARG;
+        free(sx);
+        return rc;
+    }
+#else
+    if (isa == QK_ISA_AVX2) { free(sx); return QK_EARG; }
+#endif
+    gemv_scalar(xq, xs, sx, qweight, zeros, scales, in, out, g_eff, 0, out, y);
+    free(sx);
+    return rc;
+}

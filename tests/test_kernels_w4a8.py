@@ -1,0 +1,109 @@
+"""W4A8 kernels (GPTQ-packed int4 weights x int8 activations): exact block sums on every backend and ISA, the GEMV
+against the numpy reference and against the float64 formula on the dequantized weights, q8 activations equal to
+llama.cpp's q8_0 codes."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkit import ext, ggml
+from qkit import packing as P
+from qkit.errors import InputError
+from qkit.ext import reference as R
+
+from backends import BACKENDS, IDS  # noqa: E402
+
+SHAPES = [(8, 1), (32, 8), (40, 7), (128, 9), (136, 16), (576, 64)]
+
+
+def packed(codes):
+    """GPTQ's qweight of codes (in, out), by qkit.packing (the exporter's packer, written apart from the kernels)."""
+    return np.ascontiguousarray(P.pack_gptq_qweight(codes.astype(np.uint8), bits=4))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+def test_block_sums_are_exact(backend, isa, n_in, n_out):
+    rng = np.random.default_rng(n_in * 100 + n_out)
+    cases = [(rng.integers(0, 16, (n_in, n_out)), rng.integers(-127, 128, n_in).astype(np.int8))]
+    cases += [(np.full((n_in, n_out), c), np.full(n_in, x, np.int8)) for c in (0, 15) for x in (-127, 127, 0)]
+    for codes, xq in cases:
+        qw = packed(codes)
+        got = ext.w4a8_blocks(xq, qw, backend=backend, isa=isa)
+        nb = -(-n_in // 32)
+        want = np.array([[int(np.dot(codes[32 * b: 32 * b + 32, o].astype(np.int64),
+                                     xq[32 * b: 32 * b + 32].astype(np.int64))) for o in range(n_out)]
+                         for b in range(nb)], np.int64)
+        assert got.dtype == np.int32 and np.array_equal(got, want)
+
+
+def affine_case(rng, n_in, n_out, g):
+    ng = -(-n_in // g)
+    codes = rng.integers(0, 16, (n_in, n_out))
+    zeros = rng.integers(0, 16, (ng, n_out)).astype(np.uint8)
+    scales = (rng.random((ng, n_out)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)  # fp16 values
+    x = rng.standard_normal(n_in).astype(np.float32)
+    return codes, zeros, scales, x
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("n_in,n_out,g", [(128, 9, 32), (136, 16, 64), (576, 64, 128), (40, 7, None), (200, 8, 96)])
+def test_gemv_matches_the_reference_and_the_dequantized_formula(backend, isa, n_in, n_out, g):
+    rng = np.random.default_rng(n_in + n_out)
+    gg = n_in if g is None else g
+    codes, zeros, scales, x = affine_case(rng, n_in, n_out, gg)
+    xq, xs = ext.quantize_q8(x)
+    qw = packed(codes)
+    y = ext.gemv_w4a8(xq, xs, qw, zeros, scales, g, backend=backend, isa=isa)
+    ref = R.gemv_w4a8(xq, xs, qw, zeros, scales, gg)
+    assert y.dtype == np.float32 and np.allclose(y, ref, rtol=1e-5, atol=1e-6)
+    # the paper-level formula in float64: W = scale * (q - zero) (GPTQ's dequantization), times the dequantized x
+    gi = np.arange(n_in) // gg
+    W = scales[gi].astype(np.float64) * (codes - zeros[gi].astype(np.float64))  # (in, out)
+    xd = xq.astype(np.float64) * np.repeat(xs.astype(np.float64), 32)[:n_in]
+    assert np.allclose(y, xd @ W, rtol=1e-4, atol=1e-5 * np.abs(W).sum(0).max())
+
+
+def test_q8_codes_are_llamacpp_q8_0_codes():
+    """qs of every block equal the q8_0 blocks qkit.ggml writes (byte-identical to libggml: test_ggml's digests);
+    the scale is kept in float32 (q8_0 rounds it to fp16)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(32 * 40) * np.repeat(rng.random(40) * 5, 32)).astype(np.float32)
+    x[:32] = 0  # an all-zero block: scale 0, codes 0
+    xq, xs = ext.quantize_q8(x)
+    blocks = ggml.quantize(x.reshape(1, -1), "q8_0").reshape(-1, 34)  # fp16 d, then 32 int8
+    assert np.array_equal(xq.reshape(-1, 32), blocks[:, 2:].view(np.int8))
+    assert np.array_equal(xs.astype(np.float16), blocks[:, :2].copy().view(np.float16).reshape(-1))
+    assert xs[0] == 0 and not xq[:32].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n8=st.integers(1, 40), n_out=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_block_sums_property_all_backends(n8, n_out, seed):
+    rng = np.random.default_rng(seed)
+    n_in = 8 * n8
+    codes = rng.integers(0, 16, (n_in, n_out))
+    xq = rng.integers(-127, 128, n_in).astype(np.int8)
+    qw = packed(codes)
+    want = R.w4a8_blocks(xq, qw)
+    for backend, isa in BACKENDS:
+        assert np.array_equal(ext.w4a8_blocks(xq, qw, backend=backend, isa=isa), want), (backend, isa)
+
+
+def test_bad_input_is_one_clear_error():
+    rng = np.random.default_rng(1)
+    codes, zeros, scales, x = affine_case(rng, 128, 8, 32)
+    xq, xs = ext.quantize_q8(x)
+    qw = packed(codes)
+    with pytest.raises(InputError, match="holds 128 inputs"):
+        ext.gemv_w4a8(xq[:64], xs, qw, zeros, scales, 32)
+    with pytest.raises(InputError, match="multiple of 32"):
+        ext.gemv_w4a8(xq, xs, qw, np.zeros((3, 8), np.uint8), np.ones((3, 8), np.float32), 48)
+    with pytest.raises(InputError, match=r"must be \(4, 8\)"):
+        ext.gemv_w4a8(xq, xs, qw, zeros[:2], scales, 32)
+    with pytest.raises(InputError, match="0..15"):
+        ext.gemv_w4a8(xq, xs, qw, zeros + 16, scales, 32)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        ext.quantize_q8(np.array([1.0, np.nan], np.float32))
+    with pytest.raises(InputError, match="dtype int32"):
+        ext.gemv_w4a8(xq, xs, qw.astype(np.int64), zeros, scales, 32)
