@@ -19,7 +19,8 @@ ext = Extension(
     sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/kernels_w4a8.c",
              "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
-    extra_compile_args=extra,
+    extra_compile_args=extra + ["-pthread"],  # the W4A8 GEMV's explicit threads
+    extra_link_args=["-pthread"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 

@@ -2,6 +2,7 @@
 
     qkit bench gemv [--repeat 20] [--json PATH] [--plot PATH]
 
+One thread everywhere, except one row of qkit's native kernel with two explicit threads (outputs split).
 Shapes: the default model's linears (SmolLM2-135M: hidden 576, MLP 1536, 3 KV heads of 64) and two
 larger ones (2048 x 8192, 4096 x 4096: weights past the caches, the memory-bound regime decode lives in). For
 each: torch float32 ``mv`` on the dense weight (what `qkit eval ppl` runs today), and qkit's W4A8 GEMV on
@@ -63,16 +64,21 @@ def run(repeat: int = 20) -> tuple[list[dict], dict]:
         packed = qweight.nbytes + zeros.nbytes + scales.size * 2  # scales as fp16 on disk
         recs.append({"shape": name, "in": n_in, "out": n_out, "method": "torch fp32 mv", "ms": t_fp32,
                      "bytes": W.nbytes, "gbps": W.nbytes / t_fp32 / 1e6, "x_fp32": 1.0, "rel_err": 0.0})
-        for backend, isa in qkit_backends():
-            def call(backend=backend, isa=isa):
+        runs = [(b, i, 1) for b, i in qkit_backends()]
+        if ext.native_available():
+            runs.insert(1, ("native", ext.best_isa(), 2))  # two explicit threads (torch stays at one)
+        for backend, isa, threads in runs:
+            def call(backend=backend, isa=isa, threads=threads):
                 xq, xs = ext.quantize_q8(x)
-                return ext.gemv_w4a8(xq, xs, qweight, zeros, scales, GROUP, backend=backend, isa=isa)
+                return ext.gemv_w4a8(xq, xs, qweight, zeros, scales, GROUP, threads=threads, backend=backend,
+                                     isa=isa)
 
             t = best_ms(call, repeat if backend == "native" else max(2, repeat // 5))
             y = call()
             err = float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))  # the q8 activation's rounding
             recs.append({"shape": name, "in": n_in, "out": n_out, "method": f"qkit W4A8 {backend}"
-                         + (f"-{isa}" if isa else ""), "ms": t, "bytes": packed, "gbps": packed / t / 1e6,
+                         + (f"-{isa}" if isa else "") + (f" x{threads}" if threads > 1 else ""), "ms": t,
+                         "threads": threads, "bytes": packed, "gbps": packed / t / 1e6,
                          "x_fp32": t_fp32 / t, "rel_err": err})
     info = {**machine.describe(), "torch": torch.__version__, "threads": 1, "group_size": GROUP,
             "read_gbps_1core": bandwidth.measure(mb=256, repeat=3)["read_gbps"]}

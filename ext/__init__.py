@@ -361,13 +361,15 @@ def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, *, backend: str | None = No
 
 
 def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
-              group_size: int | None, *, backend: str | None = None, isa: str | None = None) -> np.ndarray:
+              group_size: int | None, *, threads: int = 1, backend: str | None = None,
+              isa: str | None = None) -> np.ndarray:
     """y = W x for a 4-bit affine W as GPTQ packs it (qweight (in/8, out) int32, codes 0..15; zeros uint8 and
     scales float32 (ceil(in/group), out), the stored zero + 1 of a GPTQ v1 file already added back) against an
     activation quantize_q8 made: sum over groups of scale * sum over blocks of xs * (acc - zero * sum xq).
 
     group_size: a multiple of 32, or None / >= in for one group per row. Contiguous groups (g_idx = i // g):
-    act-order files are permuted once at load (the runtime's job), not here."""
+    act-order files are permuted once at load (the runtime's job), not here. threads: POSIX threads of the
+    native backend (the caller's included), each on whole 16-output lines; the result does not depend on it."""
     n_in, n_out = _w4a8_shapes(xq, qweight)
     xs = _check("xs", xs, 1, (np.dtype(np.float32),))
     zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
@@ -382,9 +384,11 @@ def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.nda
         raise InputError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape} and {scales.shape}")
     if zeros.size and zeros.max() > 15:
         raise InputError(f"zeros must lie in 0..15 for 4-bit codes, got {int(zeros.max())}")
+    if not 1 <= int(threads) <= 256:
+        raise InputError(f"threads must lie in 1..256, got {threads}")
     b = _resolve(backend)
     if b == "native":
-        return _native.gemv_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa))
+        return _native.gemv_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa), int(threads))
     if b == "numba":
         from qkit.ext import _numba
 

@@ -29,7 +29,8 @@ cdef extern from "qk_kernels.h":
     int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t n_in, int64_t n_out, int32_t *acc,
                        int isa) nogil
     int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
-                     const float *scales, int64_t n_in, int64_t n_out, int64_t group, float *y, int isa) nogil
+                     const float *scales, int64_t n_in, int64_t n_out, int64_t group, float *y, int isa,
+                     int threads) nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
@@ -239,7 +240,7 @@ def w4a8_blocks(cnp.ndarray xq, cnp.ndarray qweight, int isa):
 
 
 def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
-              int64_t group, int isa):
+              int64_t group, int isa, int threads=1):
     """y (out,) float32 of GPTQ-packed int4 weights against int8 activations with per-block scales."""
     _need(xq, 1, np.int8, "xq")
     _need(xs, 1, np.float32, "xs")
@@ -265,6 +266,6 @@ def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray z
     cdef float *yp = <float *>cnp.PyArray_DATA(y)
     cdef int rc
     with nogil:
-        rc = qk_gemv_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, yp, isa)
+        rc = qk_gemv_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, yp, isa, threads)
     _check_rc(rc)
     return y

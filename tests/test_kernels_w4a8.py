@@ -107,3 +107,18 @@ def test_bad_input_is_one_clear_error():
         ext.quantize_q8(np.array([1.0, np.nan], np.float32))
     with pytest.raises(InputError, match="dtype int32"):
         ext.gemv_w4a8(xq, xs, qw.astype(np.int64), zeros, scales, 32)
+
+
+@pytest.mark.parametrize("isa", [i for b, i in BACKENDS if b == "native"])
+@pytest.mark.parametrize("n_out", [1, 15, 16, 17, 40, 200])
+def test_threads_split_outputs_without_changing_a_bit(isa, n_out):
+    rng = np.random.default_rng(n_out)
+    codes, zeros, scales, x = affine_case(rng, 256, n_out, 64)
+    xq, xs = ext.quantize_q8(x)
+    qw = packed(codes)
+    one = ext.gemv_w4a8(xq, xs, qw, zeros, scales, 64, backend="native", isa=isa)
+    for t in (2, 3, 7, 64):
+        assert np.array_equal(ext.gemv_w4a8(xq, xs, qw, zeros, scales, 64, threads=t, backend="native", isa=isa),
+                              one), t
+    with pytest.raises(InputError, match="threads"):
+        ext.gemv_w4a8(xq, xs, qw, zeros, scales, 64, threads=0, backend="native", isa=isa)

@@ -12,6 +12,7 @@
  *
  * The float part runs in float32 in the same order on every path (groups, then blocks, ascending), lanes of
  * the AVX2 path being outputs, so paths differ only by the compiler's contraction of a * b + c. */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -165,15 +166,14 @@ static void gemv_scalar(const int8_t *xq, const float *xs, const int32_t *sx, co
 }
 
 #ifdef QK_X86
-__attribute__((target("avx2"))) static int gemv_avx2(const int8_t *xq, const float *xs, const int32_t *sx,
-                                                     const int32_t *qw, const uint8_t *zeros, const float *scales,
-                                                     int64_t in, int64_t out, int64_t group, float *y) {
+/* outputs [o0, o1) (o0 a multiple of 16): 16 at a time, then 8, then the scalar tail */
+__attribute__((target("avx2"))) static void gemv_avx2(const __m256i *xv, const int8_t *xq, const float *xs,
+                                                      const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+                                                      const float *scales, int64_t in, int64_t out, int64_t group,
+                                                      int64_t o0, int64_t o1, float *y) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
-    int64_t o8 = out & ~(int64_t)7;
-    __m256i *xv = pairs_avx2(xq, in);
-    if (!xv) return QK_ENOMEM;
-    int64_t o16 = out & ~(int64_t)15;
-    for (int64_t o = 0; o < o16; o += 16) {
+    int64_t o16 = o0 + ((o1 - o0) & ~(int64_t)15), o8 = o0 + ((o1 - o0) & ~(int64_t)7);
+    for (int64_t o = o0; o < o16; o += 16) {
         __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
             __m256i z0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
@@ -215,34 +215,78 @@ __attribute__((target("avx2"))) static int gemv_avx2(const int8_t *xq, const flo
         }
         _mm256_storeu_ps(y + o, yo);
     }
-    free(xv);
-    if (o8 < out) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o8, out, y);
-    return QK_OK;
+    if (o8 < o1) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o8, o1, y);
 }
 #endif
 
+/* one thread's share of the outputs; thread 0 is the caller (explicit threads, no pool, no busy-wait) */
+typedef struct {
+    const void *xv;
+    const int8_t *xq;
+    const float *xs;
+    const int32_t *sx, *qw;
+    const uint8_t *zeros;
+    const float *scales;
+    int64_t in, out, group, o0, o1;
+    float *y;
+    int avx2;
+} gemv_job;
+
+static void *gemv_run(void *arg) {
+    gemv_job *j = (gemv_job *)arg;
+#ifdef QK_X86
+    if (j->avx2) {
+        gemv_avx2((const __m256i *)j->xv, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group,
+                  j->o0, j->o1, j->y);
+        return NULL;
+    }
+#endif
+    gemv_scalar(j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, j->o0, j->o1, j->y);
+    return NULL;
+}
+
 int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
-                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa) {
-    if (in <= 0 || out <= 0 || in % 8 || group <= 0 || (group % QK_A8_BLOCK && group < in)) return QK_EARG;
+                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa, int threads) {
+    if (in <= 0 || out <= 0 || in % 8 || group <= 0 || (group % QK_A8_BLOCK && group < in) || threads < 1 ||
+        threads > QK_MAX_THREADS)
+        return QK_EARG;
     if (group > in) group = in;
-    if (group % QK_A8_BLOCK && group != in) return QK_EARG;
+    int avx2 = 0;
+#ifdef QK_X86
+    if (isa == QK_ISA_AVX2) {
+        if (!qk_cpu_has_avx2()) return QK_EARG;
+        avx2 = 1;
+    }
+#else
+    if (isa == QK_ISA_AVX2) return QK_EARG;
+#endif
     int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    /* one group per row that is not a multiple of 32: its blocks still start at 0, 32, ...; bpg counts them */
+    int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
     int32_t *sx = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
     if (!sx) return QK_ENOMEM;
     sums_of_blocks(xq, in, sx);
-    /* one group per row that is not a multiple of 32: its blocks still start at 0, 32, ...; bpg counts them */
-    int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
-    int rc = QK_OK;
+    void *xv = NULL;
 #ifdef QK_X86
-    if (isa == QK_ISA_AVX2) {
-        rc = qk_cpu_has_avx2() ? gemv_avx2(xq, xs, sx, qweight, zeros, scales, in, out, g_eff, y) : QK_EARG;
-        free(sx);
-        return rc;
-    }
-#else
-    if (isa == QK_ISA_AVX2) { free(sx); return QK_EARG; }
+    if (avx2 && !(xv = pairs_avx2(xq, in))) { free(sx); return QK_ENOMEM; }
 #endif
-    gemv_scalar(xq, xs, sx, qweight, zeros, scales, in, out, g_eff, 0, out, y);
+    /* outputs split in chunks of whole 16-output lines, one chunk per thread */
+    int64_t chunk = ((out + threads - 1) / threads + 15) & ~(int64_t)15;
+    int n = (int)((out + chunk - 1) / chunk);
+    gemv_job jobs[QK_MAX_THREADS];
+    pthread_t tid[QK_MAX_THREADS];
+    int started = 0, rc = QK_OK;
+    for (int t = 0; t < n; t++) {
+        int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
+        jobs[t] = (gemv_job){xv, xq, xs, sx, qweight, zeros, scales, in, out, g_eff, o0, o1, y, avx2};
+    }
+    for (int t = 1; t < n; t++) {
+        if (pthread_create(&tid[t], NULL, gemv_run, &jobs[t]) != 0) { rc = QK_ENOMEM; break; }
+        started = t;
+    }
+    if (rc == QK_OK) gemv_run(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    free(xv);
     free(sx);
     return rc;
 }

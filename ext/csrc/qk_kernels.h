@@ -49,7 +49,9 @@ enum { QK_OP_DOT = 0, QK_OP_L2 = 1 };
 /* acc (ceil(in/32), out): exact int32 block sums sum_{i in b} q[o][i] * xq[i] */
 int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t out, int32_t *acc, int isa);
 /* y (out) = sum_g scale[g][o] sum_{b in g} xs[b] (acc[b][o] - zero[g][o] sum_{i in b} xq[i]); zeros uint8 and
- * scales float32 (ceil(in/group), out); group % 32 == 0 or group >= in (one group per row) */
+ * scales float32 (ceil(in/group), out); group % 32 == 0 or group >= in (one group per row); outputs split
+ * over `threads` POSIX threads (the caller is one), each on whole 16-output lines */
 int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
-                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa);
+                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa, int threads);
+#define QK_MAX_THREADS 256
 #endif
