@@ -6,7 +6,8 @@ One thread everywhere, except one row of qkit's native kernel with two explicit 
 Shapes: the default model's linears (SmolLM2-135M: hidden 576, MLP 1536, 3 KV heads of 64) and two
 larger ones (2048 x 8192, 4096 x 4096: weights past the caches, the memory-bound regime decode lives in). For
 each: torch float32 ``mv`` on the dense weight (what `qkit eval ppl` runs today), and qkit's W4A8 GEMV on
-every backend (the activation quantized to q8 blocks inside the timed call). GB/s counts the bytes each method
+every backend and path (AVX-512 VNNI where the CPU has it, AVX2, scalar C, Numba; the activation quantized to
+q8 blocks inside the timed call). GB/s counts the bytes each method
 reads (fp32 weight; packed qweight + fp16-sized scales + zeros); `x fp32` is torch's time / this time; the
 single-core read bandwidth (qkit.eval.bandwidth) is measured in the same run as the ceiling. Times are the best
 of `repeat` runs.
@@ -66,7 +67,9 @@ def run(repeat: int = 20) -> tuple[list[dict], dict]:
                      "bytes": W.nbytes, "gbps": W.nbytes / t_fp32 / 1e6, "x_fp32": 1.0, "rel_err": 0.0})
         runs = [(b, i, 1) for b, i in qkit_backends()]
         if ext.native_available():
-            runs.insert(1, ("native", ext.best_isa(), 2))  # two explicit threads (torch stays at one)
+            if ext.best_isa_w4a8() == "avx512vnni":  # the AVX-512 VNNI path, where the CPU has it
+                runs.insert(0, ("native", "avx512vnni", 1))
+            runs.insert(1, ("native", ext.best_isa_w4a8(), 2))  # two explicit threads (torch stays at one)
         for backend, isa, threads in runs:
             def call(backend=backend, isa=isa, threads=threads):
                 xq, xs = ext.quantize_q8(x)

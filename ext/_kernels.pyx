@@ -12,10 +12,11 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 cnp.import_array()
 
 cdef extern from "qk_kernels.h":
-    int QK_I8, QK_U8, QK_ISA_SCALAR, QK_ISA_AVX2, QK_OK, QK_EARG
+    int QK_I8, QK_U8, QK_ISA_SCALAR, QK_ISA_AVX2, QK_ISA_VNNI, QK_OK, QK_EARG
     int qk_cpu_has_avx2() nogil
     int qk_cpu_has_popcnt() nogil
     int qk_cpu_has_fma() nogil
+    int qk_cpu_has_avx512vnni() nogil
     int qk_dot_1xn(int tq, int tr, const void *q, const void *X, int64_t n, int64_t d, int32_t *out, int isa) nogil
     int qk_l2_1xn(int tq, int tr, const void *q, const void *X, int64_t n, int64_t d, int32_t *out, int isa) nogil
     int qk_dot_mxn(int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d, int32_t *out, int isa) nogil
@@ -34,11 +35,13 @@ cdef extern from "qk_kernels.h":
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
+ISA_VNNI = QK_ISA_VNNI
 
 
 def cpu_flags():
     """The run-time features the kernels dispatch on."""
-    return {"avx2": bool(qk_cpu_has_avx2()), "fma": bool(qk_cpu_has_fma()), "popcnt": bool(qk_cpu_has_popcnt())}
+    return {"avx2": bool(qk_cpu_has_avx2()), "fma": bool(qk_cpu_has_fma()), "popcnt": bool(qk_cpu_has_popcnt()),
+            "avx512vnni": bool(qk_cpu_has_avx512vnni())}
 
 
 cdef int _tcode(cnp.ndarray a) except -1:

@@ -11,7 +11,8 @@ from qkit import packing as P
 from qkit.errors import InputError
 from qkit.ext import reference as R
 
-from backends import BACKENDS, IDS  # noqa: E402
+from backends import W4A8_BACKENDS as BACKENDS  # noqa: E402
+from backends import W4A8_IDS as IDS  # noqa: E402
 
 SHAPES = [(8, 1), (32, 8), (40, 7), (128, 9), (136, 16), (576, 64)]
 

@@ -19,6 +19,16 @@ int qk_cpu_has_popcnt(void) {
 #endif
 }
 
+int qk_cpu_has_avx512vnni(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 int qk_cpu_has_fma(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();

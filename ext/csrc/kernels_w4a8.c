@@ -116,6 +116,7 @@ __attribute__((target("avx2"))) static int blocks_avx2(const int8_t *xq, const i
 
 int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t out, int32_t *acc, int isa) {
     if (in <= 0 || out <= 0 || in % 8) return QK_EARG;
+    if (isa == QK_ISA_VNNI) isa = QK_ISA_AVX2;  /* the block sums' AVX2 code serves a VNNI request (same integers) */
 #ifdef QK_X86
     if (isa == QK_ISA_AVX2) {
         if (!qk_cpu_has_avx2()) return QK_EARG;
@@ -219,6 +220,58 @@ __attribute__((target("avx2"))) static void gemv_avx2(const __m256i *xv, const i
 }
 #endif
 
+#ifdef QK_X86
+/* AVX-512 VNNI: 16 outputs per zmm (one 64-byte line of a word row); vpdpbusd multiplies the nibble bytes (u8)
+ * by the activation bytes (s8) and adds each word's four products straight into int32: no int16 stage. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_vnni(const uint32_t *xp, const int8_t *xq,
+                                                                            const float *xs,
+                                                                            const int32_t *sx, const int32_t *qw,
+                                                                            const uint8_t *zeros,
+                                                                            const float *scales, int64_t in,
+                                                                            int64_t out, int64_t group, int64_t o0,
+                                                                            int64_t o1, float *y) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    int64_t o16 = o0 + ((o1 - o0) & ~(int64_t)15);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t o = o0; o < o16; o += 16) {
+        __m512 yo = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + g * out + o)));
+            __m512 t = _mm512_setzero_ps();
+            int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+            for (int64_t b = g * bpg; b < b1; b++) {
+                int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+                if (k1 > in / 8) k1 = in / 8;
+                __m512i s = _mm512_setzero_si512();
+                for (int64_t k = k0; k < k1; k++) {
+                    __m512i w = _mm512_loadu_si512((const void *)(qw + k * out + o));
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(w, m4), _mm512_set1_epi32((int32_t)xp[2 * k]));
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4),
+                                            _mm512_set1_epi32((int32_t)xp[2 * k + 1]));
+                }
+                s = _mm512_sub_epi32(s, _mm512_mullo_epi32(z, _mm512_set1_epi32(sx[b])));
+                t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(xs[b]), _mm512_cvtepi32_ps(s)));
+            }
+            yo = _mm512_add_ps(yo, _mm512_mul_ps(_mm512_loadu_ps(scales + g * out + o), t));
+        }
+        _mm512_storeu_ps(y + o, yo);
+    }
+    if (o16 < o1) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o16, o1, y);
+}
+#endif
+
+/* the activation's bytes as dpbusd operands, once per call: (x[8k], x[8k+2], x[8k+4], x[8k+6]) and the odd ones */
+static uint32_t *quads(const int8_t *xq, int64_t in) {
+    uint32_t *xp = (uint32_t *)malloc((size_t)(in / 8) * 2 * sizeof(uint32_t) + 8);
+    if (!xp) return NULL;
+    for (int64_t k = 0; k < in / 8; k++) {
+        const uint8_t *x = (const uint8_t *)(xq + 8 * k);
+        xp[2 * k] = x[0] | (uint32_t)x[2] << 8 | (uint32_t)x[4] << 16 | (uint32_t)x[6] << 24;
+        xp[2 * k + 1] = x[1] | (uint32_t)x[3] << 8 | (uint32_t)x[5] << 16 | (uint32_t)x[7] << 24;
+    }
+    return xp;
+}
+
 /* one thread's share of the outputs; thread 0 is the caller (explicit threads, no pool, no busy-wait) */
 typedef struct {
     const void *xv;
@@ -229,13 +282,18 @@ typedef struct {
     const float *scales;
     int64_t in, out, group, o0, o1;
     float *y;
-    int avx2;
+    int isa;
 } gemv_job;
 
 static void *gemv_run(void *arg) {
     gemv_job *j = (gemv_job *)arg;
 #ifdef QK_X86
-    if (j->avx2) {
+    if (j->isa == QK_ISA_VNNI) {
+        gemv_vnni((const uint32_t *)j->xv, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group,
+                  j->o0, j->o1, j->y);
+        return NULL;
+    }
+    if (j->isa == QK_ISA_AVX2) {
         gemv_avx2((const __m256i *)j->xv, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group,
                   j->o0, j->o1, j->y);
         return NULL;
@@ -251,15 +309,13 @@ int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
         threads > QK_MAX_THREADS)
         return QK_EARG;
     if (group > in) group = in;
-    int avx2 = 0;
 #ifdef QK_X86
-    if (isa == QK_ISA_AVX2) {
-        if (!qk_cpu_has_avx2()) return QK_EARG;
-        avx2 = 1;
-    }
+    if (isa == QK_ISA_AVX2 && !qk_cpu_has_avx2()) return QK_EARG;
+    if (isa == QK_ISA_VNNI && !qk_cpu_has_avx512vnni()) return QK_EARG;
 #else
-    if (isa == QK_ISA_AVX2) return QK_EARG;
+    if (isa != QK_ISA_SCALAR) return QK_EARG;
 #endif
+    int avx2 = isa == QK_ISA_AVX2;
     int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
     /* one group per row that is not a multiple of 32: its blocks still start at 0, 32, ...; bpg counts them */
     int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
@@ -270,6 +326,7 @@ int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
 #ifdef QK_X86
     if (avx2 && !(xv = pairs_avx2(xq, in))) { free(sx); return QK_ENOMEM; }
 #endif
+    if (isa == QK_ISA_VNNI && !(xv = quads(xq, in))) { free(sx); return QK_ENOMEM; }
     /* outputs split in chunks of whole 16-output lines, one chunk per thread */
     int64_t chunk = ((out + threads - 1) / threads + 15) & ~(int64_t)15;
     int n = (int)((out + chunk - 1) / chunk);
@@ -278,7 +335,7 @@ int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
     int started = 0, rc = QK_OK;
     for (int t = 0; t < n; t++) {
         int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-        jobs[t] = (gemv_job){xv, xq, xs, sx, qweight, zeros, scales, in, out, g_eff, o0, o1, y, avx2};
+        jobs[t] = (gemv_job){xv, xq, xs, sx, qweight, zeros, scales, in, out, g_eff, o0, o1, y, isa};
     }
     for (int t = 1; t < n; t++) {
         if (pthread_create(&tid[t], NULL, gemv_run, &jobs[t]) != 0) { rc = QK_ENOMEM; break; }

@@ -11,12 +11,13 @@
 #include <stdint.h>
 
 enum { QK_I8 = 0, QK_U8 = 1 };
-enum { QK_ISA_SCALAR = 0, QK_ISA_AVX2 = 1 };
+enum { QK_ISA_SCALAR = 0, QK_ISA_AVX2 = 1, QK_ISA_VNNI = 2 };  /* VNNI: AVX-512 VNNI, W4A8 only */
 enum { QK_OK = 0, QK_ENOMEM = -1, QK_EARG = -2 };
 
 int qk_cpu_has_avx2(void);
 int qk_cpu_has_popcnt(void);
 int qk_cpu_has_fma(void);
+int qk_cpu_has_avx512vnni(void); /* avx512f + avx512bw + avx512vnni */
 
 /* one query against n rows of d elements: out[i] = <q, X[i]> or ||q - X[i]||^2 */
 int qk_dot_1xn(int tq, int tr, const void *q, const void *X, int64_t n, int64_t d, int32_t *out, int isa);
