@@ -334,14 +334,16 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ W4A8: GPTQ-packed int4 weights, int8 activations
-def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q8(x: np.ndarray, *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An activation vector as the W4A8 kernels take it: int8 codes and a float32 scale per block of 32 (llama.cpp's
-    q8_0 rule, reference.quantize_q8)."""
+    q8_0 rule, reference.quantize_q8); the same bytes on every backend."""
     x = np.asarray(x)
     if x.ndim != 1:
         raise InputError(f"activation: expected a 1-D vector, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise InputError("activation holds NaN or Inf")
+    if _resolve(backend) == "native":
+        return _native.quantize_q8(np.ascontiguousarray(x, dtype=np.float32))
     return reference.quantize_q8(x)
 
 

@@ -27,6 +27,7 @@ cdef extern from "qk_kernels.h":
     int qk_hamming(const uint8_t *q, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
     int qk_and_popcount(const uint8_t *planes, int64_t B, const uint8_t *codes, int64_t n, int64_t nbytes, int32_t *out, int isa) nogil
     int qk_fastscan(const uint8_t *lut, int64_t M, const uint8_t *codes, int64_t n, int32_t *out, int isa) nogil
+    void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) nogil
     int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t n_in, int64_t n_out, int32_t *acc,
                        int isa) nogil
     int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
@@ -272,3 +273,17 @@ def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray z
         rc = qk_gemv_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, yp, isa, threads)
     _check_rc(rc)
     return y
+
+
+def quantize_q8(cnp.ndarray x):
+    """(xq int8 (n,), xs float32 (ceil(n/32),)) of a finite float32 vector, q8_0's rule with float32 scales."""
+    _need(x, 1, np.float32, "x")
+    cdef int64_t n = x.shape[0]
+    cdef cnp.ndarray xq = np.empty(n, dtype=np.int8)
+    cdef cnp.ndarray xs = np.empty((n + 31) // 32, dtype=np.float32)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef int8_t *qp = <int8_t *>cnp.PyArray_DATA(xq)
+    cdef float *sp = <float *>cnp.PyArray_DATA(xs)
+    with nogil:
+        qk_quantize_q8(xp, n, qp, sp)
+    return xq, xs

@@ -93,7 +93,8 @@ def quantize_q8(x: np.ndarray, block: int = A8_BLOCK) -> tuple[np.ndarray, np.nd
     d = (np.abs(xb).max(axis=1) / np.float32(127)).astype(np.float32)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
     v = xb * inv[:, None]
-    q = np.trunc(v + np.copysign(np.float32(0.5), v)).astype(np.int8)
+    t = np.trunc(v)  # roundf exactly: trunc(v + 0.5) would round 0.49999997 up (v + 0.5 rounds to 1.0 in float32)
+    q = (t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0)).astype(np.int8)
     return q.reshape(-1)[: len(x)], d
 
 

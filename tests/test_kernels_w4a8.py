@@ -123,3 +123,28 @@ def test_threads_split_outputs_without_changing_a_bit(isa, n_out):
                               one), t
     with pytest.raises(InputError, match="threads"):
         ext.gemv_w4a8(xq, xs, qw, zeros, scales, 64, threads=0, backend="native", isa=isa)
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, _ in BACKENDS}))
+def test_q8_rounding_at_the_half_boundaries(backend):
+    """Values whose scaled form sits at or next to a .5 boundary (0.49999997 must round down, 0.5 away from zero):
+    the same codes as qkit.ggml's q8_0 (llama.cpp's roundf) on every backend."""
+    half = np.float32(0.5)
+    v = np.array([np.nextafter(half, np.float32(0)), half, np.nextafter(half, np.float32(1)), 1.5, 2.5, -0.5,
+                  -np.nextafter(half, np.float32(0)), -2.5, 126.5], np.float32)
+    x = np.concatenate([v, np.full(32 - len(v), 0.0, np.float32)])
+    x[-1] = 127.0  # d = 1 for the block, so x * (1 / d) = x
+    xq, xs = ext.quantize_q8(x, backend=backend)
+    blocks = ggml.quantize(x.reshape(1, -1), "q8_0").reshape(-1, 34)
+    assert xs[0] == 1.0 and np.array_equal(xq, blocks[0, 2:].view(np.int8))
+    assert list(xq[:9]) == [0, 1, 1, 2, 3, -1, 0, -3, 127]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), scale=st.floats(1e-6, 1e6))
+def test_q8_codes_equal_across_backends(n, seed, scale):
+    x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+    want = R.quantize_q8(x)
+    for backend in sorted({b for b, _ in BACKENDS}):
+        xq, xs = ext.quantize_q8(x, backend=backend)
+        assert np.array_equal(xq, want[0]) and np.array_equal(xs, want[1]), backend

@@ -129,6 +129,25 @@ int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t
     return QK_OK;
 }
 
+void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) {
+    for (int64_t b = 0; b * QK_A8_BLOCK < n; b++) {
+        int64_t i0 = b * QK_A8_BLOCK, i1 = i0 + QK_A8_BLOCK < n ? i0 + QK_A8_BLOCK : n;
+        float amax = 0.0f;
+        for (int64_t i = i0; i < i1; i++) {
+            float a = x[i] < 0 ? -x[i] : x[i];
+            if (a > amax) amax = a;
+        }
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        xs[b] = d;
+        for (int64_t i = i0; i < i1; i++) {
+            float v = x[i] * id;
+            float t = (float)(int32_t)v;  /* roundf, exactly: trunc, then a step away from zero at |frac| >= 0.5 */
+            float f = v - t;
+            xq[i] = (int8_t)(t + (f >= 0.5f ? 1.0f : 0.0f) - (f <= -0.5f ? 1.0f : 0.0f));
+        }
+    }
+}
+
 static void sums_of_blocks(const int8_t *xq, int64_t in, int32_t *sx) {
     int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
     for (int64_t b = 0; b < nb; b++) {

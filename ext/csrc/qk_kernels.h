@@ -47,6 +47,9 @@ enum { QK_OP_DOT = 0, QK_OP_L2 = 1 };
 /* ---- W4A8 (kernels_w4a8.c): GPTQ-packed int4 weights (qweight int32 (in/8, out), nibble j of word [k][o] =
  * input 8k+j) against int8 activations quantized per block of QK_A8_BLOCK inputs (q8_0's rule). */
 #define QK_A8_BLOCK 32
+/* xq (n), xs (ceil(n/32)): llama.cpp's quantize_row_q8_0_ref with a float32 scale (d = max|x| / 127 per block,
+ * q = roundf(x * (1 / d))); the caller checks x is finite */
+void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs);
 /* acc (ceil(in/32), out): exact int32 block sums sum_{i in b} q[o][i] * xq[i] */
 int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t out, int32_t *acc, int isa);
 /* y (out) = sum_g scale[g][o] sum_{b in g} xs[b] (acc[b][o] - zero[g][o] sum_{i in b} xq[i]); zeros uint8 and
