@@ -101,17 +101,21 @@ class _Options:
     format: str | None = None
 
     def given(self, name: str) -> bool:
+        """Typed by the user: any value but None; False only for the on/off pairs (--asym, --no-act-order, ...),
+        a plain flag's False being its default."""
         v = getattr(self, name)
-        return v is not None and v is not False or (v is False and name in ("sym", "clip_search", "act_order",
-                                                                           "gptaq", "true_sequential"))
+        return v is not None and (v is not False or name in _OFF_FLAGS)
 
     def flag(self, name: str) -> str:
         """The option as the user typed it."""
-        off = {"act_order": "--no-act-order", "sym": "--asym", "clip_search": "--no-clip-search",
-               "gptaq": "--no-gptaq", "true_sequential": "--no-true-sequential"}
-        if getattr(self, name) is False and name in off:
-            return off[name]
+        if getattr(self, name) is False and name in _OFF_FLAGS:
+            return _OFF_FLAGS[name]
         return "--" + ("round" if name == "rounding" else name.replace("_", "-"))
+
+
+# the on/off option pairs, by the name of their off side
+_OFF_FLAGS = {"act_order": "--no-act-order", "sym": "--asym", "clip_search": "--no-clip-search",
+              "gptaq": "--no-gptaq", "true_sequential": "--no-true-sequential"}
 
 
 def _kw(**kw) -> dict:
@@ -381,7 +385,7 @@ class Recipe:
         g = self.grid
         c = self.config
         rec = {"bits": g.bits, "group_size": g.group_size or -1, "sym": g.symmetric,
-               "clip_search": g.method == "mse" or bool(getattr(c, "clip", False)), "source": source,
+               "clip_search": g.method == "mse" or (isinstance(c, AWQConfig) and c.clip), "source": source,
                "scale_dtype": g.scale_dtype, "min_zero": g.min_zero,
                **({"act_bits": self.act_bits} if self.act_bits else {})}
         if self.method == "gptq":
@@ -395,15 +399,16 @@ class Recipe:
             rec["alpha"] = c.alpha
         return {**rec, "recipe": self.as_dict()}
 
-    def describe(self, name: str, output) -> str:
-        """The line `qkit quantize` prints before the work."""
+    def describe(self, name: str, output, imatrix_tensors: int | None = None) -> str:
+        """The line `qkit quantize` prints before the work (imatrix_tensors: how many the importance matrix holds)."""
         r = self.rotation
         if isinstance(self.grid, GGUFMix):
             c = self.config
             return (f"quantizing {name} to GGUF {self.grid.mix} (llama.cpp's mix rules, "
                     + ("its rounding" if self.method == "rtn" else f"{self.method} in its grids"
                        + (", act-order, static groups" if self.method == "gptq" and c.act_order else ""))
-                    + (", importance matrix" if self.grid.imatrix else "")
+                    + ((f", importance matrix of {imatrix_tensors} tensors" if imatrix_tensors else
+                        ", importance matrix") if self.grid.imatrix else "")
                     + (f", rotated: randomized Hadamard, seed {r.seed}" if r else "") + f") -> {output}")
         g = self.grid
         order = (self.rounding or self.config) if self.method in ("gptq", "awq") else None
@@ -466,8 +471,7 @@ class Recipe:
             if self.method == "rtn":  # the source's norms (the rotated store's are ones)
                 _warn_damped(ref, say)
             ref = rotated_ref(ref, RotateConfig(seed=self.rotation.seed))
-        say(self.describe(ref.name, output).replace(", importance matrix", f", importance matrix of {len(im)} tensors"
-                                                    if im else ", importance matrix"))
+        say(self.describe(ref.name, output, len(im) if im else None))
         if self.method == "rtn":
             return write_gguf(ref, output, self.grid.mix, imatrix=im, progress=progress, inputs=inputs)
         from qkit.gguf.write import check_writable

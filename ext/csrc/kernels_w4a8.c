@@ -186,13 +186,13 @@ static void gemv_scalar(const int8_t *xq, const float *xs, const int32_t *sx, co
 }
 
 #ifdef QK_X86
-/* outputs [o0, o1) (o0 a multiple of 16): 16 at a time, then 8, then the scalar tail */
+/* outputs [o0, o1) (o0 a multiple of 16): 16 at a time (one cache line of each word row), the scalar tail */
 __attribute__((target("avx2"))) static void gemv_avx2(const __m256i *xv, const int8_t *xq, const float *xs,
                                                       const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
                                                       const float *scales, int64_t in, int64_t out, int64_t group,
                                                       int64_t o0, int64_t o1, float *y) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
-    int64_t o16 = o0 + ((o1 - o0) & ~(int64_t)15), o8 = o0 + ((o1 - o0) & ~(int64_t)7);
+    int64_t o16 = o0 + ((o1 - o0) & ~(int64_t)15);
     for (int64_t o = o0; o < o16; o += 16) {
         __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
@@ -218,24 +218,7 @@ __attribute__((target("avx2"))) static void gemv_avx2(const __m256i *xv, const i
         _mm256_storeu_ps(y + o, y0);
         _mm256_storeu_ps(y + o + 8, y1);
     }
-    for (int64_t o = o16; o < o8; o += 8) {
-        __m256 yo = _mm256_setzero_ps();
-        for (int64_t g = 0; g < ng; g++) {
-            __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
-            __m256 t = _mm256_setzero_ps();
-            int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
-            for (int64_t b = g * bpg; b < b1; b++) {
-                int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
-                if (k1 > in / 8) k1 = in / 8;
-                __m256i s = block8_avx2(xv, qw, out, o, k0, k1);
-                s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(sx[b])));
-                t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(xs[b]), _mm256_cvtepi32_ps(s)));
-            }
-            yo = _mm256_add_ps(yo, _mm256_mul_ps(_mm256_loadu_ps(scales + g * out + o), t));
-        }
-        _mm256_storeu_ps(y + o, yo);
-    }
-    if (o8 < o1) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o8, o1, y);
+    if (o16 < o1) gemv_scalar(xq, xs, sx, qw, zeros, scales, in, out, group, o16, o1, y);
 }
 #endif
 
