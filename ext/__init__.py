@@ -25,6 +25,7 @@ W4A8 (the LLM runtime's decode GEMV, kernels_w4a8.c):
   quantize_q8(x)                                    int8 codes + float32 scale per block of 32 (q8_0's rule)
   w4a8_blocks(xq, qweight)                          exact int32 block sums against GPTQ's qweight (in/8, out)
   gemv_w4a8(xq, xs, qweight, zeros, scales, g)      y = W x, zero points and scales per (group, output)
+  gemm_w4a8(xq, xs, qweight, zeros, scales, g)      the same for many tokens at once (prefill), bit for bit
 """
 from __future__ import annotations
 
@@ -338,10 +339,17 @@ def quantize_q8(x: np.ndarray, *, backend: str | None = None) -> tuple[np.ndarra
     """An activation vector as the W4A8 kernels take it: int8 codes and a float32 scale per block of 32 (llama.cpp's
     q8_0 rule, reference.quantize_q8); the same bytes on every backend."""
     x = np.asarray(x)
-    if x.ndim != 1:
-        raise InputError(f"activation: expected a 1-D vector, got shape {x.shape}")
+    if x.ndim not in (1, 2):
+        raise InputError(f"activation: expected a vector or a (tokens, features) matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise InputError("activation holds NaN or Inf")
+    if x.ndim == 2:  # one token per row, each row on its own blocks
+        if _resolve(backend) == "native":
+            return _native.quantize_q8_rows(np.ascontiguousarray(x, dtype=np.float32))
+        rows = [reference.quantize_q8(r) for r in x]
+        nb = -(-x.shape[1] // 32)
+        return (np.stack([q for q, _ in rows]) if rows else np.empty((0, x.shape[1]), np.int8),
+                np.stack([s for _, s in rows]) if rows else np.empty((0, nb), np.float32))
     if _resolve(backend) == "native":
         return _native.quantize_q8(np.ascontiguousarray(x, dtype=np.float32))
     return reference.quantize_q8(x)
@@ -372,6 +380,22 @@ def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, *, backend: str | None = No
     return reference.w4a8_blocks(xq, qweight)
 
 
+def _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, xs_shape) -> int:
+    g = n_in if group_size is None or group_size >= n_in else int(group_size)
+    if g <= 0 or (g % 32 and g < n_in):
+        raise InputError(f"group size {group_size}: the W4A8 kernel takes a multiple of 32, or one group per row")
+    ng = -(-n_in // g)
+    if xs.shape != xs_shape:
+        raise InputError(f"xs: {n_in} inputs need {-(-n_in // 32)} block scales per token, got shape {xs.shape}")
+    if zeros.shape != (ng, n_out) or scales.shape != (ng, n_out):
+        raise InputError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape} and {scales.shape}")
+    if zeros.size and zeros.max() > 15:
+        raise InputError(f"zeros must lie in 0..15 for 4-bit codes, got {int(zeros.max())}")
+    if not 1 <= int(threads) <= 256:
+        raise InputError(f"threads must lie in 1..256, got {threads}")
+    return g
+
+
 def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
               group_size: int | None, *, threads: int = 1, backend: str | None = None,
               isa: str | None = None) -> np.ndarray:
@@ -380,28 +404,17 @@ def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.nda
     activation quantize_q8 made: sum over groups of scale * sum over blocks of xs * (acc - zero * sum xq).
 
     group_size: a multiple of 32, or None / >= in for one group per row. Contiguous groups (g_idx = i // g):
-    act-order files are permuted once at load (the runtime's job), not here. threads: POSIX threads of the
-    native backend (the caller's included), each on whole 16-output lines; the result does not depend on it."""
+    act-order files are permuted once at load (the runtime's job), not here. threads: the native backend's
+    pool threads (the caller's included), each on whole 16-output lines; the result does not depend on it."""
     n_in, n_out = _w4a8_shapes(xq, qweight)
     xs = _check("xs", xs, 1, (np.dtype(np.float32),))
     zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
     scales = _check("scales", scales, 2, (np.dtype(np.float32),))
-    g = n_in if group_size is None or group_size >= n_in else int(group_size)
-    if g <= 0 or (g % 32 and g < n_in):
-        raise InputError(f"group size {group_size}: the W4A8 kernel takes a multiple of 32, or one group per row")
-    ng = -(-n_in // g)
-    if xs.shape[0] != -(-n_in // 32):
-        raise InputError(f"xs: {n_in} inputs need {-(-n_in // 32)} block scales, got {xs.shape[0]}")
-    if zeros.shape != (ng, n_out) or scales.shape != (ng, n_out):
-        raise InputError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape} and {scales.shape}")
-    if zeros.size and zeros.max() > 15:
-        raise InputError(f"zeros must lie in 0..15 for 4-bit codes, got {int(zeros.max())}")
-    if not 1 <= int(threads) <= 256:
-        raise InputError(f"threads must lie in 1..256, got {threads}")
+    g = _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, (-(-n_in // 32),))
     b = _resolve(backend)
     if b == "native":
-        return _native.gemv_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa or best_isa_w4a8(), W4A8_ISAS),
-                                 int(threads))
+        return _native.gemm_w4a8(xq[None], xs[None], qweight, zeros, scales, g,
+                                 _isa_code(isa or best_isa_w4a8(), W4A8_ISAS), int(threads))[0]
     if b == "numba":
         from qkit.ext import _numba
 
@@ -409,3 +422,33 @@ def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.nda
         _numba.gemv_w4a8(xq, xs, qweight, zeros, scales, g, y)
         return y
     return reference.gemv_w4a8(xq, xs, qweight, zeros, scales, g)
+
+
+def gemm_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
+              group_size: int | None, *, threads: int = 1, backend: str | None = None,
+              isa: str | None = None) -> np.ndarray:
+    """Y (tokens, out) = X W^T for tokens quantized row by row (quantize_q8 of a matrix): gemv_w4a8 of every
+    row, bit for bit, with each weight line read once for all the tokens (prefill)."""
+    xq = _check("xq", xq, 2, (np.dtype(np.int8),))
+    _check("qweight", qweight, 2, (np.dtype(np.int32),))
+    n_in, n_out = qweight.shape[0] * 8, qweight.shape[1]
+    if xq.shape[1] != n_in:
+        raise InputError(f"qweight holds {n_in} inputs (8 per int32 word), the activation rows {xq.shape[1]}")
+    if xq.shape[0] < 1:
+        raise InputError("the activation has no rows")
+    xs = _check("xs", xs, 2, (np.dtype(np.float32),))
+    zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
+    scales = _check("scales", scales, 2, (np.dtype(np.float32),))
+    g = _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, (xq.shape[0], -(-n_in // 32)))
+    b = _resolve(backend)
+    if b == "native":
+        return _native.gemm_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa or best_isa_w4a8(), W4A8_ISAS),
+                                 int(threads))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        y = np.empty((xq.shape[0], n_out), np.float32)
+        for t in range(xq.shape[0]):
+            _numba.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g, y[t])
+        return y
+    return np.stack([reference.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g) for t in range(xq.shape[0])])

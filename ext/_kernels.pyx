@@ -33,6 +33,10 @@ cdef extern from "qk_kernels.h":
     int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
                      const float *scales, int64_t n_in, int64_t n_out, int64_t group, float *y, int isa,
                      int threads) nogil
+    int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                     const float *scales, int64_t n_in, int64_t n_out, int64_t group, int64_t m, float *y, int isa,
+                     int threads) nogil
+    int qk_pool_threads() nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
@@ -243,25 +247,29 @@ def w4a8_blocks(cnp.ndarray xq, cnp.ndarray qweight, int isa):
     return acc
 
 
-def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
+def gemm_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
               int64_t group, int isa, int threads=1):
-    """y (out,) float32 of GPTQ-packed int4 weights against int8 activations with per-block scales."""
-    _need(xq, 1, np.int8, "xq")
-    _need(xs, 1, np.float32, "xs")
+    """y (m, out) float32 of GPTQ-packed int4 weights against m int8 activation rows with per-block scales."""
+    _need(xq, 2, np.int8, "xq")
+    _need(xs, 2, np.float32, "xs")
     _need(qweight, 2, np.int32, "qweight")
     _need(zeros, 2, np.uint8, "zeros")
     _need(scales, 2, np.float32, "scales")
-    cdef int64_t n_in = qweight.shape[0] * 8, n_out = qweight.shape[1]
+    cdef int64_t n_in = qweight.shape[0] * 8, n_out = qweight.shape[1], m = xq.shape[0]
     cdef int64_t ng = (n_in + group - 1) // group if group > 0 else 0
-    if xq.shape[0] != n_in or xs.shape[0] != (n_in + 31) // 32:
+    if m < 1 or xs.shape[0] != m:
+        raise ValueError(f"xq and xs must hold the same m >= 1 rows, got {xq.shape[0]} and {xs.shape[0]}")
+    if xq.shape[1] != n_in or xs.shape[1] != (n_in + 31) // 32:
         raise ValueError(f"qweight holds {n_in} inputs: the activation needs {n_in} codes and {(n_in + 31) // 32} "
-                         f"block scales, got {xq.shape[0]} and {xs.shape[0]}")
+                         f"block scales per row, got {xq.shape[1]} and {xs.shape[1]}")
     if group <= 0 or (group % 32 and group < n_in):
         raise ValueError(f"group size {group}: the kernel needs a multiple of 32, or one group per row")
     if zeros.shape[0] != ng or zeros.shape[1] != n_out or scales.shape[0] != ng or scales.shape[1] != n_out:
         raise ValueError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape[0]}x{zeros.shape[1]} and "
                          f"{scales.shape[0]}x{scales.shape[1]}")
-    cdef cnp.ndarray y = np.empty(n_out, dtype=np.float32)
+    if threads < 1 or threads > 256:
+        raise ValueError(f"threads must be 1..256, got {threads}")
+    cdef cnp.ndarray y = np.empty((m, n_out), dtype=np.float32)
     cdef const int8_t *xp = <const int8_t *>cnp.PyArray_DATA(xq)
     cdef const float *sp = <const float *>cnp.PyArray_DATA(xs)
     cdef const int32_t *wp = <const int32_t *>cnp.PyArray_DATA(qweight)
@@ -270,9 +278,29 @@ def gemv_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray z
     cdef float *yp = <float *>cnp.PyArray_DATA(y)
     cdef int rc
     with nogil:
-        rc = qk_gemv_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, yp, isa, threads)
+        rc = qk_gemm_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, m, yp, isa, threads)
     _check_rc(rc)
     return y
+
+
+def pool_threads():
+    """Threads in the runtime's pool (the caller counts as one)."""
+    return qk_pool_threads()
+
+
+def quantize_q8_rows(cnp.ndarray x):
+    """Each row of a finite float32 (m, n) matrix as quantize_q8 codes it: (xq (m, n), xs (m, ceil(n/32)))."""
+    _need(x, 2, np.float32, "x")
+    cdef int64_t m = x.shape[0], n = x.shape[1], nb = (x.shape[1] + 31) // 32, r
+    cdef cnp.ndarray xq = np.empty((m, n), dtype=np.int8)
+    cdef cnp.ndarray xs = np.empty((m, nb), dtype=np.float32)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef int8_t *qp = <int8_t *>cnp.PyArray_DATA(xq)
+    cdef float *sp = <float *>cnp.PyArray_DATA(xs)
+    with nogil:
+        for r in range(m):
+            qk_quantize_q8(xp + r * n, n, qp + r * n, sp + r * nb)
+    return xq, xs
 
 
 def quantize_q8(cnp.ndarray x):

@@ -148,3 +148,52 @@ def test_q8_codes_equal_across_backends(n, seed, scale):
     for backend in sorted({b for b, _ in BACKENDS}):
         xq, xs = ext.quantize_q8(x, backend=backend)
         assert np.array_equal(xq, want[0]) and np.array_equal(xs, want[1]), backend
+
+
+# ------------------------------------------------------------------ prefill: many tokens per call
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("m,n_in,n_out,g", [(1, 128, 16, 32), (3, 136, 17, 64), (4, 576, 40, 128), (9, 200, 8, 96),
+                                            (13, 40, 33, None)])
+def test_gemm_is_the_gemv_of_every_row_bit_for_bit(backend, isa, m, n_in, n_out, g):
+    """Token tiles of 4 with 1..3 left over, 16- and 8-output lines with scalar tails: every row equals the GEMV of
+    that row on the same path exactly (the same integers in the same float order)."""
+    rng = np.random.default_rng(m * n_in + n_out)
+    gg = n_in if g is None else g
+    codes, zeros, scales, _ = affine_case(rng, n_in, n_out, gg)
+    X = (rng.standard_normal((m, n_in)) * rng.random((m, 1)) * 4).astype(np.float32)
+    xq, xs = ext.quantize_q8(X, backend=backend)
+    qw = packed(codes)
+    Y = ext.gemm_w4a8(xq, xs, qw, zeros, scales, g, backend=backend, isa=isa, threads=2)
+    assert Y.shape == (m, n_out) and Y.dtype == np.float32
+    for t in range(m):
+        q1, s1 = ext.quantize_q8(X[t], backend=backend)
+        assert np.array_equal(q1, xq[t]) and np.array_equal(s1, xs[t])
+        assert np.array_equal(Y[t], ext.gemv_w4a8(q1, s1, qw, zeros, scales, g, backend=backend, isa=isa)), t
+    ref = np.stack([R.gemv_w4a8(xq[t], xs[t], qw, zeros, scales, gg) for t in range(m)])
+    assert np.allclose(Y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", [i for b, i in BACKENDS if b == "native"])
+def test_gemm_threads_do_not_change_a_bit(isa):
+    rng = np.random.default_rng(5)
+    codes, zeros, scales, _ = affine_case(rng, 256, 200, 64)
+    xq, xs = ext.quantize_q8(rng.standard_normal((6, 256)).astype(np.float32))
+    qw = packed(codes)
+    one = ext.gemm_w4a8(xq, xs, qw, zeros, scales, 64, backend="native", isa=isa)
+    for t in (2, 3, 5, 13, 64):
+        assert np.array_equal(ext.gemm_w4a8(xq, xs, qw, zeros, scales, 64, threads=t, backend="native", isa=isa), one)
+
+
+def test_gemm_bad_input_is_one_clear_error():
+    rng = np.random.default_rng(1)
+    codes, zeros, scales, _ = affine_case(rng, 64, 16, 32)
+    qw = packed(codes)
+    xq, xs = ext.quantize_q8(rng.standard_normal((2, 64)).astype(np.float32))
+    with pytest.raises(InputError, match="rows"):
+        ext.gemm_w4a8(xq[:, :32].copy(), xs, qw, zeros, scales, 32)
+    with pytest.raises(InputError, match="block scales"):
+        ext.gemm_w4a8(xq, xs[:1].copy(), qw, zeros, scales, 32)
+    with pytest.raises(InputError, match="2-D"):
+        ext.gemm_w4a8(xq[0], xs, qw, zeros, scales, 32)
+    with pytest.raises(InputError, match="NaN"):
+        ext.quantize_q8(np.full((2, 8), np.nan, np.float32))

@@ -129,7 +129,7 @@ int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t
     return QK_OK;
 }
 
-void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) {
+static void quantize_q8_scalar(const float *x, int64_t n, int8_t *xq, float *xs) {
     for (int64_t b = 0; b * QK_A8_BLOCK < n; b++) {
         int64_t i0 = b * QK_A8_BLOCK, i1 = i0 + QK_A8_BLOCK < n ? i0 + QK_A8_BLOCK : n;
         float amax = 0.0f;
@@ -146,6 +146,58 @@ void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) {
             xq[i] = (int8_t)(t + (f >= 0.5f ? 1.0f : 0.0f) - (f <= -0.5f ? 1.0f : 0.0f));
         }
     }
+}
+
+#ifdef QK_X86
+/* the same arithmetic 8 lanes at a time (whole blocks of 32; a ragged last block goes to the scalar code):
+ * max|x| is order-free, and x * id, trunc and the half step are the scalar code's IEEE operations, so the
+ * bytes are identical */
+__attribute__((target("avx2"))) static void quantize_q8_avx2(const float *x, int64_t n, int8_t *xq, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), mhalf = _mm256_set1_ps(-0.5f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t full = n / QK_A8_BLOCK;
+    for (int64_t b = 0; b < full; b++) {
+        const float *p = x + b * QK_A8_BLOCK;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int r = 0; r < 4; r++) {
+            v[r] = _mm256_loadu_ps(p + 8 * r);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[r]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        float amax = _mm_cvtss_f32(h);
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        xs[b] = d;
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int r = 0; r < 4; r++) {
+            __m256 a = _mm256_mul_ps(v[r], vid);
+            __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __m256 f = _mm256_sub_ps(a, t);
+            t = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(f, half, _CMP_GE_OQ), one));
+            t = _mm256_sub_ps(t, _mm256_and_ps(_mm256_cmp_ps(f, mhalf, _CMP_LE_OQ), one));
+            q[r] = _mm256_cvttps_epi32(t);
+        }
+        /* int32 -> int8 in order: packs work per 128-bit lane, the permute puts the lanes back */
+        __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i bytes = _mm256_packs_epi16(w01, w23);
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + b * QK_A8_BLOCK), bytes);
+    }
+    if (full * QK_A8_BLOCK < n)
+        quantize_q8_scalar(x + full * QK_A8_BLOCK, n - full * QK_A8_BLOCK, xq + full * QK_A8_BLOCK, xs + full);
+}
+#endif
+
+void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) {
+#ifdef QK_X86
+    if (qk_cpu_has_avx2()) {
+        quantize_q8_avx2(x, n, xq, xs);
+        return;
+    }
+#endif
+    quantize_q8_scalar(x, n, xq, xs);
 }
 
 static void sums_of_blocks(const int8_t *xq, int64_t in, int32_t *sx) {
@@ -263,52 +315,188 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_vnni(con
 #endif
 
 /* the activation's bytes as dpbusd operands, once per call: (x[8k], x[8k+2], x[8k+4], x[8k+6]) and the odd ones */
-static uint32_t *quads(const int8_t *xq, int64_t in) {
-    uint32_t *xp = (uint32_t *)malloc((size_t)(in / 8) * 2 * sizeof(uint32_t) + 8);
-    if (!xp) return NULL;
+static void quads_into(const int8_t *xq, int64_t in, uint32_t *xp) {
     for (int64_t k = 0; k < in / 8; k++) {
         const uint8_t *x = (const uint8_t *)(xq + 8 * k);
         xp[2 * k] = x[0] | (uint32_t)x[2] << 8 | (uint32_t)x[4] << 16 | (uint32_t)x[6] << 24;
         xp[2 * k + 1] = x[1] | (uint32_t)x[3] << 8 | (uint32_t)x[5] << 16 | (uint32_t)x[7] << 24;
     }
-    return xp;
 }
 
-/* one thread's share of the outputs; thread 0 is the caller (explicit threads, no pool, no busy-wait) */
+#ifdef QK_X86
+/* Prefill: T tokens against one 16-output line. Each word row of the line is loaded and split into nibbles
+ * once and used by the T tokens (the line, in / 8 rows of 64 bytes, then stays in L1 for the next tile), so
+ * the weight bytes are read from memory once per call, not once per token. The integers and the float order
+ * per token are the GEMV's exactly. xp: the tokens' quads, 2 * (in / 8) words per token. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void tile_vnni(
+    const int T, const uint32_t *xp, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t o, float *y) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    int64_t words = 2 * (in / 8);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 yo[4];
+    for (int t = 0; t < T; t++) yo[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + g * out + o)));
+        __m512 tg[4];
+        for (int t = 0; t < T; t++) tg[t] = _mm512_setzero_ps();
+        int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+            if (k1 > in / 8) k1 = in / 8;
+            __m512i s[4];
+            for (int t = 0; t < T; t++) s[t] = _mm512_setzero_si512();
+            for (int64_t k = k0; k < k1; k++) {
+                __m512i w = _mm512_loadu_si512((const void *)(qw + k * out + o));
+                __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+                for (int t = 0; t < T; t++) {
+                    const uint32_t *x = xp + t * words + 2 * k;
+                    s[t] = _mm512_dpbusd_epi32(s[t], lo, _mm512_set1_epi32((int32_t)x[0]));
+                    s[t] = _mm512_dpbusd_epi32(s[t], hi, _mm512_set1_epi32((int32_t)x[1]));
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                __m512i c = _mm512_sub_epi32(s[t], _mm512_mullo_epi32(z, _mm512_set1_epi32(sx[t * nb + b])));
+                tg[t] = _mm512_add_ps(tg[t], _mm512_mul_ps(_mm512_set1_ps(xs[t * nb + b]), _mm512_cvtepi32_ps(c)));
+            }
+        }
+        __m512 sc = _mm512_loadu_ps(scales + g * out + o);
+        for (int t = 0; t < T; t++) yo[t] = _mm512_add_ps(yo[t], _mm512_mul_ps(sc, tg[t]));
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * out + o, yo[t]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemm_vnni(
+    const uint32_t *xp, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, int64_t o0, int64_t o1, float *y) {
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK, words = 2 * (in / 8);
+    for (int64_t o = o0; o + 16 <= o1; o += 16) {
+        int64_t t = 0;
+        for (; t + 4 <= m; t += 4)
+            tile_vnni(4, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o, y + t * out);
+        switch (m - t) {
+            case 3: tile_vnni(3, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            case 2: tile_vnni(2, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            case 1: tile_vnni(1, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            default: break;
+        }
+    }
+}
+
+/* the same tile on AVX2: 8 outputs per ymm (half a line), maddubs into int16 per block as block8_avx2 does */
+__attribute__((target("avx2"), always_inline)) static inline void tile_avx2(
+    const int T, const uint32_t *xp, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t o, float *y) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    int64_t words = 2 * (in / 8);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 yo[4];
+    for (int t = 0; t < T; t++) yo[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
+        __m256 tg[4];
+        for (int t = 0; t < T; t++) tg[t] = _mm256_setzero_ps();
+        int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
+            if (k1 > in / 8) k1 = in / 8;
+            __m256i a[4];
+            for (int t = 0; t < T; t++) a[t] = _mm256_setzero_si256();
+            for (int64_t k = k0; k < k1; k++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(qw + k * out + o));
+                __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+                for (int t = 0; t < T; t++) {
+                    const uint32_t *x = xp + t * words + 2 * k;
+                    a[t] = _mm256_add_epi16(a[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32((int32_t)x[0])));
+                    a[t] = _mm256_add_epi16(a[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32((int32_t)x[1])));
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                __m256i c = _mm256_sub_epi32(_mm256_madd_epi16(a[t], ones),
+                                             _mm256_mullo_epi32(z, _mm256_set1_epi32(sx[t * nb + b])));
+                tg[t] = _mm256_add_ps(tg[t], _mm256_mul_ps(_mm256_set1_ps(xs[t * nb + b]), _mm256_cvtepi32_ps(c)));
+            }
+        }
+        __m256 sc = _mm256_loadu_ps(scales + g * out + o);
+        for (int t = 0; t < T; t++) yo[t] = _mm256_add_ps(yo[t], _mm256_mul_ps(sc, tg[t]));
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(y + t * out + o, yo[t]);
+}
+
+__attribute__((target("avx2"))) static void gemm_avx2(
+    const uint32_t *xp, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, int64_t o0, int64_t o1, float *y) {
+    int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK, words = 2 * (in / 8);
+    for (int64_t o = o0; o + 8 <= o1; o += 8) {
+        int64_t t = 0;
+        for (; t + 4 <= m; t += 4)
+            tile_avx2(4, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o, y + t * out);
+        switch (m - t) {
+            case 3: tile_avx2(3, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            case 2: tile_avx2(2, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            case 1: tile_avx2(1, xp + t * words, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o,
+                              y + t * out); break;
+            default: break;
+        }
+    }
+}
+#endif
+
+/* one call's work: m tokens, outputs split over the pool's parts in whole 16-output lines */
 typedef struct {
-    const void *xv;
+    const void *xv;      /* GEMV on AVX2: the activation's maddubs pairs */
+    const uint32_t *xp;  /* the tokens' quads (VNNI GEMV, every GEMM path) */
     const int8_t *xq;
     const float *xs;
     const int32_t *sx, *qw;
     const uint8_t *zeros;
     const float *scales;
-    int64_t in, out, group, o0, o1;
+    int64_t in, out, group, m;
     float *y;
     int isa;
-} gemv_job;
+} w4a8_job;
 
-static void *gemv_run(void *arg) {
-    gemv_job *j = (gemv_job *)arg;
+static void w4a8_part(void *arg, int part, int parts) {
+    const w4a8_job *j = (const w4a8_job *)arg;
+    int64_t chunk = ((j->out + parts - 1) / parts + 15) & ~(int64_t)15;
+    int64_t o0 = part * chunk, o1 = o0 + chunk < j->out ? o0 + chunk : j->out;
+    if (o0 >= o1) return;
+    int64_t nb = (j->in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
 #ifdef QK_X86
-    if (j->isa == QK_ISA_VNNI) {
-        gemv_vnni((const uint32_t *)j->xv, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group,
-                  j->o0, j->o1, j->y);
-        return NULL;
+    if (j->m == 1 && j->isa == QK_ISA_VNNI) {
+        gemv_vnni(j->xp, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, o0, o1, j->y);
+        return;
     }
-    if (j->isa == QK_ISA_AVX2) {
+    if (j->m == 1 && j->isa == QK_ISA_AVX2) {
         gemv_avx2((const __m256i *)j->xv, j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group,
-                  j->o0, j->o1, j->y);
-        return NULL;
+                  o0, o1, j->y);
+        return;
+    }
+    if (j->isa != QK_ISA_SCALAR) {
+        int64_t lane = j->isa == QK_ISA_VNNI ? 16 : 8, oe = o0 + ((o1 - o0) / lane) * lane;
+        if (j->isa == QK_ISA_VNNI)
+            gemm_vnni(j->xp, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, j->m, o0, oe, j->y);
+        else
+            gemm_avx2(j->xp, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, j->m, o0, oe, j->y);
+        o0 = oe;
+        if (o0 >= o1) return;
     }
 #endif
-    gemv_scalar(j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, j->o0, j->o1, j->y);
-    return NULL;
+    for (int64_t t = 0; t < j->m; t++)
+        gemv_scalar(j->xq + t * j->in, j->xs + t * nb, j->sx + t * nb, j->qw, j->zeros, j->scales, j->in, j->out,
+                    j->group, o0, o1, j->y + t * j->out);
 }
 
-int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
-                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa, int threads) {
-    if (in <= 0 || out <= 0 || in % 8 || group <= 0 || (group % QK_A8_BLOCK && group < in) || threads < 1 ||
-        threads > QK_MAX_THREADS)
+int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, float *y, int isa,
+                 int threads) {
+    if (in <= 0 || out <= 0 || m <= 0 || in % 8 || group <= 0 || (group % QK_A8_BLOCK && group < in) ||
+        threads < 1 || threads > QK_MAX_THREADS)
         return QK_EARG;
     if (group > in) group = in;
 #ifdef QK_X86
@@ -317,35 +505,37 @@ int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
 #else
     if (isa != QK_ISA_SCALAR) return QK_EARG;
 #endif
-    int avx2 = isa == QK_ISA_AVX2;
     int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
     /* one group per row that is not a multiple of 32: its blocks still start at 0, 32, ...; bpg counts them */
     int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
-    int32_t *sx = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
+    int32_t *sx = (int32_t *)malloc((size_t)(m * nb) * sizeof(int32_t));
     if (!sx) return QK_ENOMEM;
-    sums_of_blocks(xq, in, sx);
+    for (int64_t t = 0; t < m; t++) sums_of_blocks(xq + t * in, in, sx + t * nb);
     void *xv = NULL;
+    uint32_t *xp = NULL;
+    int rc = QK_OK;
 #ifdef QK_X86
-    if (avx2 && !(xv = pairs_avx2(xq, in))) { free(sx); return QK_ENOMEM; }
+    if (isa == QK_ISA_AVX2 && m == 1 && !(xv = pairs_avx2(xq, in))) rc = QK_ENOMEM;
 #endif
-    if (isa == QK_ISA_VNNI && !(xv = quads(xq, in))) { free(sx); return QK_ENOMEM; }
-    /* outputs split in chunks of whole 16-output lines, one chunk per thread */
-    int64_t chunk = ((out + threads - 1) / threads + 15) & ~(int64_t)15;
-    int n = (int)((out + chunk - 1) / chunk);
-    gemv_job jobs[QK_MAX_THREADS];
-    pthread_t tid[QK_MAX_THREADS];
-    int started = 0, rc = QK_OK;
-    for (int t = 0; t < n; t++) {
-        int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-        jobs[t] = (gemv_job){xv, xq, xs, sx, qweight, zeros, scales, in, out, g_eff, o0, o1, y, isa};
+    if (rc == QK_OK && isa != QK_ISA_SCALAR && !(isa == QK_ISA_AVX2 && m == 1)) {
+        int64_t words = 2 * (in / 8);
+        xp = (uint32_t *)malloc((size_t)(m * words) * sizeof(uint32_t) + 8);
+        if (!xp) rc = QK_ENOMEM;
+        for (int64_t t = 0; xp && t < m; t++) quads_into(xq + t * in, in, xp + t * words);
     }
-    for (int t = 1; t < n; t++) {
-        if (pthread_create(&tid[t], NULL, gemv_run, &jobs[t]) != 0) { rc = QK_ENOMEM; break; }
-        started = t;
+    if (rc == QK_OK) {
+        w4a8_job job = {xv, xp, xq, xs, sx, qweight, zeros, scales, in, out, g_eff, m, y, isa};
+        int64_t lines = (out + 15) / 16;
+        int parts = threads < lines ? threads : (int)lines;
+        rc = qk_parallel(w4a8_part, &job, parts);
     }
-    if (rc == QK_OK) gemv_run(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(tid[t], NULL);
     free(xv);
+    free(xp);
     free(sx);
     return rc;
+}
+
+int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa, int threads) {
+    return qk_gemm_w4a8(xq, xs, qweight, zeros, scales, in, out, group, 1, y, isa, threads);
 }

@@ -57,5 +57,17 @@ int qk_w4a8_blocks(const int8_t *xq, const int32_t *qweight, int64_t in, int64_t
  * over `threads` POSIX threads (the caller is one), each on whole 16-output lines */
 int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
                  const float *scales, int64_t in, int64_t out, int64_t group, float *y, int isa, int threads);
+/* the same for m tokens at once (prefill): xq (m, in), xs (m, ceil(in/32)), y (m, out); each weight line is
+ * read once per call and serves every token (tiles of 4 tokens); per token the integers and float order are
+ * the GEMV's */
+int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, float *y, int isa,
+                 int threads);
 #define QK_MAX_THREADS 256
+
+/* ---- the runtime's thread pool (pool.c): fn(ctx, part, parts) for part = 0 .. parts - 1, part 0 on the
+ * caller, the others on persistent workers that spin briefly and then sleep (no long busy-wait) */
+typedef void (*qk_task_fn)(void *ctx, int part, int parts);
+int qk_parallel(qk_task_fn fn, void *ctx, int parts);
+int qk_pool_threads(void);
 #endif
