@@ -17,7 +17,7 @@ if os.environ.get("QKIT_NATIVE") == "1":  # opt-in for local experiments only
 ext = Extension(
     "qkit.ext._kernels",
     sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/kernels_w4a8.c",
-             "ext/csrc/pool.c", "ext/csrc/cpu.c"],
+             "ext/csrc/kernels_w8a8.c", "ext/csrc/pool.c", "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
     extra_compile_args=extra + ["-pthread"],  # the runtime kernels' thread pool (pool.c)
     extra_link_args=["-pthread"],

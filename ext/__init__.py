@@ -26,6 +26,7 @@ W4A8 (the LLM runtime's decode GEMV, kernels_w4a8.c):
   w4a8_blocks(xq, qweight)                          exact int32 block sums against GPTQ's qweight (in/8, out)
   gemv_w4a8(xq, xs, qweight, zeros, scales, g)      y = W x, zero points and scales per (group, output)
   gemm_w4a8(xq, xs, qweight, zeros, scales, g)      the same for many tokens at once (prefill), bit for bit
+  gemv_w8a8 / gemm_w8a8                            the same sums over GPTQ's 8-bit layout (in/4, out)
 """
 from __future__ import annotations
 
@@ -380,20 +381,54 @@ def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, *, backend: str | None = No
     return reference.w4a8_blocks(xq, qweight)
 
 
-def _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, xs_shape) -> int:
+def _a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, xs_shape, bits) -> int:
     g = n_in if group_size is None or group_size >= n_in else int(group_size)
     if g <= 0 or (g % 32 and g < n_in):
-        raise InputError(f"group size {group_size}: the W4A8 kernel takes a multiple of 32, or one group per row")
+        raise InputError(f"group size {group_size}: the A8 kernels take a multiple of 32, or one group per row")
     ng = -(-n_in // g)
     if xs.shape != xs_shape:
         raise InputError(f"xs: {n_in} inputs need {-(-n_in // 32)} block scales per token, got shape {xs.shape}")
     if zeros.shape != (ng, n_out) or scales.shape != (ng, n_out):
         raise InputError(f"zeros and scales must be ({ng}, {n_out}), got {zeros.shape} and {scales.shape}")
-    if zeros.size and zeros.max() > 15:
-        raise InputError(f"zeros must lie in 0..15 for 4-bit codes, got {int(zeros.max())}")
+    if zeros.size and int(zeros.max()) >= 1 << bits:
+        raise InputError(f"zeros must lie in 0..{(1 << bits) - 1} for {bits}-bit codes, got {int(zeros.max())}")
     if not 1 <= int(threads) <= 256:
         raise InputError(f"threads must lie in 1..256, got {threads}")
     return g
+
+
+def _gemm_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, bits) -> np.ndarray:
+    xq = _check("xq", xq, 2, (np.dtype(np.int8),))
+    _check("qweight", qweight, 2, (np.dtype(np.int32),))
+    per = 32 // bits
+    n_in, n_out = qweight.shape[0] * per, qweight.shape[1]
+    if xq.shape[1] != n_in:
+        raise InputError(f"qweight holds {n_in} inputs ({per} per int32 word), the activation rows {xq.shape[1]}")
+    if xq.shape[0] < 1:
+        raise InputError("the activation has no rows")
+    xs = _check("xs", xs, 2, (np.dtype(np.float32),))
+    zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
+    scales = _check("scales", scales, 2, (np.dtype(np.float32),))
+    g = _a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, (xq.shape[0], -(-n_in // 32)), bits)
+    b = _resolve(backend)
+    if b == "native":
+        return _native.gemm_a8(xq, xs, qweight, zeros, scales, g, bits,
+                               _isa_code(isa or best_isa_w4a8(), W4A8_ISAS), int(threads))
+    if b == "numba":
+        from qkit.ext import _numba
+
+        y = np.empty((xq.shape[0], n_out), np.float32)
+        for t in range(xq.shape[0]):
+            _numba.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g, y[t], bits)
+        return y
+    return np.stack([reference.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g, bits=bits)
+                     for t in range(xq.shape[0])])
+
+
+def _gemv_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, bits) -> np.ndarray:
+    _check("xq", xq, 1, (np.dtype(np.int8),))
+    xs = _check("xs", xs, 1, (np.dtype(np.float32),))
+    return _gemm_a8(xq[None], xs[None], qweight, zeros, scales, group_size, threads, backend, isa, bits)[0]
 
 
 def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
@@ -406,22 +441,7 @@ def gemv_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.nda
     group_size: a multiple of 32, or None / >= in for one group per row. Contiguous groups (g_idx = i // g):
     act-order files are permuted once at load (the runtime's job), not here. threads: the native backend's
     pool threads (the caller's included), each on whole 16-output lines; the result does not depend on it."""
-    n_in, n_out = _w4a8_shapes(xq, qweight)
-    xs = _check("xs", xs, 1, (np.dtype(np.float32),))
-    zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
-    scales = _check("scales", scales, 2, (np.dtype(np.float32),))
-    g = _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, (-(-n_in // 32),))
-    b = _resolve(backend)
-    if b == "native":
-        return _native.gemm_w4a8(xq[None], xs[None], qweight, zeros, scales, g,
-                                 _isa_code(isa or best_isa_w4a8(), W4A8_ISAS), int(threads))[0]
-    if b == "numba":
-        from qkit.ext import _numba
-
-        y = np.empty(n_out, np.float32)
-        _numba.gemv_w4a8(xq, xs, qweight, zeros, scales, g, y)
-        return y
-    return reference.gemv_w4a8(xq, xs, qweight, zeros, scales, g)
+    return _gemv_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, 4)
 
 
 def gemm_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
@@ -429,26 +449,19 @@ def gemm_w4a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.nda
               isa: str | None = None) -> np.ndarray:
     """Y (tokens, out) = X W^T for tokens quantized row by row (quantize_q8 of a matrix): gemv_w4a8 of every
     row, bit for bit, with each weight line read once for all the tokens (prefill)."""
-    xq = _check("xq", xq, 2, (np.dtype(np.int8),))
-    _check("qweight", qweight, 2, (np.dtype(np.int32),))
-    n_in, n_out = qweight.shape[0] * 8, qweight.shape[1]
-    if xq.shape[1] != n_in:
-        raise InputError(f"qweight holds {n_in} inputs (8 per int32 word), the activation rows {xq.shape[1]}")
-    if xq.shape[0] < 1:
-        raise InputError("the activation has no rows")
-    xs = _check("xs", xs, 2, (np.dtype(np.float32),))
-    zeros = _check("zeros", zeros, 2, (np.dtype(np.uint8),))
-    scales = _check("scales", scales, 2, (np.dtype(np.float32),))
-    g = _w4a8_args(n_in, n_out, xs, zeros, scales, group_size, threads, (xq.shape[0], -(-n_in // 32)))
-    b = _resolve(backend)
-    if b == "native":
-        return _native.gemm_w4a8(xq, xs, qweight, zeros, scales, g, _isa_code(isa or best_isa_w4a8(), W4A8_ISAS),
-                                 int(threads))
-    if b == "numba":
-        from qkit.ext import _numba
+    return _gemm_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, 4)
 
-        y = np.empty((xq.shape[0], n_out), np.float32)
-        for t in range(xq.shape[0]):
-            _numba.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g, y[t])
-        return y
-    return np.stack([reference.gemv_w4a8(xq[t], xs[t], qweight, zeros, scales, g) for t in range(xq.shape[0])])
+
+def gemv_w8a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
+              group_size: int | None, *, threads: int = 1, backend: str | None = None,
+              isa: str | None = None) -> np.ndarray:
+    """gemv_w4a8 for GPTQ's 8-bit layout: qweight (in/4, out) int32, byte j of word [k][o] the code (0..255) of
+    input 4k + j; zeros uint8, scales float32 (ceil(in/group), out). A per-channel grid is group_size None."""
+    return _gemv_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, 8)
+
+
+def gemm_w8a8(xq: np.ndarray, xs: np.ndarray, qweight: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
+              group_size: int | None, *, threads: int = 1, backend: str | None = None,
+              isa: str | None = None) -> np.ndarray:
+    """gemm_w4a8 for GPTQ's 8-bit layout (gemv_w8a8 of every row, bit for bit)."""
+    return _gemm_a8(xq, xs, qweight, zeros, scales, group_size, threads, backend, isa, 8)

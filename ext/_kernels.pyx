@@ -36,6 +36,9 @@ cdef extern from "qk_kernels.h":
     int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
                      const float *scales, int64_t n_in, int64_t n_out, int64_t group, int64_t m, float *y, int isa,
                      int threads) nogil
+    int qk_gemm_w8a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                     const float *scales, int64_t n_in, int64_t n_out, int64_t group, int64_t m, float *y, int isa,
+                     int threads) nogil
     int qk_pool_threads() nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
@@ -247,15 +250,17 @@ def w4a8_blocks(cnp.ndarray xq, cnp.ndarray qweight, int isa):
     return acc
 
 
-def gemm_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
-              int64_t group, int isa, int threads=1):
-    """y (m, out) float32 of GPTQ-packed int4 weights against m int8 activation rows with per-block scales."""
+def gemm_a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zeros, cnp.ndarray scales,
+            int64_t group, int bits, int isa, int threads=1):
+    """y (m, out) float32 of GPTQ-packed int4 or int8 weights against m int8 activation rows with block scales."""
+    if bits != 4 and bits != 8:
+        raise ValueError(f"the A8 kernels take 4- or 8-bit weights, not {bits}")
     _need(xq, 2, np.int8, "xq")
     _need(xs, 2, np.float32, "xs")
     _need(qweight, 2, np.int32, "qweight")
     _need(zeros, 2, np.uint8, "zeros")
     _need(scales, 2, np.float32, "scales")
-    cdef int64_t n_in = qweight.shape[0] * 8, n_out = qweight.shape[1], m = xq.shape[0]
+    cdef int64_t n_in = qweight.shape[0] * (32 // bits), n_out = qweight.shape[1], m = xq.shape[0]
     cdef int64_t ng = (n_in + group - 1) // group if group > 0 else 0
     if m < 1 or xs.shape[0] != m:
         raise ValueError(f"xq and xs must hold the same m >= 1 rows, got {xq.shape[0]} and {xs.shape[0]}")
@@ -278,7 +283,10 @@ def gemm_w4a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray z
     cdef float *yp = <float *>cnp.PyArray_DATA(y)
     cdef int rc
     with nogil:
-        rc = qk_gemm_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, m, yp, isa, threads)
+        if bits == 4:
+            rc = qk_gemm_w4a8(xp, sp, wp, zp, scp, n_in, n_out, group, m, yp, isa, threads)
+        else:
+            rc = qk_gemm_w8a8(xp, sp, wp, zp, scp, n_in, n_out, group, m, yp, isa, threads)
     _check_rc(rc)
     return y
 

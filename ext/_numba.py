@@ -197,9 +197,12 @@ def w4a8_blocks(xq, qweight, acc):
 
 
 @njit(cache=True, nogil=True)
-def gemv_w4a8(xq, xs, qweight, zeros, scales, group, y):
-    """The C kernel's GEMV (qk_gemv_w4a8): float32 in its order, groups then blocks."""
-    n_in = qweight.shape[0] * 8
+def gemv_w4a8(xq, xs, qweight, zeros, scales, group, y, bits):
+    """The C kernels' GEMV (qk_gemm_w4a8 / qk_gemm_w8a8 for one token): float32 in their order, groups then
+    blocks; bits 4 (8 nibble codes per word) or 8 (4 byte codes per word)."""
+    per = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    n_in = qweight.shape[0] * per
     n_out = qweight.shape[1]
     nb = (n_in + 31) // 32
     sx = np.zeros(nb, np.int32)
@@ -209,6 +212,7 @@ def gemv_w4a8(xq, xs, qweight, zeros, scales, group, y):
         group = n_in
     bpg = group // 32 if group % 32 == 0 else nb
     ng = (n_in + group - 1) // group if group % 32 == 0 else 1
+    rows = 32 // per  # word rows per block of 32 inputs
     for o in range(n_out):
         yo = np.float32(0.0)
         for g in range(ng):
@@ -216,10 +220,10 @@ def gemv_w4a8(xq, xs, qweight, zeros, scales, group, y):
             t = np.float32(0.0)
             for b in range(g * bpg, min((g + 1) * bpg, nb)):
                 s = np.int32(0)
-                for k in range(b * 4, min((b + 1) * 4, n_in // 8)):
+                for k in range(b * rows, min((b + 1) * rows, n_in // per)):
                     w = np.uint32(qweight[k, o])
-                    for j in range(8):
-                        s += np.int32((w >> np.uint32(4 * j)) & np.uint32(15)) * np.int32(xq[8 * k + j])
+                    for j in range(per):
+                        s += np.int32((w >> np.uint32(bits * j)) & mask) * np.int32(xq[per * k + j])
                 t += np.float32(xs[b]) * np.float32(s - z * sx[b])
             yo += scales[g, o] * t
         y[o] = yo

@@ -104,9 +104,15 @@ def unpack_gptq_int4(qweight: np.ndarray) -> np.ndarray:
     return ((w[:, None, :] >> (4 * np.arange(8, dtype=np.uint32))[None, :, None]) & 0xF).reshape(-1, w.shape[1])
 
 
-def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, block: int = A8_BLOCK) -> np.ndarray:
-    """acc (ceil(in / 32), out) int32: sum over each block of 32 inputs of code * xq, exact."""
-    q = unpack_gptq_int4(qweight).astype(np.int64)
+def unpack_gptq_int8(qweight: np.ndarray) -> np.ndarray:
+    """codes (in, out) of GPTQ's 8-bit qweight (in / 4, out) int32: input 4k + j is byte j of word [k][o]."""
+    w = np.asarray(qweight).view(np.uint32)
+    return ((w[:, None, :] >> (8 * np.arange(4, dtype=np.uint32))[None, :, None]) & 0xFF).reshape(-1, w.shape[1])
+
+
+def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, block: int = A8_BLOCK, bits: int = 4) -> np.ndarray:
+    """acc (ceil(in / 32), out) int32: sum over each block of 32 inputs of code * xq, exact (bits 4 or 8)."""
+    q = (unpack_gptq_int4(qweight) if bits == 4 else unpack_gptq_int8(qweight)).astype(np.int64)
     n_in = q.shape[0]
     nb = -(-n_in // block)
     x = np.zeros(nb * block, np.int64)
@@ -116,11 +122,11 @@ def w4a8_blocks(xq: np.ndarray, qweight: np.ndarray, block: int = A8_BLOCK) -> n
     return np.einsum("bi,bio->bo", x.reshape(nb, block), qp.reshape(nb, block, -1)).astype(np.int32)
 
 
-def gemv_w4a8(xq, xs, qweight, zeros, scales, group: int, block: int = A8_BLOCK) -> np.ndarray:
+def gemv_w4a8(xq, xs, qweight, zeros, scales, group: int, block: int = A8_BLOCK, bits: int = 4) -> np.ndarray:
     """y (out,) float32 = sum_g scale[g] sum_{b in g} xs[b] (acc[b] - zero[g] sum_b xq), in the C kernel's order
-    (float32, groups then blocks ascending)."""
-    acc = w4a8_blocks(xq, qweight, block)
-    n_in = qweight.shape[0] * 8
+    (float32, groups then blocks ascending); bits 4 (W4A8) or 8 (W8A8: the same sums over byte codes)."""
+    acc = w4a8_blocks(xq, qweight, block, bits)
+    n_in = qweight.shape[0] * (32 // bits)
     nb = acc.shape[0]
     xpad = np.zeros(nb * block, np.int64)
     xpad[:n_in] = xq

@@ -197,3 +197,51 @@ def test_gemm_bad_input_is_one_clear_error():
         ext.gemm_w4a8(xq[0], xs, qw, zeros, scales, 32)
     with pytest.raises(InputError, match="NaN"):
         ext.quantize_q8(np.full((2, 8), np.nan, np.float32))
+
+
+# ------------------------------------------------------------------ W8A8: GPTQ's 8-bit layout, the same sums
+def packed8(codes):
+    return np.ascontiguousarray(P.pack_gptq_qweight(np.ascontiguousarray(codes).astype(np.int32), 8))
+
+
+@pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("m,n_in,n_out,g", [(1, 128, 16, 32), (3, 132, 17, None), (5, 576, 40, 128),
+                                            (2, 200, 8, 96), (7, 64, 49, None)])
+def test_w8a8_matches_the_dequantized_formula_and_each_row(backend, isa, m, n_in, n_out, g):
+    rng = np.random.default_rng(m + n_in + n_out)
+    gg = n_in if g is None else g
+    ng = -(-n_in // gg)
+    codes = rng.integers(0, 256, (n_in, n_out))
+    codes[:, 0] = 255  # the largest products: 255 * 127 would saturate a plain maddubs
+    zeros = rng.integers(0, 256, (ng, n_out)).astype(np.uint8)
+    scales = (rng.random((ng, n_out)) * 0.01 + 1e-4).astype(np.float32)
+    X = rng.standard_normal((m, n_in)).astype(np.float32)
+    X[0, :32] = 3.0  # a block of all +127 codes
+    xq, xs = ext.quantize_q8(X)
+    qw = packed8(codes)
+    assert np.array_equal(R.unpack_gptq_int8(qw), codes)
+    Y = ext.gemm_w8a8(xq, xs, qw, zeros, scales, g, backend=backend, isa=isa, threads=2)
+    ref = np.stack([R.gemv_w4a8(xq[t], xs[t], qw, zeros, scales, gg, bits=8) for t in range(m)])
+    assert Y.shape == (m, n_out) and np.allclose(Y, ref, rtol=1e-5, atol=1e-6)
+    for t in range(m):
+        assert np.array_equal(Y[t], ext.gemv_w8a8(xq[t], xs[t], qw, zeros, scales, g, backend=backend, isa=isa))
+    gi = np.arange(n_in) // gg
+    W = scales[gi].astype(np.float64) * (codes - zeros[gi].astype(np.float64))
+    xd = xq.astype(np.float64) * np.repeat(xs.astype(np.float64), 32, axis=1)[:, :n_in]
+    assert np.allclose(Y, xd @ W, rtol=1e-4, atol=1e-5 * np.abs(W).sum(0).max())
+    if backend == "native":  # the integer block sums, exactly, on the scalar path
+        acc = R.w4a8_blocks(xq[0], qw, bits=8)
+        assert acc[0, 0] == 255 * 127 * 32
+
+
+def test_w8a8_rejects_zeros_beyond_the_grid_and_odd_inputs():
+    rng = np.random.default_rng(2)
+    qw = packed8(rng.integers(0, 256, (64, 16)))
+    xq, xs = ext.quantize_q8(rng.standard_normal((1, 64)).astype(np.float32))
+    z4 = np.full((1, 16), 16, np.uint8)
+    sc = np.ones((1, 16), np.float32)
+    ext.gemm_w8a8(xq, xs, qw, z4, sc, None)  # 16 is a fine 8-bit zero
+    with pytest.raises(InputError, match="0..15"):
+        ext.gemm_w4a8(np.zeros((1, 128), np.int8), np.zeros((1, 4), np.float32), qw, z4, sc, None)
+    with pytest.raises(InputError, match="inputs"):
+        ext.gemm_w8a8(xq[:, :60].copy(), xs, qw, z4, sc, None)

@@ -200,7 +200,7 @@ void qk_quantize_q8(const float *x, int64_t n, int8_t *xq, float *xs) {
     quantize_q8_scalar(x, n, xq, xs);
 }
 
-static void sums_of_blocks(const int8_t *xq, int64_t in, int32_t *sx) {
+void qk_q8_block_sums(const int8_t *xq, int64_t in, int32_t *sx) {
     int64_t nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
     for (int64_t b = 0; b < nb; b++) {
         int32_t s = 0;
@@ -510,7 +510,7 @@ int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
     int64_t g_eff = group % QK_A8_BLOCK ? nb * QK_A8_BLOCK : group;
     int32_t *sx = (int32_t *)malloc((size_t)(m * nb) * sizeof(int32_t));
     if (!sx) return QK_ENOMEM;
-    for (int64_t t = 0; t < m; t++) sums_of_blocks(xq + t * in, in, sx + t * nb);
+    for (int64_t t = 0; t < m; t++) qk_q8_block_sums(xq + t * in, in, sx + t * nb);
     void *xv = NULL;
     uint32_t *xp = NULL;
     int rc = QK_OK;

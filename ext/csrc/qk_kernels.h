@@ -63,6 +63,13 @@ int qk_gemv_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, cons
 int qk_gemm_w4a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
                  const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, float *y, int isa,
                  int threads);
+/* W8A8 (kernels_w8a8.c): GPTQ's 8-bit qweight int32 (in/4, out), byte j of word [k][o] = input 4k+j; zeros
+ * uint8, scales float32 (ceil(in/group), out); the same sums and float order as W4A8 */
+int qk_gemm_w8a8(const int8_t *xq, const float *xs, const int32_t *qweight, const uint8_t *zeros,
+                 const float *scales, int64_t in, int64_t out, int64_t group, int64_t m, float *y, int isa,
+                 int threads);
+/* sx[b] = sum of the int8 codes of block b (32 inputs; the last may be shorter) */
+void qk_q8_block_sums(const int8_t *xq, int64_t in, int32_t *sx);
 #define QK_MAX_THREADS 256
 
 /* ---- the runtime's thread pool (pool.c): fn(ctx, part, parts) for part = 0 .. parts - 1, part 0 on the
