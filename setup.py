@@ -19,7 +19,9 @@ ext = Extension(
     sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/kernels_w4a8.c",
              "ext/csrc/kernels_w8a8.c", "ext/csrc/pool.c", "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
-    extra_compile_args=extra + ["-pthread"],  # the runtime kernels' thread pool (pool.c)
+    # -pthread: the runtime kernels' thread pool (pool.c); -ffp-contract=off: no a * b + c fused into an FMA
+    # on one path and not another, so every path's float result is the same bits
+    extra_compile_args=extra + ["-pthread", "-ffp-contract=off"],
     extra_link_args=["-pthread"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )

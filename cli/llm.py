@@ -1,4 +1,5 @@
-"""`qkit quantize` and `qkit eval ppl`: thin shells over qkit.pipeline and qkit.eval.perplexity."""
+"""`qkit quantize`, `qkit eval ppl` and `qkit generate`: thin shells over qkit.recipe, qkit.eval.perplexity and
+qkit.runtime."""
 from __future__ import annotations
 
 import json
@@ -174,6 +175,25 @@ def eval_group():
     """Evaluate models."""
 
 
+RUNTIME_HELP = ("qkit: packed linears on qkit's int8-activation kernels (qkit.runtime), no float copy of the "
+                "weights; torch: every weight dequantized to float32 and run by torch. A float model runs on torch "
+                "either way.")
+HEAD_HELP = "With --runtime qkit: the LM head and embedding as int8 rows (one matrix when tied), or as stored."
+
+
+def _load_for_run(ref, runtime: str, threads: int | None, head: str):
+    """(model, what ran) for eval ppl / generate."""
+    from qkit.model import loader
+
+    if runtime == "torch":
+        return loader.load_model(ref), "torch float32 (dequantized)" if loader.quantization_config(ref.dir) \
+            else "torch float32 (dense)"
+    from qkit import runtime as rt
+
+    model, info = rt.load(ref, threads=threads or 1, head=head, progress=True)
+    return model, info.describe()
+
+
 @eval_group.command("ppl")
 @click.argument("model", required=False)
 @click.option("--text", default=None, help=TEXT_HELP)
@@ -181,9 +201,12 @@ def eval_group():
 @click.option("--windows", type=click.IntRange(1, None), default=None, help="Evaluate only the first N windows.")
 @click.option("--llamacpp-protocol", is_flag=True, help="Score only the second half of each window.")
 @click.option("--base", default=None, help="Base model for KL divergence and top-1 agreement.")
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@click.option("--runtime", type=click.Choice(["qkit", "torch"]), default="qkit", show_default=True, help=RUNTIME_HELP)
+@click.option("--head", type=click.Choice(["int8", "float"]), default="int8", show_default=True, help=HEAD_HELP)
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Threads for torch and qkit's kernels (default: torch's choice, 1 kernel thread).")
 @click.option("--json", "json_path", type=click.Path(), default=None)
-def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_path):
+def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, runtime, head, threads, json_path):
     """Perplexity of MODEL (default: SmolLM2-135M-Instruct) on non-overlapping windows of TEXT."""
     from qkit.eval.perplexity import perplexity
     from qkit.model import loader
@@ -195,21 +218,71 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, threads, json_pa
     tok = loader.load_tokenizer(ref)
     body, desc = load_text(text, default=DEFAULT_EVAL)
     ids = tok(body, add_special_tokens=True).input_ids
-    m = loader.load_model(ref)
+    m, ran = _load_for_run(ref, runtime, threads, head)
     b = loader.load_model(loader.resolve(base)) if base else None
     r = perplexity(m, ids, ctx, llamacpp=llamacpp_protocol, base=b, max_windows=windows, progress=True)
     line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx}" + \
-        (f"; activations {r.activations})" if r.activations else ")")
+        (f"; activations {r.activations})" if r.activations and runtime == "torch" else ")")
     if b is not None:
         line += f"; base ppl {r.base_ppl:.4f}, KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
     click.echo(line)
+    click.echo(f"ran on: {ran}")
     if json_path:
         from qkit.fileio import atomic_write
 
         rec = {"model": str(model or "default:" + loader.DEFAULT_MODEL), "text": desc, **r.as_dict(),
-               "protocol": "llama.cpp (second half)" if llamacpp_protocol else "all tokens"}
+               "protocol": "llama.cpp (second half)" if llamacpp_protocol else "all tokens", "runtime": ran}
+        if runtime == "qkit":
+            rec.pop("activations", None)  # the kernels quantize every linear's input per block of 32 instead
         if base:
             rec["base"] = base
+        with atomic_write(json_path, "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+@click.command("generate")
+@click.argument("model", required=False)
+@click.option("--prompt", default="The capital of France is", show_default=True, help="Prompt text.")
+@click.option("-n", "n_tokens", type=click.IntRange(1, None), default=64, show_default=True, help="New tokens.")
+@click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True,
+              help="0: greedy; otherwise sample from softmax(logits / T).")
+@click.option("--top-k", type=click.IntRange(0, None), default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Generate all N tokens even past end-of-sequence.")
+@click.option("--runtime", type=click.Choice(["qkit", "torch"]), default="qkit", show_default=True, help=RUNTIME_HELP)
+@click.option("--head", type=click.Choice(["int8", "float"]), default="int8", show_default=True, help=HEAD_HELP)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Threads for qkit's kernels and torch's ops.")
+@click.option("--json", "json_path", type=click.Path(), default=None)
+def generate_cmd(model, prompt, n_tokens, temperature, top_k, top_p, seed, ignore_eos, runtime, head, threads,
+                 json_path):
+    """Generate text from MODEL (a packed checkpoint, or any float model; default SmolLM2-135M-Instruct) with a
+    KV cache; prints the text, prefill and decode tokens/s and where each decode token's time went."""
+    from qkit.model import loader
+    from qkit.runtime.generate import generate
+
+    _check_json_path(json_path)
+    _torch_threads(threads)
+    ref = loader.resolve(model)
+    tok = loader.load_tokenizer(ref)
+    m, ran = _load_for_run(ref, runtime, threads, head)
+    r = generate(m, tok, prompt, n_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 stop_at_eos=not ignore_eos, split=True, progress=True)
+    click.echo(prompt + r.text)
+    click.echo(f"--\nran on: {ran}")
+    click.echo(f"prefill: {r.prompt_tokens} tokens in {r.prefill_s * 1e3:.1f} ms ({r.prefill_tps:.1f} tokens/s); "
+               f"decode: {r.new_tokens} tokens" + (f", {r.decode_tps:.1f} tokens/s" if r.new_tokens > 1 else "") +
+               (" (stopped at end-of-sequence)" if r.stopped == "eos" else ""))
+    if r.split_ms:
+        total = sum(r.split_ms.values())
+        click.echo("per decode token: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)"
+                                                    for k, v in r.split_ms.items()))
+    if json_path:
+        from qkit.fileio import atomic_write
+
+        rec = {"model": str(model or "default:" + loader.DEFAULT_MODEL), "runtime": ran, "threads": threads,
+               "prompt": prompt, **r.as_dict()}
         with atomic_write(json_path, "w") as f:
             json.dump(rec, f, indent=1)
 

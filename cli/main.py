@@ -130,9 +130,10 @@ def run_cmd(args: tuple[str, ...]) -> None:
         raise SystemExit(rc)
 
 
-from qkit.cli.llm import eval_group, imatrix_cmd, quantize_cmd  # noqa: E402
+from qkit.cli.llm import eval_group, generate_cmd, imatrix_cmd, quantize_cmd  # noqa: E402
 
 cli.add_command(quantize_cmd)
+cli.add_command(generate_cmd)
 cli.add_command(imatrix_cmd)
 cli.add_command(eval_group)
 

@@ -532,8 +532,8 @@ def test_cli_export_then_eval(tiny, tmp_path, capsys):
                     "--format", fmt)
         assert r.returncode == 0, r.stderr
         assert ("stores zero - 1" in r.stdout) == (fmt == "gptq")
-        r = run_cli(capsys, "eval", "ppl", str(tmp_path / fmt), "--text", str(text), "--ctx", "64", "--json",
-                    str(tmp_path / f"{fmt}.json"))
+        r = run_cli(capsys, "eval", "ppl", str(tmp_path / fmt), "--text", str(text), "--ctx", "64",
+                    "--runtime", "torch", "--json", str(tmp_path / f"{fmt}.json"))
         assert r.returncode == 0, r.stderr
         ppl[fmt] = json.loads((tmp_path / f"{fmt}.json").read_text())["ppl"]
     assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {p.name for p in (tmp_path / "gptq").iterdir()}

@@ -158,6 +158,73 @@ __attribute__((target("avx2"))) static void w8_avx2(
             w8_tile_avx2(1, xq + t * in, xs + t * nb, sx + t * nb, qw, zeros, scales, in, out, group, o, y + t * out);
     }
 }
+/* Decode (one token): the weight rows streamed in file order, as kernels_w4a8.c's stream_vnni explains; a
+ * block of 32 inputs is 8 word rows here. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void w8_stream_vnni(
+    const int8_t *xq, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    for (int64_t o = o0; o < o1; o += 16) _mm512_storeu_ps(y + o, _mm512_setzero_ps());
+    for (int64_t g = 0; g < ng; g++) {
+        for (int64_t o = o0; o < o1; o += 16) _mm512_storeu_ps(t + (o - o0), _mm512_setzero_ps());
+        int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            int64_t k0 = b * QK_A8_BLOCK / 4, k1 = (b + 1) * QK_A8_BLOCK / 4;
+            if (k1 > in / 4) k1 = in / 4;
+            __m512i sxb = _mm512_set1_epi32(sx[b]);
+            __m512 xsb = _mm512_set1_ps(xs[b]);
+            for (int64_t o = o0; o < o1; o += 16) {
+                __m512i acc = _mm512_setzero_si512();
+                for (int64_t k = k0; k < k1; k++)
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(qw + k * out + o)),
+                                              _mm512_set1_epi32(x4(xq + 4 * k)));
+                __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + g * out + o)));
+                __m512i c = _mm512_sub_epi32(acc, _mm512_mullo_epi32(z, sxb));
+                float *tp = t + (o - o0);
+                _mm512_storeu_ps(tp, _mm512_add_ps(_mm512_loadu_ps(tp), _mm512_mul_ps(xsb, _mm512_cvtepi32_ps(c))));
+            }
+        }
+        for (int64_t o = o0; o < o1; o += 16)
+            _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(
+                _mm512_loadu_ps(scales + g * out + o), _mm512_loadu_ps(t + (o - o0)))));
+    }
+}
+
+__attribute__((target("avx2"))) static void w8_stream_avx2(
+    const int8_t *xq, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
+    const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
+    int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t o = o0; o < o1; o += 8) _mm256_storeu_ps(y + o, _mm256_setzero_ps());
+    for (int64_t g = 0; g < ng; g++) {
+        for (int64_t o = o0; o < o1; o += 8) _mm256_storeu_ps(t + (o - o0), _mm256_setzero_ps());
+        int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            int64_t k0 = b * QK_A8_BLOCK / 4, k1 = (b + 1) * QK_A8_BLOCK / 4;
+            if (k1 > in / 4) k1 = in / 4;
+            __m256i sxb = _mm256_set1_epi32(sx[b]);
+            __m256 xsb = _mm256_set1_ps(xs[b]);
+            for (int64_t o = o0; o < o1; o += 8) {
+                __m256i al = _mm256_setzero_si256(), ah = _mm256_setzero_si256();
+                for (int64_t k = k0; k < k1; k++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(qw + k * out + o));
+                    __m256i xb = _mm256_set1_epi32(x4(xq + 4 * k));
+                    al = _mm256_add_epi16(al, _mm256_maddubs_epi16(_mm256_and_si256(w, m4), xb));
+                    ah = _mm256_add_epi16(ah, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), xb));
+                }
+                __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(al, ones),
+                                               _mm256_slli_epi32(_mm256_madd_epi16(ah, ones), 4));
+                __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
+                __m256i c = _mm256_sub_epi32(sum, _mm256_mullo_epi32(z, sxb));
+                float *tp = t + (o - o0);
+                _mm256_storeu_ps(tp, _mm256_add_ps(_mm256_loadu_ps(tp), _mm256_mul_ps(xsb, _mm256_cvtepi32_ps(c))));
+            }
+        }
+        for (int64_t o = o0; o < o1; o += 8)
+            _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(y + o), _mm256_mul_ps(
+                _mm256_loadu_ps(scales + g * out + o), _mm256_loadu_ps(t + (o - o0)))));
+    }
+}
 #endif
 
 typedef struct {
@@ -178,7 +245,21 @@ static void w8_part(void *arg, int part, int parts) {
     if (o0 >= o1) return;
     int64_t nb = (j->in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
 #ifdef QK_X86
-    if (j->isa != QK_ISA_SCALAR) {
+    if (j->m == 1 && j->isa != QK_ISA_SCALAR) {
+        int64_t lane = j->isa == QK_ISA_VNNI ? 16 : 8, oe = o0 + ((o1 - o0) / lane) * lane;
+        float *t = oe > o0 ? (float *)malloc((size_t)(oe - o0) * sizeof(float)) : NULL;
+        if (t) {
+            if (j->isa == QK_ISA_VNNI)
+                w8_stream_vnni(j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, o0, oe,
+                               j->y, t);
+            else
+                w8_stream_avx2(j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, o0, oe,
+                               j->y, t);
+            free(t);
+            o0 = oe;
+        }
+        if (o0 >= o1) return;
+    } else if (j->isa != QK_ISA_SCALAR) {
         int64_t lane = j->isa == QK_ISA_VNNI ? 16 : 8, oe = o0 + ((o1 - o0) / lane) * lane;
         if (j->isa == QK_ISA_VNNI)
             w8_vnni(j->xq, j->xs, j->sx, j->qw, j->zeros, j->scales, j->in, j->out, j->group, j->m, o0, oe, j->y);

@@ -24,7 +24,7 @@ import numpy as np
 
 from qkit import packing
 from qkit.errors import FormatError, UsageError
-from qkit.export.common import (ExportSpec, as_numpy, check_groups, check_result, contiguous_groups, dequantize_groups,
+from qkit.export.common import (AffineTensors, ExportSpec, as_numpy, check_groups, check_result, contiguous_groups,
                                 fp16_scales, int_zeros, shape_error)
 
 PARTS = (".qweight", ".qzeros", ".scales")
@@ -92,6 +92,9 @@ class AWQFormat:
         return words * 8, inp
 
     def dequantize(self, base: str, st):
+        return self.affine(base, st).dequantize()
+
+    def affine(self, base: str, st) -> AffineTensors:
         get = st.get
         qweight, qzeros = as_numpy(get(base + ".qweight")), as_numpy(get(base + ".qzeros"))
         scales = get(base + ".scales")
@@ -111,4 +114,4 @@ class AWQFormat:
         codes = packing.unpack_awq(qweight, 4)  # (in, out)
         zeros = packing.unpack_awq(qzeros, 4)  # (n_groups, out)
         s = as_numpy(scales.float())
-        return dequantize_groups(codes.T, s.T, zeros.T, np.arange(inp) // g)
+        return AffineTensors(codes.T, s.T, zeros.T, np.arange(inp) // g, 4)

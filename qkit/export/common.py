@@ -18,6 +18,7 @@ qkit holds in memory: scale * (code - zero), one rounding, in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -128,6 +129,20 @@ def as_numpy(t) -> np.ndarray:
     import torch
 
     return t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+class AffineTensors(NamedTuple):
+    """A packed linear decoded to its affine grid, as every reader returns it (the runtime's input):
+    codes (out, in) uint8 in 0 .. 2^bits - 1, scale (out, n_groups) float32, zero (out, n_groups) int32,
+    g_idx (in,) int64, and W[o, i] = scale[o, g_idx[i]] * (codes[o, i] - zero[o, g_idx[i]])."""
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    g_idx: np.ndarray
+    bits: int
+
+    def dequantize(self):
+        return dequantize_groups(self.codes, self.scale, self.zero, self.g_idx)
 
 
 def dequantize_groups(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, g_idx: np.ndarray):

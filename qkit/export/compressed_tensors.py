@@ -44,8 +44,8 @@ import numpy as np
 
 from qkit import packing
 from qkit.errors import FormatError, UsageError
-from qkit.export.common import (ExportSpec, as_numpy, check_g_idx, check_groups, check_result, contiguous_groups,
-                                dequantize_groups, fp16_scales, int_zeros, shape_error)
+from qkit.export.common import (AffineTensors, ExportSpec, as_numpy, check_g_idx, check_groups, check_result,
+                                contiguous_groups, fp16_scales, int_zeros, shape_error)
 
 CT_VERSION = "0.18.0"
 PARTS = ("_packed", "_scale", "_zero_point", "_shape", "_g_idx")
@@ -219,7 +219,7 @@ class CompressedTensorsFormat:
                                     f"[{out}, {inp}] in groups of {g}")
         return g, scale.shape[1]
 
-    def _dequantize_int(self, base: str, st):
+    def _affine_int(self, base: str, st) -> AffineTensors:
         w = self.weights
         bits, sym = w["num_bits"], w.get("symmetric", True)
         q, scale = as_numpy(st.get(base + ".weight")), st.get(base + ".weight_scale")
@@ -242,11 +242,14 @@ class CompressedTensorsFormat:
         else:
             gi = np.arange(inp) // g
         codes = (q.astype(np.int32) + half).astype(np.uint8)
-        return dequantize_groups(codes, as_numpy(scale.float()), zeros, gi)
+        return AffineTensors(codes, as_numpy(scale.float()), zeros, gi, bits)
 
     def dequantize(self, base: str, st):
+        return self.affine(base, st).dequantize()
+
+    def affine(self, base: str, st) -> AffineTensors:
         if self.kind == "int-quantized":
-            return self._dequantize_int(base, st)
+            return self._affine_int(base, st)
         get = st.get
         w = self.weights
         bits, sym = w["num_bits"], w.get("symmetric", True)
@@ -273,4 +276,4 @@ class CompressedTensorsFormat:
         else:
             gi = np.arange(inp) // g
         codes = unpack_dense(packed, bits, inp, axis=1)
-        return dequantize_groups(codes, as_numpy(scale.float()), zeros, gi)
+        return AffineTensors(codes, as_numpy(scale.float()), zeros, gi, bits)

@@ -29,7 +29,7 @@ import numpy as np
 
 from qkit import packing
 from qkit.errors import FormatError, UsageError
-from qkit.export.common import (ExportSpec, as_numpy, check_g_idx, check_result, dequantize_groups, fp16_scales,
+from qkit.export.common import (AffineTensors, ExportSpec, as_numpy, check_g_idx, check_result, fp16_scales,
                                 int_zeros, shape_error)
 
 BITS = (2, 3, 4, 8)
@@ -113,6 +113,9 @@ class GPTQFormat:
         return out, rows * 32 // self.bits
 
     def dequantize(self, base: str, st):
+        return self.affine(base, st).dequantize()
+
+    def affine(self, base: str, st) -> AffineTensors:
         get = st.get
         bits = self.bits
         qweight, qzeros = as_numpy(get(base + ".qweight")), as_numpy(get(base + ".qzeros"))
@@ -137,4 +140,4 @@ class GPTQFormat:
         if not self.v2:
             zeros = zeros + 1
         s = as_numpy(scales.float())
-        return dequantize_groups(codes.T, s.T, zeros.T, gi)
+        return AffineTensors(codes.T, s.T, zeros.T, gi, bits)

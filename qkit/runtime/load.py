@@ -1,0 +1,145 @@
+"""Build a transformers model whose quantized linears run on qkit's kernels, straight from a packed checkpoint.
+
+The model is the one transformers builds from config.json (its module tree, attention and `Cache` API
+unchanged), with each packed linear of the checkpoint replaced by a QuantLinear (or the DequantLinear
+fallback) built from the reader's decoded grid, and no float32 copy of any packed weight. Everything else
+(embeddings, norms, the head, biases) is placed as the float loader places it; the head, and the embedding
+with it, then become 8-bit (qkit.runtime.head) unless head="float".
+
+A float model (no quantization_config) loads as the float loader loads it: there is nothing to run on the
+integer kernels, and the runtime is torch's (reported as such).
+
+Activations: the A8 kernels quantize every linear's input per block of 32 (q8_0's rule). A W8A8 checkpoint
+(compressed-tensors int-quantized, per-token dynamic int8 inputs) therefore runs with finer activation
+scales than the torch path's per-token ones; the perplexity pair in the closing note shows the difference.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from qkit.errors import FormatError, QkitError, UsageError
+from qkit.runtime.head import HEAD_CHOICES, quantize_head
+from qkit.runtime.linear import DequantLinear, QuantLinear, RuntimeOptions, quant_linear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeInfo:
+    """What the loader built: shown by `qkit generate` / `qkit eval ppl` and recorded by the benchmark."""
+
+    runtime: str                     # "qkit" or "torch"
+    format: str | None = None        # the checkpoint's packed format
+    kernels: dict = field(default_factory=dict)   # module kind -> count
+    head: dict = field(default_factory=dict)
+    packed_bytes: int = 0            # bytes the quantized modules hold
+    repacked: int = 0                # linears whose codes were repacked at load (act-order, AWQ, CT)
+    load_s: float = 0.0
+    isa: str | None = None
+    threads: int = 1
+
+    def describe(self) -> str:
+        if self.runtime != "qkit":
+            return "torch float32 (dense)"
+        parts = [f"{n} {k}" for k, n in sorted(self.kernels.items())]
+        head = ", ".join(f"{k} {v}" for k, v in self.head.items()) or "head as stored"
+        return (f"qkit runtime on {self.format}: {', '.join(parts)} linears ({self.isa}, {self.threads} thread"
+                f"{'s' if self.threads > 1 else ''}); {head}")
+
+
+def _shape_check(base: str, target, aff) -> None:
+    out, inp = aff.codes.shape
+    want = (getattr(target, "out_features", None), getattr(target, "in_features", None))
+    if want != (out, inp):
+        raise FormatError(f"{base}: the checkpoint's packed weight is {out} x {inp} but the config's model has "
+                          f"{want[0]} x {want[1]}")
+
+
+def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, progress: bool = False):
+    """(model, RuntimeInfo) for a packed checkpoint on qkit's kernels; a float model as torch runs it."""
+    from tqdm.auto import tqdm
+
+    from qkit import ext
+    from qkit.export.reader import QuantizedStore
+    from qkit.model import loader
+
+    if head not in HEAD_CHOICES:
+        raise UsageError(f"unknown head precision {head!r}: expected one of {', '.join(HEAD_CHOICES)}")
+    if not 1 <= threads <= 256:
+        raise UsageError(f"threads must lie in 1..256, got {threads}")
+    t0 = time.perf_counter()
+    options = RuntimeOptions(threads=threads, isa=isa)
+    if isa is not None:
+        options.isa_code()  # an unknown or unsupported ISA: one clear error now
+    store = ref.store()
+    if not isinstance(store, QuantizedStore):
+        store.close()
+        model = loader.load_model(ref)
+        return model, RuntimeInfo(runtime="torch", load_s=time.perf_counter() - t0, threads=threads)
+    config = loader.load_config(ref, online_rotation=True)
+    model = loader.empty_model(config)
+    tied = loader.tied_names(model)
+    bases = store.bases
+    skip = {b + ".weight" for b in bases} | {b + ".bias" for b in bases}
+    names = [n for n in loader.persistent_names(model) if n not in tied and n not in skip]
+    info = RuntimeInfo(runtime="qkit", format=store.format.name if hasattr(store.format, "name") else
+                       type(store.format).__name__, isa=options.isa or ext.best_isa_w4a8(), threads=threads)
+    fmt = store.format
+    raw_gptq = type(fmt).__name__ == "GPTQFormat"
+    try:
+        loader.place(model, names, store)
+        for b in tqdm(bases, desc="packed linears", unit="linear", disable=not progress, leave=False):
+            try:
+                target = model.get_submodule(b)
+            except AttributeError:
+                raise FormatError(f"the checkpoint packs {b!r}, which the config's model does not have") from None
+            aff = fmt.affine(b, store.store)
+            _shape_check(b, target, aff)
+            bias = store.get(b + ".bias").float() if b + ".bias" in store else None
+            if (bias is None) != (getattr(target, "bias", None) is None):
+                raise FormatError(f"{b}: the checkpoint {'lacks' if bias is None else 'has'} a bias the config's "
+                                  f"model {'has' if bias is None else 'lacks'}")
+            qweight = store.store.get(b + ".qweight").numpy() if raw_gptq and aff.bits in (4, 8) else None
+            m = quant_linear(aff, bias=bias, options=options, qweight=qweight)
+            if isinstance(m, QuantLinear) and (qweight is None or m.perm is not None):
+                info.repacked += 1
+            kind = f"W{m.bits}A8" if isinstance(m, QuantLinear) else f"W{m.bits} dequant-per-tile"
+            info.kernels[kind] = info.kernels.get(kind, 0) + 1
+            info.packed_bytes += m.packed_bytes()
+            model.set_submodule(b, m)
+    except QkitError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise FormatError(f"cannot build {ref.name} on the runtime: {str(e).splitlines()[0]}") from None
+    finally:
+        store.close()
+    if tied:
+        model.tie_weights()
+    if head == "int8":
+        info.head = quantize_head(model, options)
+        for m in (model.get_output_embeddings(), getattr(model, "_qkit_embedding_codes", None)):
+            if isinstance(m, QuantLinear):
+                info.packed_bytes += m.packed_bytes()
+    from qkit.model import online as online_rot
+
+    spec = getattr(config, online_rot.ONLINE_KEY, None)
+    if spec is not None:
+        online_rot.attach_online(model, online_rot.check_online_spec(spec, str(ref.config_path)))
+    model.qkit_runtime = info
+    info.load_s = time.perf_counter() - t0
+    return model.eval(), info
+
+
+def set_threads(model, threads: int) -> None:
+    """Change the kernels' thread count of a loaded runtime model."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.options.threads = threads
+    info = getattr(model, "qkit_runtime", None)
+    if info is not None:
+        info.threads = threads
+
+
+__all__ = ["load", "set_threads", "RuntimeInfo", "QuantLinear", "DequantLinear"]
