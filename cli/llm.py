@@ -115,9 +115,11 @@ def _torch_threads(threads: int | None) -> None:
               help="Importance matrix for the GGML quantizers: qkit imatrix or llama-imatrix GGUF, or a legacy imatrix.dat.")
 @click.option("--format", "fmt", default=None,
               type=click.Choice(["safetensors", "gguf", *EXPORT_FORMATS]),
-              help="Output format (default: gguf for --type or a .gguf OUTPUT, else a fake-quantized safetensors dir). "
-                   "gptq (v1: zeros stored minus 1, so asymmetric zeros are kept >= 1), gptq_v2, awq (GEMM, 4 bits) "
-                   "and compressed-tensors (pack-quantized) write packed checkpoints that `qkit eval ppl` reads back.")
+              help="Output format. Default: gguf for --type or a .gguf OUTPUT; compressed-tensors for W8A8; else gptq "
+                   "(packed; fake-quantized safetensors only for 5-7 bits or --online-hadamard). gptq (v1: zeros "
+                   "stored minus 1, so asymmetric zeros are kept >= 1), gptq_v2, awq (GEMM, 4 bits) and "
+                   "compressed-tensors (pack-quantized) are packed checkpoints that `qkit eval ppl` and `qkit "
+                   "generate` run on qkit's kernels; safetensors: fake-quantized float32.")
 @click.option("--recipe", "recipe_path", type=click.Path(), default=None,
               help="Run a recorded recipe instead of the options above: a checkpoint directory, its "
                    "qkit_quantization.json, or a JSON file of qkit.recipe.Recipe.as_dict().")
@@ -130,7 +132,7 @@ def quantize_cmd(model, output, threads, json_path, recipe_path, **options):
     smoothquant (W8A8: per-channel int8 weights after smoothing, per-token dynamic int8 activations).
     Every option maps to one field of a qkit.recipe.Recipe, which checks them all before any work.
     """
-    from qkit.recipe import Recipe, load_recipe
+    from qkit.recipe import Recipe, load_recipe, model_has_conv1d
 
     ctx = click.get_current_context()
     if recipe_path:
@@ -143,7 +145,7 @@ def quantize_cmd(model, output, threads, json_path, recipe_path, **options):
         options["format"] = options.pop("fmt")
         options["type"] = options.pop("ggml_type")
         options["imatrix"] = options.pop("imatrix_path")
-        recipe = Recipe.from_options(output=output, **options)
+        recipe = Recipe.from_options(output=output, conv1d=model_has_conv1d(model), **options)
     _check_json_path(json_path)
     _torch_threads(threads)
 
@@ -221,8 +223,11 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, runtime, head, t
     m, ran = _load_for_run(ref, runtime, threads, head)
     b = loader.load_model(loader.resolve(base)) if base else None
     r = perplexity(m, ids, ctx, llamacpp=llamacpp_protocol, base=b, max_windows=windows, progress=True)
+    info = getattr(m, "qkit_runtime", None)
+    if info is not None and info.activations:  # the kernels' own activation blocks, finer than per token
+        r.activations = info.activations
     line = f"{ref.name}: ppl {r.ppl:.4f} on {desc} ({r.tokens} scored tokens, {r.windows} windows of {ctx}" + \
-        (f"; activations {r.activations})" if r.activations and runtime == "torch" else ")")
+        (f"; activations {r.activations})" if r.activations else ")")
     if b is not None:
         line += f"; base ppl {r.base_ppl:.4f}, KL from base {r.kl:.5f}, top-1 agreement {r.top1:.4f}"
     click.echo(line)
@@ -232,8 +237,6 @@ def ppl_cmd(model, text, ctx, windows, llamacpp_protocol, base, runtime, head, t
 
         rec = {"model": str(model or "default:" + loader.DEFAULT_MODEL), "text": desc, **r.as_dict(),
                "protocol": "llama.cpp (second half)" if llamacpp_protocol else "all tokens", "runtime": ran}
-        if runtime == "qkit":
-            rec.pop("activations", None)  # the kernels quantize every linear's input per block of 32 instead
         if base:
             rec["base"] = base
         with atomic_write(json_path, "w") as f:

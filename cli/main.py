@@ -75,6 +75,8 @@ def data_fetch(names: tuple[str, ...]) -> None:
 BENCHES = {
     "kernels": ("bench_kernels", "Kernel throughput: int8/int4/1-bit/FastScan scans vs numpy, BLAS and torch."),
     "gemv": ("bench_gemv", "Decode GEMV: qkit's W4A8 kernel on GPTQ-packed W4 g128 vs torch fp32 mv, one thread."),
+    "runtime": ("bench_runtime", "qkit's runtime (W4, W8 packed) vs torch fp32: prefill/decode tokens/s, peak RSS, "
+                                 "GEMV bandwidth."),
     "affine": ("affine_table", "Affine grid error table (bits x granularity x parameter choice)."),
     "quant": ("bench_quant", "Weight methods on the default model (RTN/GPTQ/AWQ/SmoothQuant/QuaRot, GGUF mixes): "
                              "ppl, KL, time, RSS."),

@@ -113,6 +113,50 @@ class _Options:
         return "--" + ("round" if name == "rounding" else name.replace("_", "-"))
 
 
+PACKED_BITS = (2, 3, 4, 8)  # what GPTQ's layout (the default packed format) holds
+
+
+def default_format(bits: int, act_bits: int | None, online: bool, gguf: bool,
+                   conv1d: bool = False) -> tuple[str, str | None]:
+    """(format, a note when the default is not packed) for a run that names no --format.
+
+    Packed by default: GPTQ (v1), the layout that transformers (optimum / GPTQModel), vLLM, llama.cpp's
+    converter and qkit's runtime all load. W8A8 runs are compressed-tensors int-quantized (the format that
+    carries the activation scheme); a llama.cpp mix or a .gguf output is GGUF. Fake-quantized float32
+    safetensors only where no packed format holds the run: 5-7-bit codes, and QuaRot's online Hadamard
+    (which only qkit's float path applies), and GPT-2-style transposed Conv1D layers."""
+    if gguf:
+        return "gguf", None
+    if conv1d:
+        return "safetensors", ("writing fake-quantized float32 safetensors: the packed exports hold nn.Linear layers, "
+                               "not GPT-2's transposed Conv1D")
+    if act_bits:
+        return "compressed-tensors", None
+    if online:
+        return "safetensors", ("writing fake-quantized float32 safetensors: no packed format applies the online "
+                               "Hadamard (--online-hadamard)")
+    if bits not in PACKED_BITS:
+        return "safetensors", (f"writing fake-quantized float32 safetensors: no packed format holds {bits}-bit codes "
+                               f"(GPTQ holds {', '.join(map(str, PACKED_BITS))})")
+    return "gptq", None
+
+
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt")  # transformers' models built on pytorch_utils.Conv1D
+
+
+def model_has_conv1d(model: str | None) -> bool:
+    """Whether a model directory's config.json names a Conv1D architecture (read without loading anything;
+    a .gguf or an unreadable config: False, and the run itself reports what it finds)."""
+    if not model or str(model).endswith(".gguf"):
+        return False
+    p = Path(model)
+    cfg = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") in CONV1D_MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 # the on/off option pairs, by the name of their off side
 _OFF_FLAGS = {"act_order": "--no-act-order", "sym": "--asym", "clip_search": "--no-clip-search",
               "gptaq": "--no-gptaq", "true_sequential": "--no-true-sequential"}
@@ -137,10 +181,11 @@ class Recipe:
 
     # ------------------------------------------------------------------ from the CLI's flags
     @classmethod
-    def from_options(cls, output: str | None = None, **options) -> Recipe:
+    def from_options(cls, output: str | None = None, conv1d: bool = False, **options) -> Recipe:
         """The recipe `qkit quantize` runs for these flags (names as the CLI's parameters; None: not given).
 
-        `output` decides the default format (a .gguf name: GGUF). Raises UsageError for any combination the
+        `output` decides the default format (a .gguf name: GGUF); `conv1d`: the model's linears are GPT-2's
+        transposed Conv1D (model_has_conv1d), which no packed export holds. Raises UsageError for any combination the
         method, grid or format cannot take, before any model or text is read.
         """
         try:
@@ -171,8 +216,11 @@ class Recipe:
             raise UsageError("--clip-search does not apply to --method smoothquant (per-channel int8, min-max)")
         if o.rounding not in (None, "rtn", "gptq"):
             raise UsageError(f"unknown --round {o.rounding!r}; available: rtn, gptq")
-        fmt = o.format or ("gguf" if o.type or (output and Path(output).suffix == ".gguf") else
-                           "compressed-tensors" if act_bits else "safetensors")
+        fmt, default_note = o.format, None
+        if fmt is None:
+            fmt, default_note = default_format(bits, act_bits, bool(o.online_hadamard),
+                                               bool(o.type) or bool(output and Path(output).suffix == ".gguf"),
+                                               conv1d)
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; available: {', '.join(FORMATS)}")
         if act_bits and fmt != "compressed-tensors":
@@ -183,7 +231,10 @@ class Recipe:
             return cls._gguf(method, o, rotation).validate()
         if o.type or o.imatrix:
             raise UsageError(f"--type and --imatrix write GGUF; drop --format {fmt}")
-        return cls._affine(method, o, fmt, bits, group_size, sym, act_bits, rotation).validate()
+        r = cls._affine(method, o, fmt, bits, group_size, sym, act_bits, rotation)
+        if default_note:
+            r = replace(r, notes=(default_note, *r.notes))
+        return r.validate()
 
     @classmethod
     def _gguf(cls, method: str, o: _Options, rotation) -> Recipe:

@@ -280,7 +280,7 @@ def test_cli_awq_round_gptq(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 8)
     common = ["--method", "awq", "--bits", "4", "--group-size", "32", "--calib", str(text), "--nsamples", "4",
-              "--seqlen", "32", "--search-samples", "2"]
+              "--seqlen", "32", "--search-samples", "2", "--format", "safetensors"]
     r = run_cli(capsys, "quantize", str(tmp_path / "m"), *common, "--round", "gptq", "--act-order",
                 "-o", str(tmp_path / "q"))
     assert r.returncode == 0, r.stderr

@@ -45,7 +45,9 @@ def test_gptq_defaults_are_the_measured_ones():
     assert (c.act_order, c.gptaq, c.gptaq_alpha, c.true_sequential) == (
         CLI_DEFAULTS["act_order"], CLI_DEFAULTS["gptaq"], CLI_DEFAULTS["gptaq_alpha"], CLI_DEFAULTS["true_sequential"])
     assert r.calibration == Calibration(None, CLI_DEFAULTS["nsamples"], 512, 0)
-    assert c.grid is r.grid and r.grid == AffineConfig(bits=4, group_size=128, scale_dtype="float16")
+    # packed GPTQ (v1) by default: scales fp16 and zeros >= 1, as the format stores them
+    assert r.format == "gptq" and c.grid is r.grid
+    assert r.grid == AffineConfig(bits=4, group_size=128, scale_dtype="float16", min_zero=1)
     # every flag overrides its own default; the GGUF path keeps its measured settings
     p = Recipe.from_options(method="gptq", act_order=False, gptaq=False, true_sequential=False, nsamples=128)
     assert not (p.config.act_order or p.config.gptaq or p.config.true_sequential) and p.calibration.nsamples == 128

@@ -197,3 +197,44 @@ def test_cli_generate_and_eval_ppl_runtimes(tiny, tmp_path, capsys):
     r = run_cli(capsys, "generate", str(tmp_path / "q"), "--prompt", "x" * 300, "-n", "4")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("qkit: error: the prompt's 300 tokens plus 4 new ones exceed")
+
+
+def test_default_output_is_packed_gptq_and_says_when_it_is_not():
+    from qkit.recipe import Recipe
+
+    assert Recipe.from_options(output="out").format == "gptq"
+    assert Recipe.from_options(output="out", method="smoothquant").format == "compressed-tensors"
+    assert Recipe.from_options(output="out.gguf", type="q4_k_m").format == "gguf"
+    r = Recipe.from_options(output="out", bits=6)
+    assert r.format == "safetensors" and any("no packed format holds 6-bit codes" in n for n in r.notes)
+    r = Recipe.from_options(output="out", rotate=True, online_hadamard=True)
+    assert r.format == "safetensors" and any("online" in n for n in r.notes)
+    assert Recipe.from_options(output="out", format="safetensors").notes == ()
+
+
+def test_bench_runtime_child_and_table(tiny, tmp_path, capsys, monkeypatch):
+    """The benchmark's per-process row on a tiny packed model (in this process), then its table and plot."""
+    import argparse
+
+    from qkit.eval import bench_runtime as br
+
+    d, _ = tiny
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    char_tokenizer(m)
+    export(m, tmp_path / "q", "gptq", chooser_for("gptq", 4))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(m / f, tmp_path / "q" / f)
+    monkeypatch.setattr("qkit.text.load_text", lambda text, default=None: ("To be or not to be. " * 20, "t"))
+    rec = br.child(argparse.Namespace(path=str(tmp_path / "q"), threads=1, prompt=40, decode=8))
+    assert rec["decode"] == 8 and rec["prompt"] == 40 and rec["prefill_tps"] > 0 and rec["gemv_gbps"] > 0
+    assert rec["gemv_bytes"] > 0 and set(rec["split_ms"]) == {"linears", "attention", "head", "other"}
+    dense = {**rec, "row": "torch fp32 (dense)", "runtime": "torch float32 (dense)"}
+    for k in ("gemv_gbps", "gemv_bytes", "gemv_ms", "read_gbps_1core"):
+        dense.pop(k)
+    recs = [dense, {**rec, "row": "qkit W4 g128 (gptq)"}]
+    br.print_table(recs, {"cpu": "test", "torch": torch.__version__, "prompt": 40, "decode": 8})
+    out = capsys.readouterr().out
+    assert "qkit W4 g128 (gptq)" in out and "per decode token" in out
+    br.plot(recs, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 1000

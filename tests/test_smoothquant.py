@@ -163,8 +163,10 @@ def test_cli_smoothquant_defaults_and_refusals(tmp_path, capsys):
     assert "W8A8 g-1 sym alpha 0.5" in r.stdout
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qcfg["format"] == "int-quantized"
-    r = run_cli(capsys, "eval", "ppl", str(tmp_path / "q"), "--text", str(text), "--ctx", "64")
+    r = run_cli(capsys, "eval", "ppl", str(tmp_path / "q"), "--text", str(text), "--ctx", "64", "--runtime", "torch")
     assert r.returncode == 0 and "activations int8 per-token dynamic" in r.stdout, r.stderr
+    r = run_cli(capsys, "eval", "ppl", str(tmp_path / "q"), "--text", str(text), "--ctx", "64")
+    assert r.returncode == 0 and "activations int8 per block of 32 (qkit's A8 kernels" in r.stdout, r.stderr
     for args, msg in ((["--method", "rtn", "--act-bits", "8", "--format", "safetensors"],
                        "activation quantization (--act-bits, smoothquant) is written as compressed-tensors "
                        "int-quantized; drop --format safetensors"),

@@ -20,13 +20,24 @@ from qkit.runtime.linear import QuantLinear, RuntimeOptions
 HEAD_CHOICES = ("int8", "float")
 
 
-def int8_rows(weight: torch.Tensor) -> AffineTensors:
-    """W (out, in) on the 8-bit asymmetric per-row grid, as a reader's AffineTensors."""
-    w = weight.detach().to(torch.float32).numpy()
-    q = quantize_affine(w, bits=8, block_size=(1, -1))
-    out, inp = w.shape
-    return AffineTensors(q.codes, np.asarray(q.scale, np.float32).reshape(out, 1),
-                         np.asarray(q.zero, np.int64).reshape(out, 1), np.zeros(inp, np.int64), 8)
+ROWS_PER_CHUNK = 4096  # rows quantized at a time: the float copy in flight stays ~10 MB, not the matrix
+
+
+def int8_rows(weight) -> AffineTensors:
+    """W (out, in) on the 8-bit asymmetric per-row grid, as a reader's AffineTensors, quantized a chunk of rows
+    at a time (a float32 49152 x 576 head in full would double the load's peak memory)."""
+    out, inp = weight.shape
+    codes = np.empty((out, inp), np.uint8)
+    scale = np.empty((out, 1), np.float32)
+    zero = np.empty((out, 1), np.int64)
+    for r0 in range(0, out, ROWS_PER_CHUNK):
+        w = weight[r0:r0 + ROWS_PER_CHUNK]
+        w = (w.detach().to(torch.float32).numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32))
+        q = quantize_affine(w, bits=8, block_size=(1, -1))
+        codes[r0:r0 + len(w)] = q.codes
+        scale[r0:r0 + len(w)] = np.asarray(q.scale, np.float32).reshape(-1, 1)
+        zero[r0:r0 + len(w)] = np.asarray(q.zero, np.int64).reshape(-1, 1)
+    return AffineTensors(codes, scale, zero, np.zeros(inp, np.int64), 8)
 
 
 class Int8Embedding(torch.nn.Module):
@@ -53,23 +64,47 @@ class Int8Embedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of the head"
 
 
-def quantize_head(model, options: RuntimeOptions) -> dict:
-    """Replace the model's LM head (and its embedding, tied or not) by 8-bit ones; what was done."""
-    head = model.get_output_embeddings()
-    emb = model.get_input_embeddings()
+def head_names(model) -> tuple[str | None, str | None, bool]:
+    """(head module name, embedding module name, tied) of a transformers causal LM; a name is None when that
+    module cannot go to 8 bits here (not a plain Linear / Embedding, or a width not a multiple of 4)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
+    h = names.get(id(head)) if isinstance(head, torch.nn.Linear) and head.in_features % 4 == 0 else None
+    e = names.get(id(emb)) if isinstance(emb, torch.nn.Embedding) and emb.weight.shape[1] % 4 == 0 and \
+        emb.padding_idx is None and emb.max_norm is None else None
+    if tied and (h is None or e is None):
+        h = e = None  # a tied pair goes to 8 bits together or not at all
+    return h, e, tied
+
+
+def quantize_head(model, options: RuntimeOptions, weights, names=None) -> dict:
+    """Replace the model's LM head and its embedding (tied: one matrix for both) by 8-bit ones built from
+    `weights(module_name)` (the float weight, read from the checkpoint, never placed in the model); what was
+    done."""
+    h, e, tied = names or head_names(model)
     done = {}
-    if isinstance(head, torch.nn.Linear) and head.in_features % 4 == 0:
-        tied = emb is not None and emb.weight is head.weight
-        q = QuantLinear.from_affine(int8_rows(head.weight), bias=head.bias, options=options)
+
+    def checked(name):
+        w, want = weights(name), tuple(model.get_submodule(name).weight.shape)
+        if tuple(w.shape) != want:
+            from qkit.errors import FormatError
+
+            raise FormatError(f"tensor {name}.weight has shape {tuple(w.shape)} in the checkpoint but {want} in the "
+                              "config's model")
+        return w
+
+    if h is not None:
+        head = model.get_submodule(h)
+        bias = head.bias if head.bias is not None and not head.bias.is_meta else None
+        q = QuantLinear.from_affine(int8_rows(checked(h if not tied else e)), bias=bias, options=options)
         model.set_output_embeddings(q)
         done["head"] = "int8 per row"
         if tied:
             model.set_input_embeddings(Int8Embedding(q))
             done["embedding"] = "int8 per row (the head's codes)"
-        head = q
-    if "embedding" not in done and isinstance(emb, torch.nn.Embedding) and emb.weight.shape[1] % 4 == 0 \
-            and emb.padding_idx is None and emb.max_norm is None:
-        q = QuantLinear.from_affine(int8_rows(emb.weight), options=options)
+    if e is not None and not tied:
+        q = QuantLinear.from_affine(int8_rows(checked(e)), options=options)
         model.set_input_embeddings(Int8Embedding(q))
         model._qkit_embedding_codes = q  # keeps its bytes alive
         done["embedding"] = "int8 per row"

@@ -21,7 +21,7 @@ the packed model, the speed of float (slower than dense fp32 for decode: every c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,11 +39,14 @@ class RuntimeOptions:
 
     threads: int = 1
     isa: str | None = None  # None: the best the CPU has (ext.best_isa_w4a8)
+    _code: tuple | None = field(default=None, repr=False, compare=False)  # (isa, its kernel code), once per isa
 
     def isa_code(self) -> int:
-        from qkit import ext
+        if self._code is None or self._code[0] != self.isa:
+            from qkit import ext
 
-        return ext._isa_code(self.isa or ext.best_isa_w4a8(), ext.W4A8_ISAS)
+            self._code = (self.isa, ext._isa_code(self.isa or ext.best_isa_w4a8(), ext.W4A8_ISAS))
+        return self._code[1]
 
 
 def contiguous_order(g_idx: np.ndarray, n_groups: int) -> tuple[np.ndarray | None, int | None]:

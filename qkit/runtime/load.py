@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from qkit.errors import FormatError, QkitError, UsageError
-from qkit.runtime.head import HEAD_CHOICES, quantize_head
+from qkit.runtime.head import HEAD_CHOICES, head_names, quantize_head
 from qkit.runtime.linear import DequantLinear, QuantLinear, RuntimeOptions, quant_linear
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class RuntimeInfo:
     load_s: float = 0.0
     isa: str | None = None
     threads: int = 1
+    activations: str | None = None   # a W8A8 checkpoint's activation scheme, as the kernels run it
 
     def describe(self) -> str:
         if self.runtime != "qkit":
@@ -47,6 +48,16 @@ class RuntimeInfo:
         head = ", ".join(f"{k} {v}" for k, v in self.head.items()) or "head as stored"
         return (f"qkit runtime on {self.format}: {', '.join(parts)} linears ({self.isa}, {self.threads} thread"
                 f"{'s' if self.threads > 1 else ''}); {head}")
+
+
+def _float_weight(store, name: str):
+    if name not in store:
+        raise FormatError(f"the checkpoint has no tensor {name!r}: the config does not match the weights")
+    t = store.get(name)
+    if not t.is_floating_point() or not bool(t.isfinite().all()):
+        raise FormatError(f"tensor {name!r} must be finite floats, got {t.dtype}"
+                          + (" holding NaN or Inf" if t.is_floating_point() else ""))
+    return t
 
 
 def _shape_check(base: str, target, aff) -> None:
@@ -83,10 +94,17 @@ def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, p
     tied = loader.tied_names(model)
     bases = store.bases
     skip = {b + ".weight" for b in bases} | {b + ".bias" for b in bases}
+    heads = head_names(model) if head == "int8" else (None, None, False)
+    # an 8-bit head / embedding is built from the checkpoint's tensor, its float weight never placed
+    skip |= {m + ".weight" for m in heads[:2] if m is not None}
     names = [n for n in loader.persistent_names(model) if n not in tied and n not in skip]
     info = RuntimeInfo(runtime="qkit", format=store.format.name if hasattr(store.format, "name") else
                        type(store.format).__name__, isa=options.isa or ext.best_isa_w4a8(), threads=threads)
     fmt = store.format
+    acts = getattr(store, "activations", None)
+    if acts is not None:
+        info.activations = (f"int8 per block of 32 (qkit's A8 kernels; the checkpoint names int{acts.bits} per-token "
+                            "dynamic)")
     raw_gptq = type(fmt).__name__ == "GPTQFormat"
     try:
         loader.place(model, names, store)
@@ -109,19 +127,19 @@ def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, p
             info.kernels[kind] = info.kernels.get(kind, 0) + 1
             info.packed_bytes += m.packed_bytes()
             model.set_submodule(b, m)
+        if tied and heads[0] is None:
+            model.tie_weights()
+        if head == "int8":
+            info.head = quantize_head(model, options, lambda name: _float_weight(store, name + ".weight"), heads)
+            for m in (model.get_output_embeddings(), getattr(model, "_qkit_embedding_codes", None)):
+                if isinstance(m, QuantLinear):
+                    info.packed_bytes += m.packed_bytes()
     except QkitError:
         raise
     except (RuntimeError, ValueError) as e:
         raise FormatError(f"cannot build {ref.name} on the runtime: {str(e).splitlines()[0]}") from None
     finally:
         store.close()
-    if tied:
-        model.tie_weights()
-    if head == "int8":
-        info.head = quantize_head(model, options)
-        for m in (model.get_output_embeddings(), getattr(model, "_qkit_embedding_codes", None)):
-            if isinstance(m, QuantLinear):
-                info.packed_bytes += m.packed_bytes()
     from qkit.model import online as online_rot
 
     spec = getattr(config, online_rot.ONLINE_KEY, None)
