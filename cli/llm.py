@@ -193,6 +193,8 @@ def _load_for_run(ref, runtime: str, threads: int | None, head: str):
     from qkit import runtime as rt
 
     model, info = rt.load(ref, threads=threads or 1, head=head, progress=True)
+    if info.runtime == "qkit":
+        rt.torch_beside_kernels()
     return model, info.describe()
 
 

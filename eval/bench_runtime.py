@@ -91,10 +91,13 @@ def child(args) -> dict:
     tok = loader.load_tokenizer(ref)
     body, _ = load_text(None, default=DEFAULT_EVAL)
     ids = tok(body, add_special_tokens=True).input_ids[: args.prompt]
+    loader.empty_model(loader.load_config(ref, online_rotation=True))  # import the modeling code first
     base_kb = _rss_kb("VmRSS")
     t0 = time.perf_counter()
     model, info = rt.load(ref, threads=args.threads)
     load_s = time.perf_counter() - t0
+    if info.runtime == "qkit":
+        rt.torch_beside_kernels()  # as `qkit generate` runs it: the kernels take the row's threads
     r = generate(model, tok, prompt_ids=ids, n=args.decode, stop_at_eos=False)
     peak_kb = _rss_kb("VmHWM")
     s = generate(model, tok, prompt_ids=ids[:64], n=17, stop_at_eos=False, split=True)

@@ -18,7 +18,7 @@
 #include "qk_kernels.h"
 
 #ifndef QK_POOL_SPIN
-#define QK_POOL_SPIN 20000
+#define QK_POOL_SPIN 2000  /* ~100 us of pause: the gap between two linears of a decode step */
 #endif
 
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;  /* held by the caller for a whole call */

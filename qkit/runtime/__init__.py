@@ -7,6 +7,6 @@
 - qkit.runtime.generate: prefill + decode with a KV cache, timed per part.
 """
 from qkit.runtime.linear import DequantLinear, QuantLinear, RuntimeOptions
-from qkit.runtime.load import RuntimeInfo, load, set_threads
+from qkit.runtime.load import RuntimeInfo, load, set_threads, torch_beside_kernels
 
-__all__ = ["DequantLinear", "QuantLinear", "RuntimeOptions", "RuntimeInfo", "load", "set_threads"]
+__all__ = ["DequantLinear", "QuantLinear", "RuntimeOptions", "RuntimeInfo", "load", "set_threads", "torch_beside_kernels"]
