@@ -40,6 +40,8 @@ cdef extern from "qk_kernels.h":
                      const float *scales, int64_t n_in, int64_t n_out, int64_t group, int64_t m, float *y, int isa,
                      int threads) nogil
     int qk_pool_threads() nogil
+    void qk_pool_set_spin_us(long us) nogil
+    long qk_pool_spin_us() nogil
 
 ISA_SCALAR = QK_ISA_SCALAR
 ISA_AVX2 = QK_ISA_AVX2
@@ -294,6 +296,16 @@ def gemm_a8(cnp.ndarray xq, cnp.ndarray xs, cnp.ndarray qweight, cnp.ndarray zer
 def pool_threads():
     """Threads in the runtime's pool (the caller counts as one)."""
     return qk_pool_threads()
+
+
+def pool_spin_us(us=None):
+    """How long (microseconds) an idle pool worker, or a caller waiting on one, spins before sleeping; with
+    `us`, set it first (0: sleep at once). The value in effect is returned."""
+    if us is not None:
+        if us < 0 or us > 10_000_000:
+            raise ValueError(f"spin must lie in 0..10000000 us, got {us}")
+        qk_pool_set_spin_us(us)
+    return qk_pool_spin_us()
 
 
 def quantize_q8_rows(cnp.ndarray x):

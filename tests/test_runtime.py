@@ -149,6 +149,55 @@ def test_generate_with_the_cache_is_the_full_recomputation(tiny, tmp_path):
     assert generate(model, None, prompt_ids=prompt, n=12, stop_at_eos=False).token_ids == r.token_ids
 
 
+def _logits_through(model, cache, chunks):
+    from qkit.runtime.generate import cache_kwarg
+
+    out, pos, kw = [], 0, cache_kwarg(model)
+    with torch.inference_mode():
+        for c in chunks:
+            ids = torch.tensor([c])
+            out.append(model(input_ids=ids, **{kw: cache}, use_cache=True,
+                             cache_position=torch.arange(pos, pos + len(c))).logits)
+            pos += len(c)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("capacity", [0, 3, 64])
+def test_in_place_cache_is_dynamic_cache_bit_for_bit(tiny, capacity):
+    """InPlaceCache writes each step into a reserved buffer (growing by doubling past `capacity`): the logits
+    of a prefill and then single steps are DynamicCache's exactly, and crop rewinds it like DynamicCache."""
+    from transformers import DynamicCache
+
+    from qkit.runtime.cache import InPlaceCache
+
+    d, _ = tiny
+    model = loader.load_model(loader.resolve(str(d)))
+    chunks = [[5, 9, 200, 3], [17], [42], [8, 8], [1]]
+    ref_cache, cache = DynamicCache(), InPlaceCache(capacity)
+    want = _logits_through(model, ref_cache, chunks)
+    got = _logits_through(model, cache, chunks)
+    assert torch.equal(want, got)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 9
+    for a, b in zip(ref_cache.layers, cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    ref_cache.crop(-3)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 6
+    assert torch.equal(_logits_through(model, ref_cache, [[77], [78]]), _logits_through(model, cache, [[77], [78]]))
+
+
+def test_pool_spin_setting():
+    from qkit.ext import _kernels as native
+
+    was = native.pool_spin_us()
+    try:
+        assert native.pool_spin_us(0) == 0 and native.pool_spin_us(1500) == 1500
+        with pytest.raises(ValueError, match="spin must lie in"):
+            native.pool_spin_us(-1)
+    finally:
+        native.pool_spin_us(was)
+
+
 def test_inconsistent_layout_is_one_clear_error(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -65,11 +65,12 @@ __attribute__((target("avx2"))) static __m256i *pairs_avx2(const int8_t *xq, int
  * pairs into int16 (|sum| <= 8 * 2 * 15 * 127 = 30480 over a block: no saturation); one madd by ones per block
  * widens to int32. */
 __attribute__((target("avx2"))) static inline __m256i block8_avx2(const __m256i *xv, const int32_t *qw, int64_t out,
-                                                                  int64_t o, int64_t k0, int64_t k1) {
+                                                                  int64_t o, int64_t k0, int64_t k1, int pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i acc = _mm256_setzero_si256();
     for (int64_t k = k0; k < k1; k++) {
         __m256i w = _mm256_loadu_si256((const __m256i *)(qw + k * out + o));
+        if (pf) _mm_prefetch((const char *)(qw + (k + QK_PF_W4) * out + o), _MM_HINT_T0);
         __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
         acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(lo, xv[2 * k]));
         acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(hi, xv[2 * k + 1]));
@@ -86,7 +87,7 @@ __attribute__((target("avx2"))) static int blocks_avx2(const int8_t *xq, const i
         int64_t k0 = b * QK_A8_BLOCK / 8, k1 = (b + 1) * QK_A8_BLOCK / 8;
         if (k1 > in / 8) k1 = in / 8;
         for (int64_t o = 0; o < o8; o += 8)
-            _mm256_storeu_si256((__m256i *)(acc + b * out + o), block8_avx2(xv, qw, out, o, k0, k1));
+            _mm256_storeu_si256((__m256i *)(acc + b * out + o), block8_avx2(xv, qw, out, o, k0, k1, 0));
     }
     free(xv);
     if (o8 < out) blocks_scalar(xq, qw, in, out, o8, out, acc);
@@ -228,6 +229,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void stream_vnni(
     const uint32_t *xp, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
     const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    const int pf = QK_PF_ON(QK_PF_W4, o0, o1);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int64_t o = o0; o < o1; o += 16) _mm512_storeu_ps(y + o, _mm512_setzero_ps());
     for (int64_t g = 0; g < ng; g++) {
@@ -242,6 +244,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void stream_vnni(
                 __m512i acc = _mm512_setzero_si512();
                 for (int64_t k = k0; k < k1; k++) {
                     __m512i w = _mm512_loadu_si512((const void *)(qw + k * out + o));
+                    if (pf) _mm_prefetch((const char *)(qw + (k + QK_PF_W4) * out + o), _MM_HINT_T0);
                     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(w, m4), _mm512_set1_epi32((int32_t)xp[2 * k]));
                     acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4),
                                               _mm512_set1_epi32((int32_t)xp[2 * k + 1]));
@@ -263,6 +266,7 @@ __attribute__((target("avx2"))) static void stream_avx2(
     const __m256i *xv, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
     const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    const int pf = QK_PF_ON(QK_PF_W4, o0, o1);
     for (int64_t o = o0; o < o1; o += 8) _mm256_storeu_ps(y + o, _mm256_setzero_ps());
     for (int64_t g = 0; g < ng; g++) {
         for (int64_t o = o0; o < o1; o += 8) _mm256_storeu_ps(t + (o - o0), _mm256_setzero_ps());
@@ -273,7 +277,7 @@ __attribute__((target("avx2"))) static void stream_avx2(
             __m256i sxb = _mm256_set1_epi32(sx[b]);
             __m256 xsb = _mm256_set1_ps(xs[b]);
             for (int64_t o = o0; o < o1; o += 8) {
-                __m256i acc = block8_avx2(xv, qw, out, o, k0, k1);
+                __m256i acc = block8_avx2(xv, qw, out, o, k0, k1, pf);
                 __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g * out + o)));
                 __m256i c = _mm256_sub_epi32(acc, _mm256_mullo_epi32(z, sxb));
                 float *tp = t + (o - o0);

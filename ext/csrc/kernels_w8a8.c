@@ -164,6 +164,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void w8_stream_vnn
     const int8_t *xq, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
     const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    const int pf = QK_PF_ON(QK_PF_W8, o0, o1);
     for (int64_t o = o0; o < o1; o += 16) _mm512_storeu_ps(y + o, _mm512_setzero_ps());
     for (int64_t g = 0; g < ng; g++) {
         for (int64_t o = o0; o < o1; o += 16) _mm512_storeu_ps(t + (o - o0), _mm512_setzero_ps());
@@ -175,9 +176,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void w8_stream_vnn
             __m512 xsb = _mm512_set1_ps(xs[b]);
             for (int64_t o = o0; o < o1; o += 16) {
                 __m512i acc = _mm512_setzero_si512();
-                for (int64_t k = k0; k < k1; k++)
+                for (int64_t k = k0; k < k1; k++) {
+                    if (pf) _mm_prefetch((const char *)(qw + (k + QK_PF_W8) * out + o), _MM_HINT_T0);
                     acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(qw + k * out + o)),
                                               _mm512_set1_epi32(x4(xq + 4 * k)));
+                }
                 __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + g * out + o)));
                 __m512i c = _mm512_sub_epi32(acc, _mm512_mullo_epi32(z, sxb));
                 float *tp = t + (o - o0);
@@ -194,6 +197,7 @@ __attribute__((target("avx2"))) static void w8_stream_avx2(
     const int8_t *xq, const float *xs, const int32_t *sx, const int32_t *qw, const uint8_t *zeros,
     const float *scales, int64_t in, int64_t out, int64_t group, int64_t o0, int64_t o1, float *y, float *t) {
     int64_t ng = (in + group - 1) / group, bpg = group / QK_A8_BLOCK, nb = (in + QK_A8_BLOCK - 1) / QK_A8_BLOCK;
+    const int pf = QK_PF_ON(QK_PF_W8, o0, o1);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int64_t o = o0; o < o1; o += 8) _mm256_storeu_ps(y + o, _mm256_setzero_ps());
     for (int64_t g = 0; g < ng; g++) {
@@ -209,6 +213,7 @@ __attribute__((target("avx2"))) static void w8_stream_avx2(
                 for (int64_t k = k0; k < k1; k++) {
                     __m256i w = _mm256_loadu_si256((const __m256i *)(qw + k * out + o));
                     __m256i xb = _mm256_set1_epi32(x4(xq + 4 * k));
+                    if (pf) _mm_prefetch((const char *)(qw + (k + QK_PF_W8) * out + o), _MM_HINT_T0);
                     al = _mm256_add_epi16(al, _mm256_maddubs_epi16(_mm256_and_si256(w, m4), xb));
                     ah = _mm256_add_epi16(ah, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), xb));
                 }

@@ -1,5 +1,9 @@
 """Text generation with a KV cache: one prefill pass over the prompt, then one forward per new token.
 
+The cache is qkit.runtime.cache.InPlaceCache, reserved for prompt + n positions (DynamicCache's torch.cat
+copies the whole cache every token); the float model runs with the same cache, so `qkit bench runtime`
+compares the linears, not the caches.
+
 Timed as llama.cpp's llama-bench reports it: prefill tokens/s (prompt tokens over the prefill pass) and
 decode tokens/s (single-token forwards over their time; the first new token comes from the prefill's
 logits). With split=True, forward hooks also time each decode step's parts: the linears of the decoder
@@ -135,7 +139,8 @@ def generate(model, tokenizer, prompt: str | None = None, n: int = 64, *, prompt
     """Generate up to n new tokens after `prompt` (or the token ids `prompt_ids`)."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
+
+    from qkit.runtime.cache import InPlaceCache
 
     if n < 1:
         raise UsageError(f"-n must be at least 1, got {n}")
@@ -157,7 +162,7 @@ def generate(model, tokenizer, prompt: str | None = None, n: int = 64, *, prompt
     out_ids, stopped = [], "length"
     try:
         with torch.inference_mode():
-            cache = DynamicCache()
+            cache = InPlaceCache(capacity=ids.shape[1] + n)
             kw = cache_kwarg(model)
             t0 = time.perf_counter()
             logits = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
