@@ -2,8 +2,11 @@
 
 WeightStore maps tensor names to the files that hold them (a single
 ``model.safetensors``, a sharded ``model.safetensors.index.json``, or any
-``*.safetensors`` set) and reads a tensor only when asked, through
-safetensors' memory map: nothing is held beyond what the caller keeps.
+``*.safetensors`` set) and reads a tensor (or a range of its rows) only when
+asked, with plain file reads at the offsets of the header (checked against the
+file first): nothing is mapped or held beyond what the caller keeps, so the
+pages of a file read once (a float head quantized at load) do not count in the
+process's RSS.
 ShardedWriter writes a directory shard by shard (each shard an atomic file)
 and the index last, so peak memory is one shard.
 """
@@ -109,12 +112,15 @@ class WeightStore:
         self.files = files
         self._where: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for f in files:
-            for name, info in read_header(f).items():
+            header = read_header(f)
+            with open(f, "rb") as fh:
+                self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
+            for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = f
                     self._info[name] = info
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -129,22 +135,57 @@ class WeightStore:
         return self._info[name]["dtype"]
 
     def get(self, name: str):
-        """One tensor as a torch tensor (a copy out of the memory map)."""
-        from safetensors import SafetensorError, safe_open
+        """One tensor as a torch tensor in fresh memory (read(), the whole tensor)."""
+        return self.read(name)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None):
+        """A tensor (or rows r0:r1 of its first axis) read with plain file reads into fresh memory, as a torch
+        tensor. Unlike get(), nothing of the file is mapped into the process: pages read this way stay in the
+        page cache and are not counted in the process's RSS (a memory map's touched pages are, until it is
+        unmapped, and any tensor placed from it keeps the whole mapping alive)."""
+        import torch
 
         if name not in self._where:
             raise FormatError(f"tensor {name!r} is not in the checkpoint ({len(self._where)} tensors)")
-        f = self._where[name]
+        f, info = self._where[name], self._info[name]
+        shape, dtype = list(info["shape"]), info["dtype"]
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is None:
+            raise FormatError(f"{f}: tensor {name!r} has dtype {dtype}, which qkit does not read this way")
+        itemsize = DTYPE_BITS[dtype] // 8
+        row = itemsize
+        for d in shape[1:]:
+            row *= d
+        r0, r1 = (0, shape[0] if shape else 1) if rows is None else rows
+        if shape:
+            r0, r1 = max(0, min(r0, shape[0])), max(0, min(r1, shape[0]))
+            r1 = max(r0, r1)
+            shape[0] = r1 - r0
+        start = self._data_start[f] + info["data_offsets"][0] + r0 * row
+        n = (r1 - r0) * row if shape else itemsize
+        buf = bytearray(n)
         try:
-            h = self._handles.get(f)
-            if h is None:
-                h = self._handles[f] = safe_open(str(f), framework="pt")
-            return h.get_tensor(name)
-        except SafetensorError as e:
-            raise FormatError(f"{f}: cannot read tensor {name!r} ({e})") from None
+            with open(f, "rb", buffering=0) as fh:
+                got = fh.readinto(memoryview(buf)) if fh.seek(start) == start else -1
+        except OSError as e:
+            raise FormatError(f"{f}: cannot read tensor {name!r} ({e.strerror})") from None
+        if got != n:
+            raise FormatError(f"{f}: tensor {name!r} is truncated")
+        a = np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape)  # the format is LE
+        t = torch.from_numpy(a)
+        view = _TORCH_VIEWS.get(dtype)
+        return t.view(getattr(torch, view)) if view else t
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for the readers' API."""
+
+
+# safetensors dtype -> the numpy dtype its bytes are read as; the ones numpy lacks are then viewed by torch
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8,
+                 "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32,
+                 "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+                 "F8_E8M0": np.uint8}
+_TORCH_VIEWS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 
 
 class ShardedWriter:

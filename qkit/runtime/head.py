@@ -14,30 +14,35 @@ import numpy as np
 import torch
 
 from qkit.affine import quantize_affine
-from qkit.export.common import AffineTensors
 from qkit.runtime.linear import QuantLinear, RuntimeOptions
 
 HEAD_CHOICES = ("int8", "float")
 
 
-ROWS_PER_CHUNK = 4096  # rows quantized at a time: the float copy in flight stays ~10 MB, not the matrix
+ROWS_PER_CHUNK = 1024  # rows quantized at a time: the chunk and its float64 temporaries stay a few MB
 
 
-def int8_rows(weight) -> AffineTensors:
-    """W (out, in) on the 8-bit asymmetric per-row grid, as a reader's AffineTensors, quantized a chunk of rows
-    at a time (a float32 49152 x 576 head in full would double the load's peak memory)."""
+def int8_rows(weight, *, bias=None, options: RuntimeOptions | None = None) -> QuantLinear:
+    """W (out, in) on the 8-bit asymmetric per-row grid, as a QuantLinear in GPTQ's 8-bit layout, quantized and
+    packed a chunk of rows at a time: nothing of the size of the float matrix is ever allocated (a float32
+    49152 x 576 head is 113 MB, its codes 28 MB), only the packed words and one chunk. `weight`: anything
+    sliceable by rows with a .shape (a tensor, an array, the loader's row reader)."""
     out, inp = weight.shape
-    codes = np.empty((out, inp), np.uint8)
-    scale = np.empty((out, 1), np.float32)
-    zero = np.empty((out, 1), np.int64)
+    if inp % 4:
+        raise ValueError("the 8-bit layout needs in-features divisible by 4")
+    words = np.empty((inp // 4, out, 4), np.uint8)  # GPTQ 8-bit: word [k, o] holds inputs 4k..4k+3 of row o
+    scale = np.empty((1, out), np.float32)
+    zero = np.empty((1, out), np.uint8)
     for r0 in range(0, out, ROWS_PER_CHUNK):
         w = weight[r0:r0 + ROWS_PER_CHUNK]
         w = (w.detach().to(torch.float32).numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32))
         q = quantize_affine(w, bits=8, block_size=(1, -1))
-        codes[r0:r0 + len(w)] = q.codes
-        scale[r0:r0 + len(w)] = np.asarray(q.scale, np.float32).reshape(-1, 1)
-        zero[r0:r0 + len(w)] = np.asarray(q.zero, np.int64).reshape(-1, 1)
-    return AffineTensors(codes, scale, zero, np.zeros(inp, np.int64), 8)
+        n = len(w)
+        words[:, r0:r0 + n] = np.asarray(q.codes, np.uint8).reshape(n, inp // 4, 4).transpose(1, 0, 2)
+        scale[0, r0:r0 + n] = np.asarray(q.scale, np.float32).reshape(-1)
+        zero[0, r0:r0 + n] = np.asarray(q.zero).reshape(-1)
+    return QuantLinear(words.view("<i4").reshape(inp // 4, out), zero, scale, bits=8, group_size=inp,
+                       in_features=inp, out_features=out, bias=bias, options=options)
 
 
 class Int8Embedding(torch.nn.Module):
@@ -97,14 +102,14 @@ def quantize_head(model, options: RuntimeOptions, weights, names=None) -> dict:
     if h is not None:
         head = model.get_submodule(h)
         bias = head.bias if head.bias is not None and not head.bias.is_meta else None
-        q = QuantLinear.from_affine(int8_rows(checked(h if not tied else e)), bias=bias, options=options)
+        q = int8_rows(checked(h if not tied else e), bias=bias, options=options)
         model.set_output_embeddings(q)
         done["head"] = "int8 per row"
         if tied:
             model.set_input_embeddings(Int8Embedding(q))
             done["embedding"] = "int8 per row (the head's codes)"
     if e is not None and not tied:
-        q = QuantLinear.from_affine(int8_rows(checked(e)), options=options)
+        q = int8_rows(checked(e), options=options)
         model.set_input_embeddings(Int8Embedding(q))
         model._qkit_embedding_codes = q  # keeps its bytes alive
         done["embedding"] = "int8 per row"

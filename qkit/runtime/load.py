@@ -50,14 +50,26 @@ class RuntimeInfo:
                 f"{'s' if self.threads > 1 else ''}); {head}")
 
 
-def _float_weight(store, name: str):
-    if name not in store:
-        raise FormatError(f"the checkpoint has no tensor {name!r}: the config does not match the weights")
-    t = store.get(name)
-    if not t.is_floating_point() or not bool(t.isfinite().all()):
-        raise FormatError(f"tensor {name!r} must be finite floats, got {t.dtype}"
-                          + (" holding NaN or Inf" if t.is_floating_point() else ""))
-    return t
+class _Rows:
+    """A float tensor of the checkpoint read a range of rows at a time (qkit.runtime.head.int8_rows slices it):
+    the float head never lies in memory whole, and each chunk is checked to be finite."""
+
+    def __init__(self, store, name: str):
+        if name not in store:
+            raise FormatError(f"the checkpoint has no tensor {name!r}: the config does not match the weights")
+        self.name, self.shape = name, tuple(store.shape(name))
+        # a head the checkpoint packs itself: its dequantized float matrix, whole
+        self.whole = store.get(name) if name not in store.store else None
+        self.store = store.store
+        if len(self.shape) != 2 or store.dtype(name) not in ("F32", "F16", "BF16", "F64"):
+            raise FormatError(f"tensor {name!r} must be a float matrix, got {store.dtype(name)} {list(self.shape)}")
+
+    def __getitem__(self, rows: slice):
+        r0, r1 = rows.start or 0, rows.stop if rows.stop is not None else self.shape[0]
+        t = self.whole[r0:r1] if self.whole is not None else self.store.read(self.name, (r0, r1))
+        if not bool(t.isfinite().all()):
+            raise FormatError(f"tensor {self.name!r} holds NaN or Inf")
+        return t
 
 
 def _shape_check(base: str, target, aff) -> None:
@@ -119,7 +131,7 @@ def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, p
             if (bias is None) != (getattr(target, "bias", None) is None):
                 raise FormatError(f"{b}: the checkpoint {'lacks' if bias is None else 'has'} a bias the config's "
                                   f"model {'has' if bias is None else 'lacks'}")
-            qweight = store.store.get(b + ".qweight").numpy() if raw_gptq and aff.bits in (4, 8) else None
+            qweight = store.store.read(b + ".qweight").numpy() if raw_gptq and aff.bits in (4, 8) else None
             m = quant_linear(aff, bias=bias, options=options, qweight=qweight)
             if isinstance(m, QuantLinear) and (qweight is None or m.perm is not None):
                 info.repacked += 1
@@ -130,7 +142,7 @@ def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, p
         if tied and heads[0] is None:
             model.tie_weights()
         if head == "int8":
-            info.head = quantize_head(model, options, lambda name: _float_weight(store, name + ".weight"), heads)
+            info.head = quantize_head(model, options, lambda name: _Rows(store, name + ".weight"), heads)
             for m in (model.get_output_embeddings(), getattr(model, "_qkit_embedding_codes", None)):
                 if isinstance(m, QuantLinear):
                     info.packed_bytes += m.packed_bytes()
@@ -146,6 +158,9 @@ def load(ref, *, threads: int = 1, head: str = "int8", isa: str | None = None, p
     if spec is not None:
         online_rot.attach_online(model, online_rot.check_online_spec(spec, str(ref.config_path)))
     model.qkit_runtime = info
+    from qkit.pipeline import trim_heap
+
+    trim_heap()  # the per-linear unpacking's freed blocks go back to the OS, not into the run's peak
     info.load_s = time.perf_counter() - t0
     return model.eval(), info
 
