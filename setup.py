@@ -17,7 +17,7 @@ if os.environ.get("QKIT_NATIVE") == "1":  # opt-in for local experiments only
 ext = Extension(
     "qkit.ext._kernels",
     sources=["ext/_kernels.pyx", "ext/csrc/kernels_int8.c", "ext/csrc/kernels_lowbit.c", "ext/csrc/kernels_w4a8.c",
-             "ext/csrc/kernels_w8a8.c", "ext/csrc/pool.c", "ext/csrc/cpu.c"],
+             "ext/csrc/kernels_w8a8.c", "ext/csrc/pool.c", "ext/csrc/gemm_i8.c", "ext/csrc/cpu.c"],
     include_dirs=["ext/csrc", np.get_include()],
     # -pthread: the runtime kernels' thread pool (pool.c); -ffp-contract=off: no a * b + c fused into an FMA
     # on one path and not another, so every path's float result is the same bits

@@ -165,8 +165,8 @@ def _scan_many(op: str, Q, X, backend, isa) -> np.ndarray:
     X = _check("rows", X, 2)
     _check_pair(op, "queries", Q, X)
     b = _resolve(backend)
-    if b == "native":
-        return _native.scan_many(op, Q, X, _isa_code(isa))
+    if b == "native":  # many-against-many also has an AVX-512 VNNI path (ext/csrc/gemm_i8.c)
+        return _native.scan_many(op, Q, X, _isa_code(isa or best_isa_w4a8(), W4A8_ISAS))
     if b == "numba":
         from qkit.ext import _numba
 

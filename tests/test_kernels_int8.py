@@ -6,7 +6,10 @@ from qkit import ext
 from qkit.errors import InputError, QkitError
 from qkit.ext import reference
 
-from backends import BACKENDS, IDS  # noqa: E402
+from backends import BACKENDS, IDS, W4A8_BACKENDS, W4A8_IDS  # noqa: E402
+
+# many-against-many also has the AVX-512 VNNI path (ext/csrc/gemm_i8.c)
+MANY, MANY_IDS = W4A8_BACKENDS, W4A8_IDS
 LENGTHS = [1, 31, 33, 127, 129, 1000]
 PAIRS = [(np.int8, np.int8), (np.uint8, np.int8), (np.int8, np.uint8), (np.uint8, np.uint8)]
 
@@ -37,9 +40,9 @@ def test_scan_matches_reference(backend, isa, dq, dx, d):
         assert np.array_equal(ext.l2sq(q, X, backend=backend, isa=isa), reference.l2sq(q, X))
 
 
-@pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,isa", MANY, ids=MANY_IDS)
 @pytest.mark.parametrize("dq,dx", PAIRS, ids=lambda t: np.dtype(t).name)
-@pytest.mark.parametrize("d", [1, 33, 129])
+@pytest.mark.parametrize("d", [0, 1, 3, 4, 33, 129])
 def test_many_matches_reference(backend, isa, dq, dx, d):
     rng = np.random.default_rng(100 + d)
     Q = rand(rng, dq, (5, d))
@@ -50,6 +53,33 @@ def test_many_matches_reference(backend, isa, dq, dx, d):
     assert out.dtype == np.int32 and out.shape == (5, 23)
     assert np.array_equal(out, reference.dot_many(Q, X))
     assert np.array_equal(ext.l2sq_many(Q, X, backend=backend, isa=isa), reference.l2sq_many(Q, X))
+
+
+@pytest.mark.parametrize("backend,isa", MANY, ids=MANY_IDS)
+@pytest.mark.parametrize("nq,nx", [(3, 6000), (1, 31), (4, 32), (7, 33), (9, 65)])
+def test_many_ragged_tiles_and_panels(backend, isa, nq, nx):
+    """Query tiles of 4 and row panels of 32 (the VNNI path) and the L2 blocks (AVX2) with ragged ends; the
+    extremes of every type pair against each other."""
+    rng = np.random.default_rng(nq * 1000 + nx)
+    for dq, dx in PAIRS:
+        Q, X = rand(rng, dq, (nq, 37)), rand(rng, dx, (nx, 37))
+        Q[-1], X[-1] = np.iinfo(dq).min, np.iinfo(dx).max
+        Q[0, :5], X[0, :5] = np.iinfo(dq).max, np.iinfo(dx).min
+        assert np.array_equal(ext.dot_many(Q, X, backend=backend, isa=isa), reference.dot_many(Q, X))
+        assert np.array_equal(ext.l2sq_many(Q, X, backend=backend, isa=isa), reference.l2sq_many(Q, X))
+
+
+@pytest.mark.parametrize("backend,isa", MANY, ids=MANY_IDS)
+@pytest.mark.parametrize("dq,dx", PAIRS, ids=lambda t: np.dtype(t).name)
+def test_many_at_max_dim_is_exact(backend, isa, dq, dx):
+    """The longest vectors the int32 contract allows, every term at its largest magnitude: the VNNI path's
+    offset identity passes 2^31 in between and must still land on the exact result."""
+    for op, fn, ref in (("dot", ext.dot_many, reference.dot_many), ("l2", ext.l2sq_many, reference.l2sq_many)):
+        d = ext.max_dim(op, dq, dx)
+        iq, ix = np.iinfo(dq), np.iinfo(dx)
+        Q = np.stack([np.full(d, iq.min, dq), np.full(d, iq.max, dq)])
+        X = np.stack([np.full(d, ix.max, dx), np.full(d, ix.min, dx), np.zeros(d, dx)])
+        assert np.array_equal(fn(Q, X, backend=backend, isa=isa), ref(Q, X).astype(np.int32)), (op, d)
 
 
 @pytest.mark.parametrize("backend,isa", BACKENDS, ids=IDS)

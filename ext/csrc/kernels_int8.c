@@ -163,6 +163,7 @@ static int run_1xn(int op, int tq, int tr, const void *q, const void *X, int64_t
  * contiguous in j, is filled by the same 1xn kernel a block at a time. */
 static int run_mxn(int op, int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny,
                    int64_t d, int32_t *out, int isa) {
+    if (isa == QK_ISA_VNNI) return qk_mxn_vnni(op, tq, tr, X, nx, Y, ny, d, out);  /* gemm_i8.c */
     qk_kern f = pick(op, tq, tr, isa);
     if (!f || nx < 0 || ny < 0 || d < 0) return QK_EARG;
     int64_t bj = d > 0 ? (int64_t)(256 * 1024) / d : ny;

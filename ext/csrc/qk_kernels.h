@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 enum { QK_I8 = 0, QK_U8 = 1 };
-enum { QK_ISA_SCALAR = 0, QK_ISA_AVX2 = 1, QK_ISA_VNNI = 2 };  /* VNNI: AVX-512 VNNI, W4A8 only */
+enum { QK_ISA_SCALAR = 0, QK_ISA_AVX2 = 1, QK_ISA_VNNI = 2 };  /* VNNI: AVX-512 VNNI (the A8 kernels, dot_many) */
 enum { QK_OK = 0, QK_ENOMEM = -1, QK_EARG = -2 };
 
 int qk_cpu_has_avx2(void);
@@ -25,6 +25,9 @@ int qk_l2_1xn(int tq, int tr, const void *q, const void *X, int64_t n, int64_t d
 /* nx queries against ny rows, out is nx x ny row-major, computed in blocks of rows of Y */
 int qk_dot_mxn(int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d, int32_t *out, int isa);
 int qk_l2_mxn(int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d, int32_t *out, int isa);
+/* the many-against-many pair on AVX-512 VNNI (gemm_i8.c), exact; op 0 = dot, 1 = l2 */
+int qk_mxn_vnni(int op, int tq, int tr, const void *X, int64_t nx, const void *Y, int64_t ny, int64_t d,
+                int32_t *out);
 
 /* ---- low-bit kernels (kernels_lowbit.c) ---------------------------------
  * int4: rows of ceil(d/2) bytes, code 2k in the low nibble of byte k, code
